@@ -1,0 +1,18 @@
+"""Errors meant for the user: they name the file or item and what is wrong with it.
+
+Command-line entry points catch :class:`InputError`, print its message and exit non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad user input (a file, a datalist item, a config override); the message says which and why."""
+
+
+class DatalistError(InputError):
+    """A datalist or one of its items is invalid."""
+
+
+class ImageError(InputError):
+    """An image file is missing, unreadable, or of the wrong geometry or content."""
