@@ -57,3 +57,15 @@ def test_preview_png(tmp_path):
     with pytest.raises(ValueError, match="3D"):
         save_preview_png(np.zeros((4, 4)), tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_atomic_outputs_get_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = save_json({}, tmp_path / "m.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -30,15 +30,23 @@ Datalist JSON (paths are relative to the folder holding the JSON, or absolute)::
     }
 
 Covariate values in items are the model inputs, scaled to [0, 1]; the top-level ``covariates`` block documents the
-scaling (``value = (raw - min) / (max - min)``) so raw values can be recovered.
+scaling (``value = (raw - min) / (max - min)``, or ``index / (len(categories) - 1)`` for a ``categories`` list) so raw
+values can be recovered.
+
+:func:`load_datalist` reads one section and validates all of it before returning (see its docstring); every problem
+is reported as :class:`~meddiff3d.errors.DatalistError` naming the datalist file, the item and what is wrong.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+from numbers import Real
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from meddiff3d.errors import DatalistError, ImageError
 from meddiff3d.utils.io import save_json
 
 SECTIONS = ("training", "validation", "test")
@@ -75,3 +83,201 @@ def write_datalist(path: str | os.PathLike, sections: Mapping[str, Sequence[Mapp
         if name in sections:
             doc[name] = [fix(item) for item in sections[name]]
     return save_json(doc, path)
+
+
+#: at most this many problems are listed in one DatalistError message
+MAX_REPORTED_PROBLEMS = 20
+
+
+def read_datalist(path: str | os.PathLike) -> dict:
+    """The datalist JSON as a dict (no validation of items); raises :class:`DatalistError` if missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatalistError(f"datalist {path}: file not found")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatalistError(f"datalist {path}: not valid JSON ({err})") from err
+    if not isinstance(doc, dict):
+        raise DatalistError(f"datalist {path}: top level must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def load_datalist(
+    path: str | os.PathLike,
+    section: str = "training",
+    *,
+    modalities: int | Sequence[str] | None = None,
+    require_label: bool = False,
+    covariates: Sequence[str] | None = None,
+    check_images: bool | str = True,
+) -> list[dict]:
+    """The items of one datalist ``section``, with absolute paths, validated before anything is returned.
+
+    Args:
+        path: the datalist JSON.
+        section: ``training``, ``validation`` or ``test``; it must exist and hold at least one item.
+        modalities: expected image channels, as a count or as names (names must equal the JSON's ``modalities``);
+            default: the JSON's ``modalities`` (if it has none, any count is accepted, but all items must agree).
+        require_label: every item must have a ``label``.
+        covariates: allowed covariate names; default: the keys of the JSON's ``covariates`` block (an item with
+            covariates and no declared names is an error). Values must be finite numbers in [0, 1].
+        check_images: ``True`` reads every voxel (detects truncated files and NaN/Inf), ``"header"`` reads headers
+            only (fast: shapes and affines), ``False`` only checks that the files exist.
+
+    Image checks: each image is 3D (``x, y, z, 1`` counts as 3D), all modalities of an item and its label share one
+    voxel grid (same shape, affines within 1e-3 mm).
+
+    Returns items as dicts: ``image`` (a str, or a list of str when the JSON has a list) and ``label`` made absolute;
+    the top-level ``label_convention`` is copied into each item as ``convention`` (an item key may not start with
+    ``image_`` or ``label_``: MONAI takes such keys for metadata dicts); other keys are kept as they are.
+
+    Raises:
+        DatalistError: naming the datalist file, the item (``section[index] (id ...)``) and each problem found.
+    """
+    path = Path(path).absolute()
+    doc = read_datalist(path)
+    root = path.parent
+    where_file = f"datalist {path}"
+
+    if section not in doc:
+        present = [name for name in SECTIONS if name in doc]
+        raise DatalistError(f"{where_file}: has no section {section!r} (sections present: {present})")
+    items = doc[section]
+    if not isinstance(items, list) or not items:
+        raise DatalistError(f"{where_file}: section {section!r} must be a non-empty list of items")
+
+    names, count = _expected_modalities(doc.get("modalities"), modalities, where_file)
+    allowed = _allowed_covariates(doc.get("covariates"), covariates, where_file)
+    read_data = check_images is True
+    problems: list[str] = []
+    out: list[dict] = []
+    seen_ids: dict[str, int] = {}
+    for index, item in enumerate(items):
+        where = f"{section}[{index}]"
+        if isinstance(item, Mapping) and "id" in item:
+            where += f" (id {item['id']})"
+            if item["id"] in seen_ids:
+                problems.append(f"{where}: duplicate id, also at {section}[{seen_ids[item['id']]}]")
+            seen_ids.setdefault(item["id"], index)
+        item_problems, resolved = _check_item(item, root, count, names, require_label, allowed, check_images, read_data)
+        problems += [f"{where}: {p}" for p in item_problems]
+        if resolved is not None:
+            if "label_convention" in doc and "convention" not in resolved:
+                resolved["convention"] = doc["label_convention"]
+            out.append(resolved)
+        if count is None and resolved is not None:  # no declared modalities: the first item fixes the count
+            count = len(resolved["image"]) if isinstance(resolved["image"], list) else 1
+    if problems:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        more = len(problems) - len(shown)
+        tail = f"\n  ... and {more} more" if more else ""
+        if len(problems) == 1:
+            raise DatalistError(f"{where_file}: {problems[0]}")
+        raise DatalistError(f"{where_file}: {len(problems)} problems:\n  " + "\n  ".join(shown) + tail)
+    return out
+
+
+def _expected_modalities(declared, requested, where_file) -> tuple[list[str] | None, int | None]:
+    if declared is not None and (not isinstance(declared, list) or not all(isinstance(m, str) for m in declared)):
+        raise DatalistError(f"{where_file}: 'modalities' must be a list of names, got {declared!r}")
+    if requested is None:
+        return declared, (len(declared) if declared else None)
+    if isinstance(requested, int):
+        if declared is not None and len(declared) != requested:
+            raise DatalistError(
+                f"{where_file}: wrong number of modalities: expected {requested}, the datalist declares "
+                f"{len(declared)} {declared}"
+            )
+        return declared, requested
+    requested = list(requested)
+    if declared is not None and list(declared) != requested:
+        raise DatalistError(f"{where_file}: modalities {declared} differ from the expected {requested}")
+    return requested, len(requested)
+
+
+def _allowed_covariates(declared, requested, where_file) -> set[str]:
+    if requested is not None:
+        return set(requested)
+    if declared is None:
+        return set()
+    if not isinstance(declared, Mapping):
+        raise DatalistError(f"{where_file}: 'covariates' must be an object mapping names to their scaling")
+    return set(declared)
+
+
+def _check_item(item, root, count, names, require_label, allowed, check_images, read_data):
+    """``(problems, resolved item or None)`` for one datalist item."""
+    from meddiff3d.data.images import check_image, grid_mismatch
+
+    if not isinstance(item, Mapping):
+        return [f"item must be a JSON object, got {type(item).__name__}"], None
+    problems: list[str] = []
+    out = dict(item)
+    clashes = [k for k in item if isinstance(k, str) and k.startswith(("image_", "label_"))]
+    if clashes:
+        problems.append(f"keys {clashes} start with 'image_'/'label_', which MONAI transforms take for metadata")
+    image = item.get("image")
+    if image is None or image == [] or image == "":
+        return ["no 'image'"], None
+    files = image if isinstance(image, list) else [image]
+    if not all(isinstance(f, str) and f for f in files):
+        return [f"'image' must be a path or a list of paths, got {image!r}"], None
+    if count is not None and len(files) != count:
+        named = f" {names}" if names else ""
+        problems.append(f"wrong number of modalities: {len(files)} image(s), expected {count}{named}")
+    abs_files = [str(_resolve(f, root)) for f in files]
+    out["image"] = abs_files if isinstance(image, list) else abs_files[0]
+
+    label = item.get("label")
+    if label is not None and not (isinstance(label, str) and label):
+        problems.append(f"'label' must be a path, got {label!r}")
+        label = None
+    if label is not None:
+        out["label"] = str(_resolve(label, root))
+    elif require_label:
+        problems.append("no 'label' (required)")
+
+    problems += _covariate_problems(item.get("covariates"), allowed)
+
+    paths = [("image", f) for f in abs_files] + ([("label", out["label"])] if label is not None else [])
+    infos = []
+    for role, file in paths:
+        if not Path(file).exists():
+            problems.append(f"{role} file not found: {file}")
+            continue
+        if check_images is False:
+            continue
+        try:
+            infos.append((role, check_image(file, read_data=read_data)))
+        except ImageError as err:
+            problems.append(f"{role} {err}")
+    if len(infos) > 1:
+        ref_role, ref = infos[0]
+        for role, info in infos[1:]:
+            mismatch = grid_mismatch(ref, info)
+            if mismatch:
+                problems.append(f"{role} {info.path}: {mismatch}")
+    return problems, out
+
+
+def _covariate_problems(values, allowed) -> list[str]:
+    if values is None:
+        return []
+    if not isinstance(values, Mapping):
+        return [f"'covariates' must be an object of name: value, got {values!r}"]
+    problems = []
+    for name, value in values.items():
+        if name not in allowed:
+            declared = sorted(allowed) if allowed else "none declared"
+            problems.append(f"unknown covariate {name!r} (allowed: {declared})")
+        if isinstance(value, bool) or not isinstance(value, Real):
+            problems.append(f"covariate {name!r} = {value!r} is not a number")
+        elif not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            problems.append(f"covariate {name!r} = {value!r} is outside [0, 1] (scale it, see docs/data.md)")
+    return problems
+
+
+def _resolve(file: str, root: Path) -> Path:
+    p = Path(file).expanduser()
+    return p if p.is_absolute() else (root / p)

@@ -1,0 +1,170 @@
+"""Write synthetic cohorts as datasets in the meddiff3d layout (``images/``, ``labels/``, ``datalist.json``).
+
+Three kinds (:data:`KINDS`):
+
+* ``healthy`` -- T1 volumes with covariates (age, sex, measured brain and ventricular volume);
+* ``brats``   -- t1, t1ce, t2, flair + BraTS 2021 label maps (1 NCR, 2 ED, 4 ET);
+* ``anomaly`` -- healthy T1 for training/validation; test T1 with lesions of each kind in turn (``tumour``,
+  ``multifocal``, ``dark``, ``none``) and a binary ground-truth mask per test item (empty for ``none``).
+
+Splits are a function of the subject index only, so subject ``k`` lands in the same split whatever ``n`` is:
+``u_k = frac((k + 1) * 0.618...)`` (golden-ratio sequence, evenly spread for every prefix); ``u_k >= 1 - test``
+-> test, ``u_k >= 1 - test - validation`` -> validation, else training. The ``j``-th test subject of an anomaly set
+gets lesion kind ``TEST_KINDS[j % 4]``, again independent of ``n``.
+
+Covariates in items are scaled to [0, 1] with the fixed ranges of :data:`COVARIATE_SCALING` (clipped; documented in
+the datalist's top-level ``covariates`` block); the raw values are kept in ``covariates_raw``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from meddiff3d.data.datalist import write_datalist
+from meddiff3d.errors import InputError
+from meddiff3d.utils.io import save_nifti
+
+from .anatomy import SOURCES, load_anatomy
+from .contrast import SEQUENCES
+from .grid import DEFAULT_SHAPE, FOV_MM, grid_for_shape
+from .lesions import BRATS2021_LABELS
+from .subjects import AGE_RANGE, anomaly_subject, brats_subject, healthy_subject
+
+KINDS = ("healthy", "brats", "anomaly")
+TEST_KINDS = ("tumour", "multifocal", "dark", "none")
+DEFAULT_FRACTIONS = {"healthy": (0.2, 0.0), "brats": (0.2, 0.0), "anomaly": (0.1, 0.3)}  # (validation, test)
+COVARIATE_SCALING = {
+    "age": {"min": AGE_RANGE[0], "max": AGE_RANGE[1], "unit": "years"},
+    "sex": {"min": 0.0, "max": 1.0, "unit": "0 = female, 1 = male", "categories": ["female", "male"]},
+    "brain_volume": {"min": 1000.0, "max": 2000.0, "unit": "mL", "measure": "sum of GM + WM fractions"},
+    "ventricular_volume": {"min": 0.0, "max": 80.0, "unit": "mL", "measure": "sum of lateral ventricle fractions"},
+}
+_GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
+
+
+def split_of(index: int, val_fraction: float, test_fraction: float) -> str:
+    """``training``, ``validation`` or ``test`` for subject ``index`` (independent of the cohort size)."""
+    u = ((index + 1) * _GOLDEN) % 1.0
+    if u >= 1.0 - test_fraction:
+        return "test"
+    if u >= 1.0 - test_fraction - val_fraction:
+        return "validation"
+    return "training"
+
+
+def test_lesion_kind(index: int, val_fraction: float, test_fraction: float) -> str:
+    """Lesion kind of anomaly test subject ``index``: the kinds in turn over the test subjects in index order."""
+    rank = sum(split_of(k, val_fraction, test_fraction) == "test" for k in range(index))
+    return TEST_KINDS[rank % len(TEST_KINDS)]
+
+
+def scale_covariates(raw: dict[str, float]) -> dict[str, float]:
+    """Covariates scaled to [0, 1] with :data:`COVARIATE_SCALING` (clipped)."""
+    out = {}
+    for name, value in raw.items():
+        lo, hi = COVARIATE_SCALING[name]["min"], COVARIATE_SCALING[name]["max"]
+        out[name] = round(float(np.clip((value - lo) / (hi - lo), 0.0, 1.0)), 6)
+    return out
+
+
+@dataclass
+class CohortSummary:
+    kind: str
+    datalist: Path
+    counts: dict[str, int]
+    seconds: float
+
+    def line(self) -> str:
+        parts = ", ".join(f"{name} {count}" for name, count in self.counts.items())
+        return f"synth {self.kind}: {sum(self.counts.values())} subjects ({parts}) -> {self.datalist} in {self.seconds:.1f} s"
+
+
+def _check(kind, n, seed, val_fraction, test_fraction, source):
+    if kind not in KINDS:
+        raise InputError(f"synthetic cohort kind {kind!r} is unknown; choose one of {list(KINDS)}")
+    if int(n) < 1:
+        raise InputError(f"synthetic cohort size n={n}: need at least 1 subject")
+    if int(seed) < 0:
+        raise InputError(f"synthetic seed {seed}: must be a non-negative integer")
+    if source not in SOURCES:
+        raise InputError(f"synthetic anatomy source {source!r} is unknown; choose one of {list(SOURCES)}")
+    for name, value in (("validation fraction", val_fraction), ("test fraction", test_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise InputError(f"synthetic {name} {value}: must be within [0, 1]")
+    if val_fraction + test_fraction > 1.0:
+        raise InputError(f"synthetic validation + test fractions {val_fraction} + {test_fraction} exceed 1")
+
+
+def write_cohort(kind: str, out_dir, n: int, seed: int = 0, shape=DEFAULT_SHAPE, source: str = "mni",
+                 val_fraction: float | None = None, test_fraction: float | None = None,
+                 skull_strip: bool = True, progress: bool = True) -> CohortSummary:
+    """Generate ``n`` subjects of ``kind`` into ``out_dir`` (images/, labels/, datalist.json); see module docstring."""
+    default_val, default_test = DEFAULT_FRACTIONS.get(kind, (0.2, 0.0))
+    val_fraction = default_val if val_fraction is None else float(val_fraction)
+    test_fraction = default_test if test_fraction is None else float(test_fraction)
+    _check(kind, n, seed, val_fraction, test_fraction, source)
+    start = time.perf_counter()
+    grid = grid_for_shape(shape)
+    anatomy = load_anatomy(source, grid.shape)
+    out = Path(out_dir)
+    sections: dict[str, list] = {"training": [], "validation": [], "test": []}
+    indices = range(int(n))
+    if progress and n > 1:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc=f"synth {kind}", unit="subject")
+    for index in indices:
+        split = split_of(index, val_fraction, test_fraction)
+        if kind == "healthy":
+            subject = healthy_subject(anatomy, seed, index, skull_strip=skull_strip)
+        elif kind == "brats":
+            subject = brats_subject(anatomy, seed, index, skull_strip=skull_strip)
+        else:
+            lesion_kind = test_lesion_kind(index, val_fraction, test_fraction) if split == "test" else "none"
+            subject = anomaly_subject(anatomy, seed, index, lesion_kind, skull_strip=skull_strip)
+        paths = []
+        for modality, image in subject.images.items():
+            path = out / "images" / f"{subject.id}_{modality}.nii.gz"
+            save_nifti(image, grid.affine, path, header_extra={"descrip": f"meddiff3d synthetic {kind} {modality}"})
+            paths.append(path)
+        item = {"id": subject.id, "image": paths if len(paths) > 1 else paths[0]}
+        if subject.label is not None and (kind == "brats" or split == "test"):
+            item["label"] = save_nifti(subject.label, grid.affine, out / "labels" / f"{subject.id}_seg.nii.gz", dtype=np.uint8)
+        item["covariates"] = scale_covariates(subject.covariates_raw)
+        item["covariates_raw"] = {k: round(v, 3) for k, v in subject.covariates_raw.items()}
+        item.update(subject.extra if kind != "anomaly" or split == "test" else {"lesion_kind": "none"})
+        item["index"] = index
+        sections[split].append(item)
+    meta = {
+        "name": f"synthetic-{kind}",
+        "description": _DESCRIPTIONS[kind],
+        "modalities": list(SEQUENCES) if kind == "brats" else ["t1"],
+        "covariates": COVARIATE_SCALING,
+    }
+    if kind == "brats":
+        meta.update(label_convention="brats2021", labels=BRATS2021_LABELS)
+    elif kind == "anomaly":
+        meta.update(labels={"0": "normal", "1": "lesion"}, lesion_kinds=list(TEST_KINDS))
+    meta["synthetic"] = {
+        "generator": "meddiff3d.data.synthetic", "kind": kind, "seed": int(seed), "n": int(n), "source": source,
+        "shape": list(grid.shape), "spacing_mm": [round(float(s), 6) for s in grid.spacing], "fov_mm": list(FOV_MM),
+        "orientation": "RAS", "skull_stripped": bool(skull_strip),
+        "val_fraction": val_fraction, "test_fraction": test_fraction,
+    }
+    path = write_datalist(out / "datalist.json", sections, **meta)
+    counts = {name: len(items) for name, items in sections.items()}
+    return CohortSummary(kind, path, counts, time.perf_counter() - start)
+
+
+_DESCRIPTIONS = {
+    "healthy": "Synthetic healthy T1 brains; age enlarges the ventricles and thins the cortex, sex scales the head; "
+               "volumes measured on the deformed tissue maps.",
+    "brats": "Synthetic BraTS-like gliomas: t1, t1ce, t2, flair with necrotic core, enhancing rim and oedema "
+             "(BraTS 2021 labels 1/2/4) and mass effect.",
+    "anomaly": "Synthetic anomaly detection set: healthy T1 for training/validation; test T1 with tumour, multifocal "
+               "bright, dark lesions or none, each with a binary ground-truth mask.",
+}

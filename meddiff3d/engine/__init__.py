@@ -1,0 +1,22 @@
+"""Training engine: an ignite/MONAI-compatible trainer for diffusion objectives, with EMA, AMP, gradient
+accumulation and clipping, atomic weights-only checkpoints, exact resume, TensorBoard and torchrun data parallelism.
+
+Entry points: :func:`train` / :class:`DiffusionTrainer` to train, :func:`load_network` / :func:`load_checkpoint` /
+:func:`build_network` to use the result. ``python -m meddiff3d.engine.selftest`` trains a tiny model end to end.
+"""
+
+from meddiff3d.engine.checkpoint import build_network, export_inference, load_checkpoint, load_network
+from meddiff3d.engine.ema import EMA
+from meddiff3d.engine.trainer import DiffusionTrainer, TrainResult, seed_everything, train
+
+__all__ = [
+    "EMA",
+    "DiffusionTrainer",
+    "TrainResult",
+    "build_network",
+    "export_inference",
+    "load_checkpoint",
+    "load_network",
+    "seed_everything",
+    "train",
+]

@@ -1,0 +1,158 @@
+"""BraTS / T1-cohort conversion, N4, and the ``meddiff3d datalist`` command."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from meddiff3d import cli
+from meddiff3d.data.datalist import load_datalist
+from meddiff3d.data.images import array_to_sitk, read_image
+from meddiff3d.data.preprocess import (
+    brats_to_datalist,
+    n4_bias_correct,
+    split_ids,
+    t1_cohort_to_dataset,
+)
+from meddiff3d.errors import InputError
+from meddiff3d.utils.io import save_nifti
+
+SHAPE = (16, 20, 18)
+NAMING = {
+    "brats2021": ("BraTS2021_{:05d}", "_", ("t1", "t1ce", "t2", "flair", "seg")),
+    "brats2023": ("BraTS-GLI-{:05d}-000", "-", ("t1n", "t1c", "t2w", "t2f", "seg")),
+}
+
+
+def fake_brats(root, convention, n=5, drop=None):
+    pattern, sep, suffixes = NAMING[convention]
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        case = pattern.format(i)
+        for suffix in suffixes:
+            if drop == (i, suffix):
+                continue
+            if suffix == "seg":
+                data, dtype = np.zeros(SHAPE), np.uint8
+            else:
+                data, dtype = rng.random(SHAPE), np.float32
+            save_nifti(data, np.eye(4), root / case / f"{case}{sep}{suffix}.nii.gz", dtype=dtype)
+    return root
+
+
+def _structure(path):
+    doc = json.loads(path.read_text())
+    sections = {name: len(doc[name]) for name in ("training", "validation", "test") if name in doc}
+    item = doc["training"][0]
+    return sections, sorted(item), doc["modalities"], sorted(doc["labels"].values())
+
+
+def test_brats_2021_and_2023_give_the_same_structure(tmp_path):
+    fractions = (0.6, 0.2, 0.2)
+    out21 = brats_to_datalist(fake_brats(tmp_path / "b21", "brats2021"), tmp_path / "d21.json", fractions=fractions)
+    out23 = brats_to_datalist(fake_brats(tmp_path / "b23", "brats2023"), tmp_path / "d23.json", fractions=fractions)
+    s21, s23 = _structure(out21), _structure(out23)
+    assert s21[:3] == s23[:3] == ({"training": 3, "validation": 1, "test": 1}, ["id", "image", "label"],
+                                  ["t1", "t1ce", "t2", "flair"])
+    assert json.loads(out21.read_text())["label_convention"] == "brats2021"
+    assert json.loads(out23.read_text())["label_convention"] == "brats2023"
+    items = load_datalist(out23, require_label=True)
+    assert [p.rsplit("-", 1)[1] for p in items[0]["image"]] == ["t1n.nii.gz", "t1c.nii.gz", "t2w.nii.gz", "t2f.nii.gz"]
+    assert items[0]["convention"] == "brats2023"
+    # same seed, same ids -> same split
+    ids21 = [it["id"][-5:] for it in load_datalist(out21)]
+    assert ids21 == [it["id"].split("-")[2] for it in items]
+
+
+def test_brats_missing_sequence_is_an_error_or_skipped(tmp_path, caplog):
+    src = fake_brats(tmp_path / "b", "brats2021", n=3, drop=(1, "flair"))
+    with pytest.raises(InputError, match="case BraTS2021_00001 is missing flair"):
+        brats_to_datalist(src, tmp_path / "d.json")
+    assert not (tmp_path / "d.json").exists()
+    out = brats_to_datalist(src, tmp_path / "d.json", fractions=(1.0, 0.0, 0.0), skip_incomplete=True)
+    assert sorted(it["id"] for it in load_datalist(out)) == ["BraTS2021_00000", "BraTS2021_00002"]
+    assert "missing flair" in caplog.text
+
+
+def test_split_is_seeded_and_complete():
+    ids = [f"c{i}" for i in range(10)]
+    a, b = split_ids(ids, (0.7, 0.2, 0.1), seed=3), split_ids(list(reversed(ids)), (0.7, 0.2, 0.1), seed=3)
+    assert a == b and sorted(sum(a.values(), [])) == sorted(ids)
+    assert [len(v) for v in a.values()] == [7, 2, 1]
+    with pytest.raises(InputError, match="summing to 1"):
+        split_ids(ids, (0.5, 0.2, 0.2))
+
+
+def head_phantom(shape=(20, 24, 22), center=(7.0, 13.0, 12.0), radius=5.0):
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1)
+    return (np.linalg.norm(grid - np.asarray(center), axis=-1) < radius).astype(np.float32) * 100
+
+
+def test_t1_cohort_conversion(tmp_path):
+    from test_datalist_readers import write_dicom_series
+
+    src = tmp_path / "cohort"
+    lps = np.diag([-1.2, -1.0, 1.1, 1.0])
+    lps[:3, 3] = [10, 20, -30]
+    head = head_phantom()
+    save_nifti(head, lps, src / "sub-01.nii.gz")
+    write_dicom_series(head.astype(np.int16), lps, src / "sub-02")
+    (tmp_path / "cov.csv").write_text("id,age,sex\nsub-01,40,F\nsub-02,80,M\nsub-99,60,F\n")
+    out = t1_cohort_to_dataset(src, tmp_path / "ds", covariates_csv=tmp_path / "cov.csv", shape=(16, 16, 16),
+                               fractions=(1.0, 0.0, 0.0))
+    doc = json.loads(out.read_text())
+    assert doc["covariates"] == {"age": {"min": 40.0, "max": 80.0}, "sex": {"categories": ["F", "M"]}}
+    items = {it["id"]: it for it in load_datalist(out)}
+    assert items["sub-01"]["covariates"] == {"age": 0.0, "sex": 0.0}
+    assert items["sub-02"]["covariates"] == {"age": 1.0, "sex": 1.0}
+    for case in ("sub-01", "sub-02"):
+        array, affine = read_image(items[case]["image"])
+        assert array.shape == (16, 16, 16)
+        np.testing.assert_allclose(affine[:3, :3], np.eye(3), atol=1e-4)  # 1 mm RAS
+        # the head sits in the middle of the crop, at its original world position
+        com = np.asarray(ndimage.center_of_mass(array > 50))
+        np.testing.assert_allclose(com, 7.5, atol=1.0)
+        expected = (lps @ np.append(ndimage.center_of_mass(head > 50), 1))[:3]
+        np.testing.assert_allclose((affine @ np.append(com, 1))[:3], expected, atol=1.0)
+
+
+def test_t1_cohort_covariates_csv_missing_row(tmp_path):
+    src = tmp_path / "cohort"
+    save_nifti(head_phantom(), np.eye(4), src / "sub-01.nii.gz")
+    (tmp_path / "cov.csv").write_text("id,age\nsub-02,40\n")
+    with pytest.raises(InputError, match="cov.csv: no row for id\\(s\\) \\['sub-01'\\]"):
+        t1_cohort_to_dataset(src, tmp_path / "ds", covariates_csv=tmp_path / "cov.csv")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_n4_reduces_multiplicative_bias():
+    shape = (32, 32, 32)
+    phantom = head_phantom(shape, center=(15.5, 15.5, 15.5), radius=12.0)
+    x = np.linspace(-1, 1, shape[0])[:, None, None]
+    biased = (phantom * (1.0 + 0.4 * x)).astype(np.float32)  # a smooth multiplicative field, +-40 %
+    inside = ndimage.binary_erosion(phantom > 0, iterations=2)
+
+    def cv(a):
+        return float(a[inside].std() / a[inside].mean())
+
+    image = array_to_sitk(biased, np.eye(4))
+    import SimpleITK as sitk
+
+    corrected = sitk.GetArrayFromImage(n4_bias_correct(image, shrink_factor=2, iterations=(20, 20))).transpose(2, 1, 0)
+    assert cv(biased) > 0.1
+    assert cv(corrected) < 0.5 * cv(biased)
+
+
+def test_cli_validate_and_brats(tmp_path, monkeypatch, capsys):
+    # only the datalist sub-command: the synthetic one is developed in parallel
+    monkeypatch.setattr(cli, "SUBCOMMANDS", {"datalist": cli.SUBCOMMANDS["datalist"]})
+    src = fake_brats(tmp_path / "b", "brats2023", n=4)
+    assert cli.main(["datalist", "brats", str(src), "--out", str(tmp_path / "d.json")]) == 0
+    assert cli.main(["datalist", "validate", str(tmp_path / "d.json"), "--section", "training"]) == 0
+    out = capsys.readouterr().out
+    assert "training: 3 items, 3 with label" in out and "label_convention: brats2023" in out
+    (src / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-t2w.nii.gz").write_bytes(b"\x1f\x8b broken")
+    assert cli.main(["datalist", "validate", str(tmp_path / "d.json")]) == 2
+    err = capsys.readouterr().err
+    assert "meddiff3d datalist: error: datalist" in err and "BraTS-GLI-00000-000-t2w.nii.gz" in err
