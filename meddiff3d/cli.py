@@ -1,7 +1,7 @@
 """The ``meddiff3d`` command: one sub-command per concept, each defined next to the code it runs.
 
 A sub-command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches, and
-turns :class:`meddiff3d.errors.InputError` into a one-line message and exit status 2.
+turns :class:`meddiff3d.errors.InputError` (also when wrapped by MONAI's ``Compose``) into a one-line message and exit status 2.
 """
 
 from __future__ import annotations
@@ -29,13 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from meddiff3d.errors import InputError
+    from meddiff3d.errors import find_input_error
 
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except InputError as err:
-        print(f"meddiff3d {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:  # a user-input error may arrive wrapped by MONAI/ignite; anything else is a bug
+        user_error = find_input_error(err)
+        if user_error is None:
+            raise
+        print(f"meddiff3d {args.command}: error: {user_error}", file=sys.stderr)
         return 2
 
 

@@ -16,3 +16,15 @@ class DatalistError(InputError):
 
 class ImageError(InputError):
     """An image file is missing, unreadable, or of the wrong geometry or content."""
+
+
+def find_input_error(err: BaseException) -> InputError | None:
+    """The :class:`InputError` behind ``err``, if any: MONAI's ``Compose`` and ignite wrap transform exceptions in a
+    ``RuntimeError``, so the user-facing error sits somewhere in the ``__cause__`` / ``__context__`` chain."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, InputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
