@@ -1,0 +1,44 @@
+"""Diffusion library: schedules, the denoiser interface and its adapters, pure samplers, wrappers (guidance,
+conditioning, coordinates, inpainting), inversion/SDEdit, structured noise, and the training objective."""
+
+from .conditioning import AppendCoordinates, ConcatConditioning, CoordinateChannels, broadcast_channels
+from .denoisers import (
+    PREDICTION_TYPES,
+    EpsilonDenoiser,
+    FlowDenoiser,
+    GaussianDenoiser,
+    VDenoiser,
+    X0Denoiser,
+    eps_from_x0,
+    make_denoiser,
+)
+from .guidance import ClassifierFreeGuidance, null_conditioning
+from .inpainting import Inpainting, sample_repaint
+from .inversion import ddim_invert, noise_to, sdedit
+from .noise import gaussian_noise, simplex_noise
+from .objectives import DiffusionObjective, min_snr_weight, prediction_target
+from .samplers import (
+    SAMPLERS,
+    get_sampler,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_heun,
+)
+from .schedules import FlowSchedule, NoiseSchedule, schedule_from_dict
+from .tensor_utils import append_dims
+
+__all__ = [
+    "AppendCoordinates", "ConcatConditioning", "CoordinateChannels", "broadcast_channels",
+    "PREDICTION_TYPES", "EpsilonDenoiser", "FlowDenoiser", "GaussianDenoiser", "VDenoiser", "X0Denoiser",
+    "eps_from_x0", "make_denoiser",
+    "ClassifierFreeGuidance", "null_conditioning",
+    "Inpainting", "sample_repaint",
+    "ddim_invert", "noise_to", "sdedit",
+    "gaussian_noise", "simplex_noise",
+    "DiffusionObjective", "min_snr_weight", "prediction_target",
+    "SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler", "sample_heun",
+    "FlowSchedule", "NoiseSchedule", "schedule_from_dict",
+    "append_dims",
+]
