@@ -300,3 +300,8 @@ def test_with_the_library_diffusion_objective(tmp_path):
     trainer = make_trainer(tmp_path, build_network(meta), objective=objective, meta=meta, max_iterations=3)
     result = trainer.run()
     assert result.iteration == 3 and torch.isfinite(torch.tensor(result.last_loss))
+
+
+def test_build_network_refuses_classes_outside_trusted_packages():
+    with pytest.raises(InputError, match="outside the trusted packages"):
+        build_network({"network": {"class": "os.system", "args": {}}})

@@ -37,6 +37,8 @@ from meddiff3d.utils.io import atomic_path
 CHECKPOINT_FORMAT = "meddiff3d.checkpoint/1"
 INFERENCE_FORMAT = "meddiff3d.inference/1"
 _LIST_LIMIT = 8
+#: a checkpoint names its network class; only classes from these packages are imported (files may be untrusted)
+TRUSTED_NETWORK_MODULES = ("monai.", "meddiff3d.", "torch.nn.")
 
 
 # ----------------------------------------------------------------------------------------------------------- RNG
@@ -197,6 +199,8 @@ def build_network(meta: Mapping) -> torch.nn.Module:
             "meta has no network description: expected {'network': {'class': 'package.module.Class', 'args': {...}}}"
         )
     class_path, args = spec["class"], dict(spec.get("args") or {})
+    if not str(class_path).startswith(TRUSTED_NETWORK_MODULES):
+        raise InputError(f"network class {class_path!r} is outside the trusted packages {TRUSTED_NETWORK_MODULES}")
     module_name, _, class_name = str(class_path).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
