@@ -49,15 +49,9 @@ from monai.transforms import (
     Spacingd,
 )
 
+from meddiff3d.data.brats import BRATS_LABELS, BRATS_REGIONS, region_masks  # noqa: F401 (re-exported)
 from meddiff3d.errors import InputError
 
-#: channel order of :class:`BratsRegionsd`: whole tumour, tumour core, enhancing tumour
-BRATS_REGIONS = ("WT", "TC", "ET")
-#: label values per BraTS convention (NCR: necrotic core, ED: oedema / SNFH, ET: enhancing tumour)
-BRATS_LABELS = {
-    "brats2021": {"NCR": 1, "ED": 2, "ET": 4},
-    "brats2023": {"NCR": 1, "ED": 2, "ET": 3},
-}
 
 
 # ------------------------------------------------------------------------------------------------------- components
@@ -142,15 +136,15 @@ def brats_regions(label, convention: str = "auto", name: str = "label"):
         if convention not in BRATS_LABELS:
             raise InputError(f"{name}: unknown label_convention {convention!r}; expected one of {list(BRATS_LABELS)}")
         et = BRATS_LABELS[convention]["ET"]
+    convention = "brats2021" if et == 4 else "brats2023"
     unexpected = sorted(values - {1, 2, et})
     if unexpected:
         raise InputError(
             f"{name}: label values {unexpected} are not part of the {convention} convention (1, 2, {et})"
         )
-    lab = label[0] if label.shape[0] == 1 else label
-    wt = (lab == 1) | (lab == 2) | (lab == et)
-    tc = (lab == 1) | (lab == et)
-    out = torch.stack([torch.as_tensor(wt), torch.as_tensor(tc), torch.as_tensor(lab == et)]).float()
+    lab = torch.as_tensor(label[0] if label.shape[0] == 1 else label)
+    masks = region_masks(lab, convention)
+    out = torch.stack([masks[name] for name in BRATS_REGIONS]).float()
     if isinstance(label, MetaTensor):
         out = MetaTensor(out, meta=label.meta, applied_operations=label.applied_operations)
     return out

@@ -19,16 +19,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meddiff3d.data.brats import BRATS_LABELS, LABEL_NAMES, region_masks
+
 from .grid import Grid, smooth_noise
 
-BRATS2021_LABELS = {"0": "background", "1": "NCR", "2": "ED", "4": "ET"}
-NCR, ED, ET = 1, 2, 4
+BRATS2021_LABELS = LABEL_NAMES["brats2021"]
+NCR, ED, ET = (BRATS_LABELS["brats2021"][k] for k in ("NCR", "ED", "ET"))
 
 
 def brats_regions(label: np.ndarray) -> dict[str, np.ndarray]:
     """Boolean evaluation regions of a BraTS 2021 label map: ``{"WT": {1,2,4}, "TC": {1,4}, "ET": {4}}``."""
-    label = np.asarray(label)
-    return {"WT": np.isin(label, (NCR, ED, ET)), "TC": np.isin(label, (NCR, ET)), "ET": label == ET}
+    return region_masks(np.asarray(label), "brats2021")
 
 
 @dataclass
