@@ -156,3 +156,21 @@ def test_cli_validate_and_brats(tmp_path, monkeypatch, capsys):
     assert cli.main(["datalist", "validate", str(tmp_path / "d.json")]) == 2
     err = capsys.readouterr().err
     assert "meddiff3d datalist: error: datalist" in err and "BraTS-GLI-00000-000-t2w.nii.gz" in err
+
+
+def test_covariates_csv_fixed_ranges(tmp_path):
+    from meddiff3d.data.preprocess import read_covariates_csv
+
+    csv_path = tmp_path / "cov.csv"
+    csv_path.write_text("id,age,sex\na,50,F\nb,70,M\n")
+    scaling, values = read_covariates_csv(csv_path, ["a", "b"])
+    assert values["a"]["age"] == 0.0 and values["b"]["age"] == 1.0  # cohort min/max
+    fixed = {"age": {"min": 40, "max": 90, "unit": "years"}, "sex": {"categories": ["F", "M"]}}
+    scaling, values = read_covariates_csv(csv_path, ["a", "b"], fixed)
+    assert values["a"]["age"] == pytest.approx(0.2) and values["b"]["age"] == pytest.approx(0.6)
+    assert scaling["age"] == {"min": 40, "max": 90, "unit": "years"}
+    assert values["b"]["sex"] == 1.0
+    with pytest.raises(InputError, match=r"cov.csv.*'age'.*outside the fixed range \[60, 90\].*'a'"):
+        read_covariates_csv(csv_path, ["a", "b"], {"age": {"min": 60, "max": 90}})
+    with pytest.raises(InputError, match=r"'sex'.*\['M'\] outside the categories"):
+        read_covariates_csv(csv_path, ["a", "b"], {"sex": {"categories": ["F", "X"]}})

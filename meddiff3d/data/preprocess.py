@@ -10,7 +10,7 @@
     label values the ``seg`` files use. Cases are split into training/validation/test by ``--fractions`` with
     ``--seed``. A case missing a sequence is an error, or skipped with a warning under ``--skip-incomplete``.
 
-``meddiff3d datalist t1 SRC --out DIR [--covariates CSV] [--n4]``
+``meddiff3d datalist t1 SRC --out DIR [--covariates CSV [--covariate-ranges JSON]] [--n4]``
     Convert a T1 cohort (NIfTI/NRRD files, or one folder per DICOM series, in SRC) to ``DIR/images/<id>_t1.nii.gz``
     on a 1 mm RAS grid of 160x224x160 voxels centred on the head's centre of mass (optionally N4 bias corrected
     first) and ``DIR/datalist.json``. Covariates from the CSV (``id`` column + one column per covariate) are scaled
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import math
 import os
@@ -257,8 +258,16 @@ def preprocess_t1(path, out_path, *, spacing=(1.0, 1.0, 1.0), shape=T1_SHAPE, n4
     return save_nifti(vol[0].numpy(), vol.affine.numpy(), out_path)
 
 
-def read_covariates_csv(path: str | os.PathLike, ids: Sequence[str]) -> tuple[dict, dict[str, dict]]:
-    """``(scaling block, {id: {name: value in [0, 1]}})`` from a CSV with an ``id`` column; see the module doc."""
+def read_covariates_csv(
+    path: str | os.PathLike, ids: Sequence[str], ranges: Mapping[str, Mapping] | None = None
+) -> tuple[dict, dict[str, dict]]:
+    """``(scaling block, {id: {name: value in [0, 1]}})`` from a CSV with an ``id`` column; see the module doc.
+
+    ``ranges`` fixes the scaling of the named columns (``{"age": {"min": 40, "max": 90}, "sex": {"categories":
+    ["F", "M"]}}``, e.g. the ``covariates`` block of the datalist a model was trained on) instead of the cohort's own
+    min/max, so a new cohort is scaled as the model expects; a value outside a fixed range is an error.
+    """
+    ranges = dict(ranges or {})
     path = Path(path)
     if not path.is_file():
         raise InputError(f"covariates CSV {path}: file not found")
@@ -281,13 +290,24 @@ def read_covariates_csv(path: str | os.PathLike, ids: Sequence[str]) -> tuple[di
             numbers = {i: float(v) for i, v in raw.items()}
         except ValueError:
             numbers = None
+        fixed = ranges.get(name) or {}
+        if "categories" in fixed:
+            numbers = None
         if numbers is not None and all(math.isfinite(v) for v in numbers.values()):
-            lo, hi = min(numbers.values()), max(numbers.values())
-            scaling[name] = {"min": lo, "max": hi}
+            lo, hi = fixed.get("min", min(numbers.values())), fixed.get("max", max(numbers.values()))
+            outside = [i for i, v in numbers.items() if not lo <= v <= hi]
+            if outside:
+                raise InputError(f"covariates CSV {path}: column {name!r} has values outside the fixed range "
+                                 f"[{lo}, {hi}] for id(s) {outside[:10]}")
+            scaling[name] = {**fixed, "min": lo, "max": hi}
             for i, v in numbers.items():
                 values[i][name] = (v - lo) / (hi - lo) if hi > lo else 0.0
         else:
-            categories = sorted(set(raw.values()))
+            categories = list(fixed.get("categories") or sorted(set(raw.values())))
+            unknown = sorted(set(raw.values()) - set(categories))
+            if unknown:
+                raise InputError(f"covariates CSV {path}: column {name!r} has values {unknown} outside the categories "
+                                 f"{categories}")
             scaling[name] = {"categories": categories}
             for i, v in raw.items():
                 values[i][name] = categories.index(v) / max(1, len(categories) - 1)
@@ -299,6 +319,7 @@ def t1_cohort_to_dataset(
     out_dir: str | os.PathLike,
     *,
     covariates_csv: str | os.PathLike | None = None,
+    covariate_ranges: Mapping[str, Mapping] | None = None,
     n4: bool = False,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     shape: Sequence[int] = T1_SHAPE,
@@ -314,7 +335,7 @@ def t1_cohort_to_dataset(
     out_dir = Path(out_dir)
     scaling, covariates = ({}, {})
     if covariates_csv is not None:
-        scaling, covariates = read_covariates_csv(covariates_csv, list(inputs))
+        scaling, covariates = read_covariates_csv(covariates_csv, list(inputs), covariate_ranges)
     written = {}
     for case, path in inputs.items():
         target = out_dir / "images" / f"{case}_t1.nii.gz"
@@ -382,6 +403,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="folder of NIfTI/NRRD files or DICOM series folders")
     p.add_argument("--out", required=True, help="output dataset folder")
     p.add_argument("--covariates", help="CSV with an id column and one column per covariate")
+    p.add_argument("--covariate-ranges", help="JSON with fixed scaling per covariate (e.g. a training datalist: its "
+                   "'covariates' block is used); default: the cohort's own min/max")
     p.add_argument("--n4", action="store_true", help="N4 bias-field correction before resampling")
     p.add_argument("--n4-shrink", type=int, default=4)
     p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0))
@@ -396,6 +419,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--header-only", action="store_true", help="read headers only (fast; no NaN/truncation check)")
 
 
+def _read_ranges(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"covariate ranges {path}: cannot read JSON ({err})") from err
+    ranges = doc.get("covariates", doc) if isinstance(doc, dict) else None
+    if not isinstance(ranges, dict) or not all(isinstance(v, dict) for v in ranges.values()):
+        raise InputError(f"covariate ranges {path}: expected {{name: {{'min', 'max'}} or {{'categories'}}}}")
+    return ranges
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.datalist_command == "brats":
@@ -404,6 +440,7 @@ def run(args: argparse.Namespace) -> int:
         print(validate(out, check_images="header"))
     elif args.datalist_command == "t1":
         out = t1_cohort_to_dataset(args.src, args.out, covariates_csv=args.covariates, n4=args.n4,
+                                   covariate_ranges=_read_ranges(args.covariate_ranges),
                                    spacing=args.spacing, shape=args.shape, fractions=args.fractions, seed=args.seed,
                                    n4_shrink=args.n4_shrink)
         print(validate(out, check_images="header"))
