@@ -7,20 +7,33 @@ The normalisation ``z = (latent - shift) * scale`` lives in the codec's ``state_
 the weights: it is computed once after autoencoder training (:meth:`LatentCodec.calibrate`) and never recomputed at
 inference (the MONAI tutorials compute ``scale_factor`` in training and lose it at inference).
 
-Tiled (sliding-window) encoding and decoding use MONAI's :func:`sliding_window_inference` with Gaussian blending of
-overlapping tiles, so peak memory is bounded by the tile size. Both networks are convolutional, but their GroupNorm
-layers normalise over whatever extent they see, so a tile's output is not bit-equal to the same region of a full pass:
-the blended result agrees with the full decode to a tolerance measured in ``tests/test_codec.py``.
+Two ways to bound memory:
+
+* ``split=N`` (exact): convolutions run in N slabs along the first spatial axis (with halos) while GroupNorm keeps
+  whole-volume statistics, as MONAI's MAISI autoencoder does. Equal to the one-pass result up to float rounding
+  (measured max |diff| 2e-6; tested at 1e-4). It shrinks the temporaries of convolutions and norms, not the
+  activations themselves.
+* ``decode_tile`` / ``encode_tile`` (approximate): MONAI :func:`sliding_window_inference` with Gaussian blending, so
+  peak memory is bounded by the tile. GroupNorm then normalises over each tile, whose intensity mix (background vs
+  brain) differs from the whole volume's, so tiles are *not* faithful for these networks: on a trained tiny AE with
+  tiles of half the volume and overlap 0.5 the decode differs by 0.06 mean / 0.4 max on [0, 1] images
+  (``tests/test_codec.py``). Use it only when a whole-volume pass cannot fit.
+
+Decode speed on CPU: ``amp_dtype=torch.bfloat16`` and ``channels_last=True`` (``torch.channels_last_3d``). Measured on
+2 threads, tiny KL AE (1.4 M parameters), 3x20x28x20 -> 160x224x160: fp32 11.1 s / 3.0 GB peak RSS, bf16 8.5 s /
+1.7 GB, bf16 + channels_last 5.7 s / 1.6 GB.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+import types
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from monai.inferers import sliding_window_inference
@@ -40,6 +53,94 @@ def autocast_context(device: torch.device | str, dtype: torch.dtype | None):
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
+def _bounds(size: int, parts: int) -> list[tuple[int, int]]:
+    edges = [round(i * size / parts) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _slab_conv(conv: nn.Module, x: torch.Tensor, parts: int) -> torch.Tensor:
+    """A stride-1 zero-padded convolution computed in ``parts`` slabs along the first spatial axis (with halos)."""
+    pad = conv.padding
+    plain = (
+        isinstance(pad, str) or any(s != 1 for s in conv.stride) or any(d != 1 for d in conv.dilation)
+        or conv.padding_mode != "zeros" or 2 * pad[0] != conv.kernel_size[0] - 1 or x.shape[2] < 2 * parts
+    )
+    if plain:
+        return conv._conv_forward(x, conv.weight, conv.bias)
+    p, depth = pad[0], x.shape[2]
+    conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.ndim - 2]
+    out = None
+    for a, b in _bounds(depth, parts):
+        lo, hi = max(a - p, 0), min(b + p, depth)
+        piece = x[:, :, lo:hi]
+        extra = [0, 0] * (x.ndim - 3) + [p - (a - lo), p - (hi - b)]
+        if any(extra):
+            piece = F.pad(piece, extra)
+        y = conv_fn(piece, conv.weight, conv.bias, 1, (0, *pad[1:]), 1, conv.groups)
+        if out is None:
+            out = torch.empty((y.shape[0], y.shape[1], depth, *y.shape[3:]), dtype=y.dtype, device=y.device,
+                              memory_format=_format_of(x))
+        out[:, :, a:b] = y
+    return out
+
+
+def _slab_group_norm(norm: nn.GroupNorm, x: torch.Tensor, parts: int) -> torch.Tensor:
+    """GroupNorm with statistics over the whole tensor, accumulated (float64) and applied slab by slab."""
+    n, c, g = x.shape[0], x.shape[1], norm.num_groups
+    total = torch.zeros(n, g, dtype=torch.float64, device=x.device)
+    total_sq = torch.zeros_like(total)
+    slabs = _bounds(x.shape[2], parts)
+    for a, b in slabs:
+        piece = x[:, :, a:b].reshape(n, g, -1).double()
+        total += piece.sum(-1)
+        total_sq += piece.pow(2).sum(-1)
+    count = x[0, 0].numel() * (c // g)
+    mean = total / count
+    inv_std = torch.rsqrt((total_sq / count - mean.pow(2)).clamp_min(0) + norm.eps)
+    shape = (n, c, *([1] * (x.ndim - 2)))
+    scale = inv_std.repeat_interleave(c // g, dim=1).view(shape)
+    shift = -mean.repeat_interleave(c // g, dim=1).view(shape) * scale
+    if norm.affine:
+        w = norm.weight.double().view(1, c, *([1] * (x.ndim - 2)))
+        scale, shift = scale * w, shift * w + norm.bias.double().view_as(w)
+    out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=_format_of(x))
+    scale, shift = scale.float(), shift.float()
+    for a, b in slabs:
+        out[:, :, a:b] = x[:, :, a:b].float() * scale + shift
+    return out
+
+
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+@contextmanager
+def split_execution(module: nn.Module, parts: int | None):
+    """Within the context, ``module``'s convolutions and GroupNorms run in ``parts`` slabs along the first spatial
+    axis, GroupNorm keeping whole-volume statistics (the approach of MONAI's MAISI autoencoder): the result equals the
+    unsplit pass up to float rounding, while the convolutions' and norms' temporaries shrink to one slab."""
+    if not parts or parts <= 1:
+        yield
+        return
+    patched = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
+            m.forward = types.MethodType(lambda self, x: _slab_conv(self, x, parts), m)
+        elif isinstance(m, nn.GroupNorm):
+            m.forward = types.MethodType(lambda self, x: _slab_group_norm(self, x, parts), m)
+        else:
+            continue
+        patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 class LatentCodec(nn.Module):
     """Autoencoder + latent normalisation + optional tiling.
 
@@ -51,7 +152,11 @@ class LatentCodec(nn.Module):
         decode_tile: latent tile size for tiled decoding (``None`` decodes in one pass).
         encode_tile: image tile size for tiled encoding (``None`` encodes in one pass).
         overlap: tile overlap fraction; tiles are blended with a Gaussian window.
+        split: exact memory-saving alternative to tiles: convolutions run in ``split`` slabs along the first spatial
+            axis while GroupNorm keeps whole-volume statistics (:func:`split_execution`); equals the one-pass result
+            up to float rounding. Combined with tiles, it applies within each tile.
         amp_dtype: autocast dtype for encode/decode (``torch.bfloat16`` on CPUs that support it), or ``None``.
+        channels_last: run the autoencoder in ``torch.channels_last_3d`` memory format (often faster on CPU).
     """
 
     def __init__(
@@ -64,7 +169,9 @@ class LatentCodec(nn.Module):
         decode_tile: Sequence[int] | None = None,
         encode_tile: Sequence[int] | None = None,
         overlap: float = 0.25,
+        split: int | None = None,
         amp_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.autoencoder = autoencoder
@@ -74,7 +181,11 @@ class LatentCodec(nn.Module):
         self.decode_tile = tuple(decode_tile) if decode_tile else None
         self.encode_tile = tuple(encode_tile) if encode_tile else None
         self.overlap = overlap
+        self.split = split
         self.amp_dtype = amp_dtype
+        self.channels_last = channels_last
+        if channels_last:
+            self.autoencoder.to(memory_format=torch.channels_last_3d)
 
     # -- geometry -------------------------------------------------------------------------------------------------
     @property
@@ -91,11 +202,12 @@ class LatentCodec(nn.Module):
 
     @property
     def downsample_factor(self) -> int:
-        """Spatial reduction from image to latent (2 per down level)."""
-        ae = self.autoencoder
-        if self.is_vq:
-            return 2 ** len(ae.downsample_parameters)
-        return 2 ** (len(ae.encoder.channels) - 1)
+        """Spatial reduction from image to latent: the product of the encoder's convolution strides."""
+        factor = 1
+        for module in self.autoencoder.encoder.modules():
+            if isinstance(module, nn.modules.conv._ConvNd):
+                factor *= int(module.stride[0])
+        return factor
 
     def latent_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
         f = self.downsample_factor
@@ -116,12 +228,14 @@ class LatentCodec(nn.Module):
         return self.autoencoder.decode_stage_2_outputs(latent)
 
     def _tiled(self, fn, x: torch.Tensor, tile: Sequence[int] | None) -> torch.Tensor:
-        with autocast_context(x.device, self.amp_dtype):
+        if self.channels_last and x.ndim == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with autocast_context(x.device, self.amp_dtype), split_execution(self.autoencoder, self.split):
             if tile is None or all(t >= s for t, s in zip(tile, x.shape[2:])):
                 out = fn(x)
             else:
                 out = sliding_window_inference(x, tile, 1, fn, overlap=self.overlap, mode="gaussian")
-        return out.float()
+        return out.float().contiguous()
 
     # -- public -----------------------------------------------------------------------------------------------------
     @torch.no_grad()

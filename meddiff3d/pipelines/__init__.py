@@ -1,0 +1,9 @@
+"""Pipelines: the plain Python calls bundle configs name (training the latent diffusion model, generation, data).
+
+* :mod:`.latents` -- a datalist encoded once by a codec, cached;
+* :mod:`.training` -- :func:`~.training.train_latent_diffusion`;
+* :mod:`.generation` -- :func:`~.generation.generate` (NIfTI + preview + sidecar);
+* :mod:`.data` -- datalists for the bundles (the synthetic cohort, written once);
+* :mod:`.commands` -- the same calls for ``python -m monai.bundle run``: a user error ends the process with one line
+  and exit status 2 instead of a MONAI traceback.
+"""

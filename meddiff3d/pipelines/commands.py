@@ -1,0 +1,51 @@
+"""Bundle entry points: the pipeline functions, with user errors turned into one line and exit status 2.
+
+``python -m monai.bundle run`` wraps any exception of a config component in a chain of ``RuntimeError`` s ("Failed to
+instantiate ..."), burying the message that matters. A bundle's ``run`` entry therefore names these wrappers: an
+:class:`~meddiff3d.errors.InputError` anywhere in the chain is printed as ``error: <message>`` on stderr and the process
+exits with status 2 (``SystemExit`` is not an ``Exception``, so MONAI lets it through). Other errors are bugs and keep
+their traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from typing import Any, Callable
+
+from meddiff3d.errors import find_input_error
+
+__all__ = ["user_command", "generate", "train_latent_diffusion", "train_autoencoder", "synthetic_datalist"]
+
+
+def user_command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with user-input errors ending the process: one line on stderr, exit status 2."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - only user errors are turned into an exit status
+            user_error = find_input_error(err)
+            if user_error is None:
+                raise
+            print(f"error: {user_error}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return run
+
+
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"``{module}.{name}`` (imported when called)."
+    return call
+
+
+generate = user_command(_lazy("meddiff3d.pipelines.generation", "generate"))
+train_latent_diffusion = user_command(_lazy("meddiff3d.pipelines.training", "train_latent_diffusion"))
+train_autoencoder = user_command(_lazy("meddiff3d.models.autoencoder", "train_autoencoder"))
+synthetic_datalist = user_command(_lazy("meddiff3d.pipelines.data", "synthetic_datalist"))

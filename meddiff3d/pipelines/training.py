@@ -1,0 +1,147 @@
+"""Training the latent diffusion model: cached latents -> ``DiffusionObjective`` -> ``DiffusionTrainer`` -> one file.
+
+``train_latent_diffusion(codec, datalist, run_dir, out=...)`` encodes the datalist once (:mod:`.latents`), trains a
+``DiffusionModelUNet`` on the normalised latents with conditioning dropout (so one model samples conditionally and
+unconditionally), and writes ``out``: the engine's inference export (EMA weights) whose meta holds everything
+generation needs (see :mod:`meddiff3d.models.ldm`). Re-running on the same ``run_dir`` resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+
+from meddiff3d.diffusion import DiffusionObjective, schedule_from_dict
+from meddiff3d.engine import build_network, seed_everything, train
+from meddiff3d.errors import InputError
+from meddiff3d.models.ldm import (
+    ANCHOR_SCHEDULE,
+    BRAIN_COVARIATES,
+    covariate_conditioning,
+    latent_diffusion_meta,
+    latent_unet_spec,
+    null_condition,
+)
+from meddiff3d.pipelines.latents import encode_latents
+from meddiff3d.utils.io import atomic_path
+
+logger = logging.getLogger("meddiff3d.pipelines")
+
+__all__ = ["train_latent_diffusion", "network_spec"]
+
+
+def network_spec(network: str | Mapping[str, Any] | None, latent_channels: int, covariates: Sequence[str],
+                 conditioning: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A full network spec from a preset name (``"anchor"``, ``"tiny_cpu"``, ``"test"``) plus ``overrides``, or a
+    full ``{"class", "args"}`` spec checked against the latent channels and conditioning."""
+    if network is None or isinstance(network, str):
+        return latent_unet_spec(latent_channels, covariates, conditioning, network or "anchor", **dict(overrides or {}))
+    if not isinstance(network, Mapping) or "class" not in network:
+        raise InputError(f"network must be a preset name or a {{'class', 'args'}} spec, got {network!r}")
+    spec = {"class": network["class"], "args": {**dict(network.get("args") or {}), **dict(overrides or {})}}
+    expected = latent_unet_spec(latent_channels, covariates, conditioning)["args"]
+    for key in ("in_channels", "out_channels", "with_conditioning", "cross_attention_dim"):
+        if key in expected and spec["args"].get(key, expected[key]) != expected[key]:
+            raise InputError(f"network args {key}={spec['args'][key]!r} do not fit {latent_channels} latent channels "
+                             f"with {conditioning!r} conditioning on {len(covariates)} covariates "
+                             f"(expected {expected[key]!r}; leave it out to have it derived)")
+        if key in expected:
+            spec["args"][key] = expected[key]
+    return spec
+
+
+def train_latent_diffusion(
+    codec: str | os.PathLike,
+    datalist: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    covariates: Sequence[str] = BRAIN_COVARIATES,
+    conditioning: str = "both",
+    network: str | Mapping[str, Any] | None = "anchor",
+    network_overrides: Mapping[str, Any] | None = None,
+    schedule: Mapping[str, Any] | None = None,
+    prediction: str = "epsilon",
+    cond_dropout: float = 0.15,
+    min_snr_gamma: float | None = None,
+    batch_size: int = 2,
+    max_iterations: int = 100_000,
+    lr: float = 2.5e-5,
+    lr_warmup: int = 0,
+    ema_decay: float = 0.9999,
+    amp: str = "auto",
+    grad_clip: float | None = 1.0,
+    device: str = "auto",
+    seed: int = 0,
+    checkpoint_every: int = 1000,
+    section: str = "training",
+    spacing: Sequence[float] | None = None,
+    shape: Sequence[int] | None = None,
+    preview_every: int | None = None,
+    log_every: int = 10,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a covariate-conditioned latent diffusion model; returns a summary dict (see module docstring).
+
+    Args:
+        codec: the codec file (``meddiff3d.models.codec.save_codec``) whose latents the model learns.
+        datalist: datalist JSON; ``section`` items are encoded (each needs every name of ``covariates``).
+        run_dir: checkpoints, logs, the latent cache (``RUN_DIR/latents/``); a checkpoint there is resumed.
+        out: where the trained model goes (EMA weights + meta), e.g. ``models/diffusion.pt``.
+        covariates: names, in the order the network sees them (values in [0, 1]).
+        conditioning: ``"both"``, ``"concat"``, ``"crossattn"`` or ``"none"`` (see :mod:`meddiff3d.models.ldm`).
+        network: a U-Net preset name or a full spec; ``network_overrides`` replace preset arguments.
+        schedule: :class:`NoiseSchedule` arguments (default: the anchor's scaled-linear 0.0015-0.0205, T=1000).
+        cond_dropout: probability of training a sample with the null condition (classifier-free guidance).
+        Others go to :class:`~meddiff3d.engine.DiffusionTrainer`.
+    """
+    start = time.perf_counter()
+    run_dir, out = Path(run_dir), Path(out)
+    covariates = list(covariates) if conditioning != "none" else []
+    if conditioning != "none" and not covariates:
+        raise InputError(f"conditioning {conditioning!r} needs covariate names")
+    schedule_obj = schedule_from_dict(dict(schedule or ANCHOR_SCHEDULE))
+    latent_set = encode_latents(codec, datalist, run_dir / "latents", covariates=covariates, section=section,
+                                spacing=spacing, shape=shape, device="cpu", progress=progress)
+    latent_channels = int(latent_set.latents.shape[1])
+    spec = network_spec(network, latent_channels, covariates, conditioning, network_overrides)
+    meta = latent_diffusion_meta(
+        network=spec, schedule=schedule_obj.to_dict(), prediction=prediction, covariates=covariates,
+        conditioning=conditioning, latent_shape=latent_set.latents.shape[1:], image=latent_set.image, codec_path=codec,
+        scaling=latent_set.covariate_scaling,
+        training={"datalist": str(datalist), "section": section, "num_volumes": len(latent_set.ids),
+                  "cond_dropout": cond_dropout, "batch_size": batch_size, "lr": lr, "seed": seed,
+                  "min_snr_gamma": min_snr_gamma, "max_iterations": max_iterations})
+    conditioning_fn = partial(covariate_conditioning, mode=conditioning)
+    objective = DiffusionObjective(schedule_obj, prediction, min_snr_gamma=min_snr_gamma,
+                                   cond_dropout=cond_dropout if conditioning != "none" else 0.0,
+                                   null_cond=null_condition(len(covariates), conditioning))
+    seed_everything(seed)  # the initial weights are a function of the seed
+    net = build_network(spec)
+    preview_fn = None
+    if preview_every:
+        from meddiff3d.pipelines.generation import preview_sampler
+
+        preview_fn = preview_sampler(codec, meta)
+    result = train(net, objective, latent_set.items(conditioning_fn), run_dir=run_dir, max_iterations=max_iterations,
+                   batch_size=batch_size, lr=lr, lr_warmup=lr_warmup, ema_decay=ema_decay, amp=amp,
+                   grad_clip=grad_clip, checkpoint_every=checkpoint_every, seed=seed, meta=meta, device=device,
+                   preview_fn=preview_fn, preview_every=preview_every, log_every=log_every, progress=progress)
+    if int(os.environ.get("RANK", 0)) == 0:
+        with atomic_path(out) as tmp:
+            shutil.copyfile(result.inference, tmp)
+    parameters = sum(p.numel() for p in result.network.parameters())
+    summary = {"out": str(out), "iteration": result.iteration, "last_loss": result.last_loss,
+               "resumed_from": result.resumed_from, "num_volumes": len(latent_set.ids),
+               "latent_shape": meta["latent"]["shape"], "latent_cache": str(latent_set.path),
+               "latent_cache_reused": latent_set.reused, "parameters": parameters,
+               "seconds": round(time.perf_counter() - start, 2)}
+    logger.info("latent diffusion: %s", summary)
+    return summary

@@ -1,0 +1,237 @@
+"""Latent diffusion model: U-Net specs, covariate conditioning, generation (files, geometry, guidance, pairing, errors).
+
+Models here are untrained tiny pairs (``untrained_pair``: AutoencoderKL [8, 16, 16] x4 + the "test" U-Net) on
+32x48x32 volumes, so every test runs in a second or two.
+"""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from meddiff3d.diffusion import NoiseSchedule
+from meddiff3d.engine.checkpoint import build_network
+from meddiff3d.errors import InputError
+from meddiff3d.models.codec import load_codec
+from meddiff3d.models.ldm import (
+    BRAIN_COVARIATES,
+    NULL_COVARIATE,
+    UNET_PRESETS,
+    covariate_conditioning,
+    covariate_vector,
+    latent_unet_spec,
+    null_condition,
+)
+from meddiff3d.pipelines.benchmark import untrained_pair
+from meddiff3d.pipelines.generation import (
+    build_denoiser,
+    generate,
+    initial_noise,
+    load_models,
+    model_conditioning,
+    sample_latents,
+)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and immune to the 100x slowdown of oversubscribed shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+COV = {"sex": 1.0, "age": 0.25, "ventricular_volume": 0.4, "brain_volume": 0.7}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return untrained_pair(tmp_path_factory.mktemp("pair"), latent_scale=1.7)
+
+
+def _gen(pair, out, **kw):
+    kw = {"steps": 3, "amp": "none", "device": "cpu", "progress": False, "covariates": COV, **kw}
+    return generate(*pair, output_dir=out, **kw)
+
+
+def _load(path):
+    return nib.load(str(path)).get_fdata(dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ specs
+@pytest.mark.parametrize("mode, in_ch, cross", [("both", 7, 4), ("concat", 7, None), ("crossattn", 3, 4),
+                                                ("none", 3, None)])
+def test_unet_spec_derives_channels_from_conditioning(mode, in_ch, cross):
+    spec = latent_unet_spec(3, BRAIN_COVARIATES, mode, "test")
+    args = spec["args"]
+    assert spec["class"] == "monai.networks.nets.DiffusionModelUNet"
+    assert args["in_channels"] == in_ch and args["out_channels"] == 3
+    assert args["with_conditioning"] == (cross is not None) and args.get("cross_attention_dim") == cross
+    net = build_network(spec)
+    x = torch.randn(2, 3, 4, 4, 4)
+    cond = covariate_conditioning(torch.rand(2, 4), mode)
+    if "concat" in cond:
+        x = torch.cat([x, cond.pop("concat")[..., None, None, None].expand(-1, -1, 4, 4, 4)], 1)
+    assert net(x, timesteps=torch.tensor([1.0, 500.0]), **cond).shape == (2, 3, 4, 4, 4)
+
+
+def test_anchor_and_tiny_presets():
+    anchor = latent_unet_spec(3, BRAIN_COVARIATES, "both", "anchor")["args"]
+    assert anchor["channels"] == [256, 512, 768] and anchor["attention_levels"] == [False, True, True]
+    assert anchor["num_head_channels"] == [0, 512, 768] and anchor["num_res_blocks"] == 2
+    assert anchor["resblock_updown"] and anchor["upcast_attention"] and anchor["transformer_num_layers"] == 1
+    assert anchor["in_channels"] == 7 and anchor["cross_attention_dim"] == 4
+    tiny = build_network(latent_unet_spec(3, BRAIN_COVARIATES, "both", "tiny_cpu"))
+    assert 2.5e6 < sum(p.numel() for p in tiny.parameters()) < 4e6
+    assert latent_unet_spec(3, ["age"], "both", "test", num_res_blocks=2)["args"]["num_res_blocks"] == 2
+    with pytest.raises(InputError, match="unknown conditioning mode 'bogus'"):
+        latent_unet_spec(3, ["age"], "bogus")
+    with pytest.raises(InputError, match="unknown U-Net preset"):
+        latent_unet_spec(3, ["age"], "both", "huge")
+    assert set(UNET_PRESETS) >= {"anchor", "tiny_cpu", "test"}
+
+
+def test_conditioning_and_null_condition():
+    cov = torch.tensor([[0.0, 0.0, 0.5, 1.0]])
+    both = covariate_conditioning(cov, "both")
+    assert both["concat"].shape == (1, 4) and both["context"].shape == (1, 1, 4)
+    assert covariate_conditioning(cov, "none") == {}
+    null = null_condition(4, "both")
+    assert NULL_COVARIATE < 0  # outside [0, 1]: distinguishable from sex 0 / age 0
+    assert torch.equal(null["concat"], torch.full((1, 4), NULL_COVARIATE))
+    assert torch.equal(null["context"], torch.full((1, 1, 4), NULL_COVARIATE))
+    assert torch.equal(covariate_vector(COV, BRAIN_COVARIATES), torch.tensor([1.0, 0.25, 0.4, 0.7]))
+    for bad, message in [({**COV, "age": 1.5}, "age=1.5 is outside"), ({**COV, "age": float("nan")}, "outside"),
+                         ({**COV, "height": 0.5}, "unknown covariate.*height"), ({"age": 0.5}, "missing"),
+                         ({**COV, "age": "old"}, "not a number")]:
+        with pytest.raises(InputError, match=message):
+            covariate_vector(bad, BRAIN_COVARIATES)
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def test_generate_writes_nifti_preview_and_sidecar(pair, tmp_path):
+    paths = _gen(pair, tmp_path / "out", num_samples=2, seed=3)
+    assert [p.name for p in paths] == ["sample_seed3.nii.gz", "sample_seed4.nii.gz"]
+    meta = torch.load(pair[1], weights_only=True)["meta"]
+    img = nib.load(str(paths[0]))
+    assert img.shape == (32, 48, 32) and img.get_data_dtype() == np.float32
+    assert np.allclose(img.affine, meta["image"]["affine"], atol=1e-4)
+    assert not np.allclose(img.affine, np.eye(4)) and nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    assert np.allclose(img.header.get_zooms(), (5, 5, 5))
+    assert np.isfinite(img.get_fdata()).all()
+    png = Image.open(paths[0].with_suffix("").with_suffix(".png"))
+    assert png.size[0] > 32 * 2 and png.mode == "RGB"
+    side = json.loads(paths[0].with_suffix("").with_suffix(".json").read_text())
+    assert side["covariates"] == COV and side["seed"] == 3 and side["sampler"] == "ddim" and side["steps"] == 3
+    assert side["models"]["diffusion"]["sha256"] and side["models"]["codec"]["sha256"]
+    assert side["guidance_scale"] == 1.0 and side["conditional"]
+    assert sorted(f.name for f in (tmp_path / "out").iterdir() if f.name.startswith(".")) == []  # no temp files
+    # sample i of a batch is reproducible alone from seed + i
+    (again,) = _gen(pair, tmp_path / "again", seed=4)
+    np.testing.assert_allclose(_load(again), _load(paths[1]), atol=1e-5)
+
+
+def test_conditional_unconditional_and_guidance_from_one_model(pair, tmp_path):
+    cond = _load(_gen(pair, tmp_path / "c")[0])
+    uncond = _load(_gen(pair, tmp_path / "u", covariates=None)[0])
+    assert np.isfinite(uncond).all() and not np.allclose(cond, uncond, atol=1e-4)
+    # guidance 1 is the conditional model: the batched guidance path at w -> 1 agrees with the plain conditional pass
+    near_one = _load(_gen(pair, tmp_path / "g1", guidance_scale=1.0 + 1e-6)[0])
+    np.testing.assert_allclose(near_one, cond, atol=1e-4)
+    # guidance 0 is the unconditional model (the null condition, every covariate -1)
+    zero = _load(_gen(pair, tmp_path / "g0", guidance_scale=0.0)[0])
+    np.testing.assert_allclose(zero, uncond, atol=1e-4)
+    strong = _load(_gen(pair, tmp_path / "g3", guidance_scale=3.0)[0])
+    assert not np.allclose(strong, cond, atol=1e-4)
+
+
+def test_guidance_wrapper_combination_on_one_step(pair):
+    network, meta, _, _ = load_models(*pair)
+    x = initial_noise([0], meta["latent"]["shape"], torch.device("cpu"))
+    t = torch.tensor([700.0])
+    cov = covariate_vector(COV, BRAIN_COVARIATES)
+    c = build_denoiser(network, meta)(x, t, **model_conditioning(meta, cov, 1, x.device))
+    u = build_denoiser(network, meta)(x, t, **model_conditioning(meta, None, 1, x.device))
+    g = build_denoiser(network, meta, guidance_scale=2.5)(x, t, **model_conditioning(meta, cov, 1, x.device))
+    torch.testing.assert_close(g, u + 2.5 * (c - u), atol=5e-4, rtol=1e-3)  # batch of 2 vs 1: rounding
+
+
+def test_latent_scale_travels_with_the_codec_file(pair, tmp_path):
+    first = _load(_gen(pair, tmp_path / "a")[0])
+    codec_file = torch.load(pair[0], weights_only=True)
+    assert float(codec_file["weights"]["latent_scale"]) == pytest.approx(1.7)
+    codec_file["weights"]["latent_scale"] = torch.tensor(3.0)
+    changed = tmp_path / "codec_rescaled.pt"
+    torch.save(codec_file, changed)
+    loaded, _ = load_codec(changed)
+    assert float(loaded.latent_scale) == 3.0  # read from the file, never recomputed
+    with pytest.raises(InputError, match="not the codec the diffusion model .* was trained with"):
+        _gen((changed, pair[1]), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    second = _load(_gen((changed, pair[1]), tmp_path / "b", check_pair=False)[0])
+    assert not np.allclose(first, second, atol=1e-4)
+    # same latents, only the scale differs: decoding z / 3.0 instead of z / 1.7
+    network, meta, codec, _ = load_models(*pair)
+    z = sample_latents(build_denoiser(network, meta), initial_noise([0], meta["latent"]["shape"], torch.device("cpu")),
+                       meta, steps=3, cond=model_conditioning(meta, covariate_vector(COV, BRAIN_COVARIATES), 1,
+                                                              torch.device("cpu")))
+    np.testing.assert_allclose(loaded.decode(z)[0, 0].numpy(), second, atol=1e-4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"sampler": "plms"}, "unknown sampler 'plms'; valid samplers: ddpm, ddim, dpmpp_2m"),
+    ({"covariates": {**COV, "age": 1.2}}, "age=1.2 is outside \\[0, 1\\]"),
+    ({"covariates": {**COV, "weight": 0.2}}, "unknown covariate.*'weight'"),
+    ({"steps": 0}, "steps must be an integer >= 1"),
+    ({"steps": 2000}, "n_steps must be in \\[1, 1000\\]"),
+    ({"num_samples": 0}, "num_samples must be an integer >= 1"),
+    ({"guidance_scale": -1}, "guidance_scale must be a finite number >= 0"),
+    ({"amp": "fp8"}, "unknown amp 'fp8'"),
+    ({"covariates": "age=3"}, "not a mapping"),
+])
+def test_bad_requests_fail_before_writing(pair, tmp_path, override, message):
+    with pytest.raises(InputError, match=message):
+        _gen(pair, tmp_path / "out", **override)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_foreign_model_files(pair, tmp_path):
+    with pytest.raises(InputError, match="diffusion model file .*nope.pt does not exist"):
+        _gen((pair[0], tmp_path / "nope.pt"), tmp_path / "out")
+    with pytest.raises(InputError, match="codec file .*nope.pt does not exist"):
+        _gen((tmp_path / "nope.pt", pair[1]), tmp_path / "out")
+    other = untrained_pair(tmp_path / "other", seed=1)
+    with pytest.raises(InputError, match="not the codec"):
+        _gen((other[0], pair[1]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_samplers_and_tiled_decoding(pair, tmp_path):
+    for sampler in ("ddpm", "dpmpp_2m", "euler", "heun"):
+        (path,) = _gen(pair, tmp_path / sampler, sampler=sampler, steps=4)
+        assert np.isfinite(_load(path)).all()
+    whole = _load(_gen(pair, tmp_path / "whole")[0])
+    tiled = _load(_gen(pair, tmp_path / "tiled", decode_tile=[6, 8, 6])[0])
+    assert tiled.shape == whole.shape and np.isfinite(tiled).all()
+    # an untrained autoencoder's GroupNorm statistics differ per tile: only roughly equal to the whole pass
+    assert np.corrcoef(tiled.ravel(), whole.ravel())[0, 1] > 0.8
+
+
+def test_bf16_autocast_stays_close_to_float32(pair, tmp_path):
+    fp32 = _load(_gen(pair, tmp_path / "fp32")[0])
+    bf16 = _load(_gen(pair, tmp_path / "bf16", amp="bf16")[0])
+    side = json.loads((tmp_path / "bf16" / "sample_seed0.json").read_text())
+    assert side["amp"] == "bfloat16"
+    assert np.abs(bf16 - fp32).max() < 0.1 * (np.abs(fp32).max() + 1e-3)
+
+
+def test_schedule_in_meta_is_the_anchor(pair):
+    meta = torch.load(pair[1], weights_only=True)["meta"]
+    schedule = NoiseSchedule.from_dict(meta["schedule"])
+    assert (schedule.schedule, schedule.beta_start, schedule.beta_end) == ("scaled_linear_beta", 0.0015, 0.0205)
+    assert meta["conditioning"]["null_value"] == NULL_COVARIATE
+    assert meta["conditioning"]["covariates"] == list(BRAIN_COVARIATES)
+    assert meta["latent"]["shape"] == [3, 8, 12, 8]

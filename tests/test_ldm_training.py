@@ -1,0 +1,100 @@
+"""Training the latent diffusion model on a tiny synthetic cohort: latent cache, meta layout, resume, then sampling."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from meddiff3d.diffusion import DiffusionObjective, NoiseSchedule
+from meddiff3d.errors import InputError
+from meddiff3d.models.ldm import BRAIN_COVARIATES, NULL_COVARIATE, codec_file_fingerprint, null_condition
+from meddiff3d.pipelines.benchmark import untrained_pair
+from meddiff3d.pipelines.data import synthetic_datalist
+from meddiff3d.pipelines.generation import generate
+from meddiff3d.pipelines.latents import encode_latents
+from meddiff3d.pipelines.training import network_spec, train_latent_diffusion
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ldm_train")
+    datalist = synthetic_datalist(root / "data", n=6, shape=(32, 48, 32), progress=False)
+    codec, _ = untrained_pair(root / "pair")
+    return root, datalist, codec
+
+
+def test_synthetic_datalist_is_written_once(cohort):
+    root, datalist, _ = cohort
+    stamp = (root / "data" / "datalist.json").stat().st_mtime_ns
+    assert synthetic_datalist(root / "data", n=6, shape=(32, 48, 32), progress=False) == datalist
+    assert (root / "data" / "datalist.json").stat().st_mtime_ns == stamp
+
+
+def test_latents_are_cached_and_tied_to_the_codec(cohort, tmp_path):
+    _, datalist, codec = cohort
+    first = encode_latents(codec, datalist, tmp_path, covariates=BRAIN_COVARIATES, progress=False)
+    assert not first.reused and first.latents.shape[1:] == (3, 8, 12, 8)
+    assert first.covariates.shape == (len(first.ids), 4) and bool(((0 <= first.covariates) & (first.covariates <= 1)).all())
+    assert first.image["shape"] == [32, 48, 32] and first.image["spacing"] == [5.0, 5.0, 5.0]
+    again = encode_latents(codec, datalist, tmp_path, covariates=BRAIN_COVARIATES, progress=False)
+    assert again.reused and torch.equal(again.latents, first.latents)
+    other, _ = untrained_pair(tmp_path / "other", seed=1)
+    redone = encode_latents(other, datalist, tmp_path, covariates=BRAIN_COVARIATES, progress=False)
+    assert not redone.reused and not torch.equal(redone.latents, first.latents)
+    with pytest.raises(InputError, match="image shape .* differs from the codec"):
+        encode_latents(codec, datalist, tmp_path / "x", covariates=BRAIN_COVARIATES, shape=(64, 64, 64), progress=False)
+
+
+def test_dropout_uses_the_null_covariate():
+    objective = DiffusionObjective(NoiseSchedule(), cond_dropout=1.0, null_cond=null_condition(4, "both"))
+    batch = {"image": torch.zeros(3, 1, 2, 2, 2), "concat": torch.zeros(3, 4), "context": torch.zeros(3, 1, 4)}
+    cond = objective.conditioning(batch, batch["image"])
+    assert torch.equal(cond["concat"], torch.full((3, 4), NULL_COVARIATE))
+    assert torch.equal(cond["context"], torch.full((3, 1, 4), NULL_COVARIATE))
+
+
+def test_network_spec_checks_full_specs():
+    spec = network_spec("test", 3, BRAIN_COVARIATES, "both", {"num_res_blocks": 2})
+    assert spec["args"]["num_res_blocks"] == 2 and spec["args"]["in_channels"] == 7
+    full = {"class": "monai.networks.nets.DiffusionModelUNet", "args": {**spec["args"], "in_channels": 5}}
+    with pytest.raises(InputError, match="in_channels=5 do not fit"):
+        network_spec(full, 3, BRAIN_COVARIATES, "both")
+
+
+def test_train_then_generate(cohort, tmp_path):
+    _, datalist, codec = cohort
+    out = tmp_path / "models" / "diffusion.pt"
+    kwargs = dict(out=out, network="test", max_iterations=2, batch_size=2, lr=1e-3, checkpoint_every=10,
+                  device="cpu", amp="none", progress=False)
+    summary = train_latent_diffusion(codec, datalist, tmp_path / "run", **kwargs)
+    assert summary["iteration"] == 2 and not summary["latent_cache_reused"] and np.isfinite(summary["last_loss"])
+    data = torch.load(out, weights_only=True)
+    meta = data["meta"]
+    assert data["format"] == "meddiff3d.inference/1" and "ema" in data
+    assert meta["kind"] == "latent_diffusion" and meta["prediction"] == "epsilon"
+    assert meta["network"]["args"]["in_channels"] == 7 and meta["network"]["args"]["cross_attention_dim"] == 4
+    assert meta["schedule"]["schedule"] == "scaled_linear_beta" and meta["schedule"]["beta_end"] == 0.0205
+    cond = meta["conditioning"]
+    assert cond["mode"] == "both" and cond["covariates"] == list(BRAIN_COVARIATES) and cond["null_value"] == -1.0
+    assert cond["scaling"]["age"]["min"] == 40  # the datalist's scaling travels with the model
+    assert meta["latent"]["shape"] == [3, 8, 12, 8] and meta["image"]["orientation"] == "RAS"
+    assert meta["codec"]["fingerprint"] == codec_file_fingerprint(codec)
+    assert meta["codec"]["latent_scale"] == pytest.approx(float(torch.load(codec, weights_only=True)["weights"]["latent_scale"]))
+    json.dumps(meta)  # plain JSON
+    # a second call on the finished run reuses the cache and trains no further
+    again = train_latent_diffusion(codec, datalist, tmp_path / "run", **kwargs)
+    assert again["latent_cache_reused"] and again["resumed_from"] == 2 and again["iteration"] == 2
+    cov = {"sex": 0.0, "age": 0.0, "ventricular_volume": 0.5, "brain_volume": 0.5}
+    (c,) = generate(codec, out, covariates=cov, steps=2, output_dir=tmp_path / "c", amp="none", progress=False)
+    (u,) = generate(codec, out, covariates=None, steps=2, output_dir=tmp_path / "u", amp="none", progress=False)
+    assert c.is_file() and u.is_file()
+    assert json.loads((tmp_path / "u" / "sample_seed0.json").read_text())["covariates"] is None
