@@ -126,7 +126,7 @@ def test_kl_and_vq_variants_train(kind):
             return value
 
     before = l1()
-    for step in range(40):
+    for step in range(80):
         optimizer.zero_grad(set_to_none=True)
         objective(net, {"image": data[step % 2 * 2 : step % 2 * 2 + 2]}).mean().backward()
         optimizer.step()

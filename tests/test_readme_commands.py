@@ -19,7 +19,8 @@ def readme_commands():
 def make_recipe(target):
     out = subprocess.run(["make", "-n", "-W", "setup.cfg", target], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    return [line for line in out.stdout.splitlines() if line.startswith(".venv/bin/python -m meddiff3d")]
+    return [line for line in out.stdout.splitlines() if line.startswith(".venv/bin/python -m ")
+            and "pip install" not in line]
 
 
 def test_readme_names_main_and_test_commands():
