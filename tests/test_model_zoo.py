@@ -6,6 +6,10 @@ architectures. Plus a smoke run of the benchmark script."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +26,7 @@ from meddiff3d.models.model_zoo import convert_model_zoo_ldm
 from meddiff3d.pipelines.generation import generate
 
 ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundles" / "brain_mri_ldm"
 SHAPE = (32, 48, 32)
 COVARIATES = {"sex": 1.0, "age": 0.2, "ventricular_volume": 0.7, "brain_volume": 0.4}
 # small networks of the anchor's classes (AutoencoderKL x4, DiffusionModelUNet with self- and cross-attention)
@@ -156,13 +161,40 @@ def test_convert_cli(zoo, tmp_path):
     assert out.returncode == 2 and out.stderr.strip().startswith("error: diffusion model checkpoint")
 
 
-def test_inference_anchor_config_points_to_converted_files():
-    import yaml
+def readme_section_commands(section: str) -> list[str]:
+    text = (BUNDLE / "docs" / "README.md").read_text()
+    body = re.search(rf"#+ {re.escape(section)}\n(.*?)(\n#+ |\Z)", text, re.S).group(1)
+    return [line.strip() for block in re.findall(r"```bash\n(.*?)```", body, re.S) for line in block.splitlines()
+            if line.strip()]
 
-    config = yaml.safe_load((ROOT / "bundles/brain_mri_ldm/configs/inference_anchor.yaml").read_text())
-    assert config["codec_path"].endswith("/models/model_zoo/autoencoder.pt'\"") or "model_zoo" in config["codec_path"]
-    assert "model_zoo" in config["diffusion_path"] and config["guidance_scale"] == 1.0
-    assert config["covariates"] is not None
+
+@pytest.mark.slow
+def test_readme_model_zoo_commands(zoo, tmp_path):
+    """The README's two commands: the conversion CLI (on the small old-format checkpoints, whose architecture the CLI
+    does not know: it must refuse them clearly), then the bundle run of configs/inference_anchor.yaml on their
+    conversion placed where that config looks (models/model_zoo)."""
+    convert, run = readme_section_commands("Official model-zoo weights")
+    argv = shlex.split(convert)
+    assert argv[:2] == ["python", "../../scripts/convert_model_zoo_ldm.py"] and argv[-1] == "models/model_zoo"
+    out = subprocess.run([sys.executable, argv[1], str(zoo["root"] / "autoencoder.pt"), str(zoo["root"] / "model.pt"),
+                          str(tmp_path / "models" / "model_zoo")], cwd=BUNDLE, capture_output=True, text=True)
+    assert out.returncode == 2 and "does not fit AutoencoderKL" in out.stderr and "Traceback" not in out.stderr
+    (tmp_path / "models" / "model_zoo").mkdir(parents=True, exist_ok=True)
+    for path in (zoo["codec"], zoo["diffusion"]):
+        shutil.copy(path, tmp_path / "models" / "model_zoo" / path.name)
+    argv = shlex.split(run)
+    assert argv[:4] == ["python", "-m", "monai.bundle", "run"] and "configs/inference_anchor.yaml" in run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, *argv[1:], "--bundle_root", str(tmp_path), "--steps", "2"], cwd=BUNDLE,
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (nifti,) = (tmp_path / "outputs").glob("*.nii.gz")
+    assert nib.load(nifti).shape == SHAPE
+    side = json.loads(nifti.with_name(nifti.name.replace(".nii.gz", ".json")).read_text())
+    assert side["covariates"] == {"sex": 0.0, "age": 0.1, "ventricular_volume": 0.2, "brain_volume": 0.4}
+    result = subprocess.run([sys.executable, *argv[1:], "--bundle_root", str(tmp_path), "--steps", "2",
+                             "--guidance_scale", "2"], cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 2 and "error: " in result.stderr and "guidance" in result.stderr
 
 
 @pytest.mark.slow
@@ -173,6 +205,6 @@ def test_benchmark_quick_smoke(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"reference", "ours_ddim", "ours_dpmpp", "ours_fp32"}
+    assert set(report["results"]) == {"reference", "ours_ddim", "ours_dpmpp", "ours_dpmpp_tiled", "ours_fp32"}
     assert all(r["status"] == "ok" and r["peak_rss_mb"] > 0 for r in report["results"].values())
     assert report["results"]["ours_fp32"]["agreement_with_reference"]["max_abs_diff"] < 1e-4

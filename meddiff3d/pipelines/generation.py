@@ -34,6 +34,7 @@ from meddiff3d.diffusion import (
     SAMPLERS,
     ClassifierFreeGuidance,
     ConcatConditioning,
+    NoiseSchedule,
     get_sampler,
     make_denoiser,
     schedule_from_dict,
@@ -171,11 +172,14 @@ def model_conditioning(meta: Mapping[str, Any], covariates: torch.Tensor | None,
     return {k: v.to(device) for k, v in covariate_conditioning(cov.expand(batch, n), cond_meta["mode"]).items()}
 
 
-def sampling_timesteps(schedule, steps: int, spacing: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sampling_timesteps(schedule: Any, steps: int, spacing: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(timesteps, prev_timesteps)`` for a sampler: ``prev_timesteps`` is ``None`` (each step lands on the next
     timestep) except for :data:`MONAI_SPACING`, where each step lands on ``t - T // steps`` as in MONAI's
     ``DDIMScheduler.step``."""
     if spacing == MONAI_SPACING:
+        if not isinstance(schedule, NoiseSchedule):
+            raise InputError(f"spacing {MONAI_SPACING!r} is MONAI's DDIMScheduler stepping, for DDPM-type schedules "
+                             f"only (this model has a {type(schedule).__name__})")
         timesteps = schedule.timesteps(steps, "linspace")
         return timesteps, timesteps - schedule.num_train_timesteps // int(steps)
     return schedule.timesteps(steps, spacing=spacing), None
@@ -303,7 +307,8 @@ def generate(
         codec_path, diffusion_path: the codec file and the diffusion model trained on its latents.
         covariates: ``{name: value in [0, 1]}`` for every covariate the model knows, or ``None`` (also ``{}``,
             ``"null"``, ``"none"``: forms a command line can pass) for unconditional sampling (the null condition the
-            model was trained with, by conditioning dropout).
+            model was trained with, by conditioning dropout; refused for a model trained without it,
+            ``meta["training"]["cond_dropout"] == 0``, as is ``guidance_scale != 1``).
         num_samples: volumes to write; sample ``i`` uses seed ``seed + i``.
         sampler: a name of :data:`meddiff3d.diffusion.SAMPLERS` (``ddim``, ``ddpm``, ``dpmpp_2m``, ``euler``, ``heun``).
         steps: denoiser evaluations of the main trajectory (``heun`` makes about twice as many).
