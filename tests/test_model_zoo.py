@@ -157,7 +157,7 @@ def test_wrong_architecture(zoo, tmp_path):
 def test_convert_cli(zoo, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts/convert_model_zoo_ldm.py"),
                           str(zoo["root"] / "autoencoder.pt"), str(tmp_path / "missing.pt"), str(tmp_path / "o")],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert out.returncode == 2 and out.stderr.strip().startswith("error: diffusion model checkpoint")
 
 
@@ -177,7 +177,7 @@ def test_readme_model_zoo_commands(zoo, tmp_path):
     argv = shlex.split(convert)
     assert argv[:2] == ["python", "../../scripts/convert_model_zoo_ldm.py"] and argv[-1] == "models/model_zoo"
     out = subprocess.run([sys.executable, argv[1], str(zoo["root"] / "autoencoder.pt"), str(zoo["root"] / "model.pt"),
-                          str(tmp_path / "models" / "model_zoo")], cwd=BUNDLE, capture_output=True, text=True)
+                          str(tmp_path / "models" / "model_zoo")], cwd=BUNDLE, capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert out.returncode == 2 and "does not fit AutoencoderKL" in out.stderr and "Traceback" not in out.stderr
     (tmp_path / "models" / "model_zoo").mkdir(parents=True, exist_ok=True)
     for path in (zoo["codec"], zoo["diffusion"]):
@@ -186,14 +186,14 @@ def test_readme_model_zoo_commands(zoo, tmp_path):
     assert argv[:4] == ["python", "-m", "monai.bundle", "run"] and "configs/inference_anchor.yaml" in run
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run([sys.executable, *argv[1:], "--bundle_root", str(tmp_path), "--steps", "2"], cwd=BUNDLE,
-                            capture_output=True, text=True, env=env, timeout=600)
+                            capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (nifti,) = (tmp_path / "outputs").glob("*.nii.gz")
     assert nib.load(nifti).shape == SHAPE
     side = json.loads(nifti.with_name(nifti.name.replace(".nii.gz", ".json")).read_text())
     assert side["covariates"] == {"sex": 0.0, "age": 0.1, "ventricular_volume": 0.2, "brain_volume": 0.4}
     result = subprocess.run([sys.executable, *argv[1:], "--bundle_root", str(tmp_path), "--steps", "2",
-                             "--guidance_scale", "2"], cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=600)
+                             "--guidance_scale", "2"], cwd=BUNDLE, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=600)
     assert result.returncode == 2 and "error: " in result.stderr and "guidance" in result.stderr
 
 
@@ -202,7 +202,7 @@ def test_benchmark_quick_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench_brain_ldm.py"), "--quick", "--out", str(out),
                            "--steps", "5", "--dpm-steps", "3", "--shape", "32", "32", "32"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"reference", "ours_ddim", "ours_dpmpp", "ours_dpmpp_tiled", "ours_fp32"}
