@@ -36,7 +36,7 @@ def test_main_command_runs(tmp_path):
     # write into tmp_path instead of the repo: replace the --out value
     if "--out" in argv:
         argv[argv.index("--out") + 1] = str(tmp_path / "demo")
-    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", encoding="utf-8", errors="replace", timeout=600)
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     written = list((tmp_path / "demo").rglob("*.nii.gz"))
     assert written, "the main command wrote no NIfTI"
