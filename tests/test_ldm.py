@@ -35,13 +35,7 @@ from meddiff3d.pipelines.generation import (
     sample_latents,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to the 100x slowdown of oversubscribed shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 COV = {"sex": 1.0, "age": 0.25, "ventricular_volume": 0.4, "brain_volume": 0.7}

@@ -16,12 +16,7 @@ from meddiff3d.pipelines.latents import encode_latents
 from meddiff3d.pipelines.training import network_spec, train_latent_diffusion
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
