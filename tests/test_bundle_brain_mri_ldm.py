@@ -1,11 +1,7 @@
 """The brain_mri_ldm bundle: metadata, configs, the README's commands run end to end, user errors on the command line."""
 
 import json
-import os
 import re
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,46 +12,19 @@ from PIL import Image
 
 from meddiff3d.pipelines.benchmark import untrained_pair
 
+from bundle_testing import Bundle
+
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "bundles" / "brain_mri_ldm"
-SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
+BUNDLE_UNDER_TEST = Bundle("brain_mri_ldm")
+BUNDLE = BUNDLE_UNDER_TEST.path
+parse, readme_commands, run_bundle = (BUNDLE_UNDER_TEST.parse, BUNDLE_UNDER_TEST.readme_commands,
+                                       BUNDLE_UNDER_TEST.run)
 INFERENCE_KEYS = ("covariates", "num_samples", "sampler", "steps", "guidance_scale", "seed", "output_dir", "device")
-
-
-def parse(*files, **overrides):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / f) if "/" not in f else str(ROOT / f) for f in files])
-    parser.update(overrides)
-    return parser
-
-
-def readme_commands(section):
-    """``python -m monai.bundle run ...`` lines of the bash blocks under a README heading."""
-    text = (BUNDLE / "docs" / "README.md").read_text()
-    body = re.search(rf"#+ {re.escape(section)}\n(.*?)(\n#+ |\Z)", text, re.S).group(1)
-    blocks = re.findall(r"```bash\n(.*?)```", body, re.S)
-    return [line.strip() for block in blocks for line in block.splitlines() if "monai.bundle run" in line]
-
-
-def run_bundle(cmd, bundle_root, *extra, timeout=600):
-    argv = shlex.split(cmd)
-    assert argv[:4] == ["python", "-m", "monai.bundle", "run"], cmd
-    argv = [sys.executable, *argv[1:], "--bundle_root", str(bundle_root), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(argv, cwd=BUNDLE, capture_output=True, text=True, encoding="utf-8", errors="replace",
-                          timeout=timeout, env=env)
 
 
 # ------------------------------------------------------------------------------------------------ static
 def test_metadata_verifies_against_the_schema_offline():
-    if not SCHEMA.is_file():
-        pytest.skip(f"MONAI metadata schema not found at {SCHEMA} (CI keeps ../shared beside the clone)")
-    from monai.bundle import verify_metadata
-
-    verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(SCHEMA))
-    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    meta = BUNDLE_UNDER_TEST.verified_metadata()
     fmt = meta["network_data_format"]
     assert fmt["inputs"]["covariates"]["num_channels"] == 4
     assert fmt["outputs"]["image"]["spatial_shape"] == [160, 224, 160]

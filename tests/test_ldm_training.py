@@ -93,3 +93,53 @@ def test_train_then_generate(cohort, tmp_path):
     (u,) = generate(codec, out, covariates=None, steps=2, output_dir=tmp_path / "u", amp="none", progress=False)
     assert c.is_file() and u.is_file()
     assert json.loads((tmp_path / "u" / "sample_seed0.json").read_text())["covariates"] is None
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in U-Net that records its input and returns zeros of the latent's channel count."""
+
+    def __init__(self, out_channels: int = 3) -> None:
+        super().__init__()
+        self.out_channels, self.inputs = out_channels, []
+
+    def forward(self, x, timesteps, context=None):
+        self.inputs.append(x.detach().clone())
+        return torch.zeros(x.shape[0], self.out_channels, *x.shape[2:], dtype=x.dtype)
+
+
+def test_coordinates_reach_the_network_identically_in_training_and_sampling():
+    from meddiff3d.diffusion import CoordinateChannels
+    from meddiff3d.models.ldm import coordinate_wrapper, covariate_conditioning, latent_unet_spec
+    from meddiff3d.pipelines.generation import build_denoiser
+
+    assert coordinate_wrapper(False) is None and coordinate_wrapper({"conditioning": {}}) is None
+    spec = latent_unet_spec(3, BRAIN_COVARIATES, "both", "test", coordinates=True)
+    assert spec["args"]["in_channels"] == 3 + 4 + 3
+    cov = torch.tensor([[1.0, 0.25, 0.4, 0.7]])
+    cond = covariate_conditioning(cov, "both")
+    trained = _Recorder()
+    objective = DiffusionObjective(NoiseSchedule(), network_wrapper=coordinate_wrapper(True))
+    objective(trained, {"image": torch.zeros(1, 3, 4, 6, 4), **cond})
+    sampled = _Recorder()
+    meta = {"conditioning": {"mode": "both", "coordinates": True}, "prediction": "epsilon",
+            "schedule": NoiseSchedule().to_dict()}
+    build_denoiser(sampled, meta)(torch.zeros(1, 3, 4, 6, 4), torch.tensor([500.0]), **cond)
+    coords = CoordinateChannels()((4, 6, 4))
+    for x in (trained.inputs[0], sampled.inputs[0]):
+        assert x.shape == (1, 10, 4, 6, 4)
+        torch.testing.assert_close(x[:, 3:7], cov[:, :, None, None, None].expand(1, 4, 4, 6, 4))
+        torch.testing.assert_close(x[:, 7:], coords)  # coordinates after the covariates, in both paths
+
+
+def test_train_with_coordinates_and_v_prediction_then_generate(cohort, tmp_path):
+    _, datalist, codec = cohort
+    out = tmp_path / "diffusion.pt"
+    summary = train_latent_diffusion(codec, datalist, tmp_path / "run", out=out, network="test", max_iterations=2,
+                                     batch_size=2, lr=1e-3, device="cpu", amp="none", progress=False,
+                                     prediction="v", coordinates=True)
+    assert summary["iteration"] == 2
+    meta = torch.load(out, weights_only=True)["meta"]
+    assert meta["prediction"] == "v" and meta["conditioning"]["coordinates"] is True
+    assert meta["network"]["args"]["in_channels"] == 10
+    (path,) = generate(codec, out, covariates=None, steps=2, output_dir=tmp_path / "u", amp="none", progress=False)
+    assert path.is_file()

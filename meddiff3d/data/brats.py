@@ -32,3 +32,25 @@ def region_masks(label, convention: str = "brats2021") -> dict:
     wt = (label == ncr) | (label == ed) | (label == et)
     tc = (label == ncr) | (label == et)
     return {"WT": wt, "TC": tc, "ET": label == et}
+
+
+def regions_to_labels(regions, convention: str = "brats2021", threshold: float = 0.5):
+    """A BraTS label map from WT/TC/ET channels (numpy or torch, ``(3, *spatial)``, binary or probabilities).
+
+    Nested decoding: a voxel is tumour if ``WT > threshold``; within WT it is core if ``TC > threshold``; within the
+    core it is enhancing if ``ET > threshold``. So ``ED = WT - TC``, ``NCR = TC - ET``, ``ET = ET`` (TC outside WT
+    and ET outside TC are dropped). Returns ``uint8`` (numpy) / ``torch.uint8`` labels of shape ``spatial``.
+    """
+    values = BRATS_LABELS[convention]
+    if regions.shape[0] != len(BRATS_REGIONS):
+        raise ValueError(f"expected {len(BRATS_REGIONS)} region channels {BRATS_REGIONS}, got shape "
+                         f"{tuple(regions.shape)}")
+    wt = regions[0] > threshold
+    tc = wt & (regions[1] > threshold)
+    et = tc & (regions[2] > threshold)
+    labels = wt * values["ED"] + tc * (values["NCR"] - values["ED"]) + et * (values["ET"] - values["NCR"])
+    if hasattr(labels, "astype"):  # numpy
+        return labels.astype("uint8")
+    import torch
+
+    return labels.to(torch.uint8)

@@ -1,5 +1,6 @@
 """Diffusion library: schedules, the denoiser interface and its adapters, pure samplers, wrappers (guidance,
-conditioning, coordinates, inpainting), inversion/SDEdit, structured noise, and the training objective."""
+conditioning, coordinates, sliding windows, inpainting), inversion/SDEdit, structured noise, and the training
+objective."""
 
 from .conditioning import AppendCoordinates, ConcatConditioning, CoordinateChannels, broadcast_channels
 from .denoisers import (
@@ -27,6 +28,7 @@ from .samplers import (
     sample_heun,
 )
 from .schedules import FlowSchedule, NoiseSchedule, schedule_from_dict
+from .sliding_window import SlidingWindowNetwork
 from .tensor_utils import append_dims
 
 __all__ = [
@@ -40,5 +42,6 @@ __all__ = [
     "DiffusionObjective", "min_snr_weight", "prediction_target",
     "SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler", "sample_heun",
     "FlowSchedule", "NoiseSchedule", "schedule_from_dict",
+    "SlidingWindowNetwork",
     "append_dims",
 ]

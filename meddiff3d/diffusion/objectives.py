@@ -26,7 +26,7 @@ seeds and checkpoints, unless a ``generator`` is given.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -97,6 +97,9 @@ class DiffusionObjective:
             ``(B, C, *spatial)`` or a ``(B, C)`` vector broadcast over space.
         context_key: batch key passed to the network as ``context=`` (cross-attention, ``(B, S, D)``).
         loss: ``"mse"`` or ``"l1"``, averaged over all non-batch dims.
+        network_wrapper: ``wrapper(network) -> callable`` applied to the network before the channel conditioning,
+            e.g. ``lambda net: AppendCoordinates(net, CoordinateChannels())``; inference wraps the same way, so
+            training and sampling see identical inputs.
         generator: a ``torch.Generator`` for all draws; ``None`` = global torch RNG.
 
     ``objective(network, batch)`` with ``batch["image"]`` the clean target ``(B, C, *spatial)`` returns ``(B,)``.
@@ -106,7 +109,8 @@ class DiffusionObjective:
     def __init__(self, schedule: Schedule, prediction: str = "epsilon", min_snr_gamma: float | None = None,
                  cond_dropout: float = 0.0, null_cond: Mapping[str, torch.Tensor | None] | None = None,
                  concat_keys: str | Sequence[str] = ("concat",), context_key: str = "context", loss: str = "mse",
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None,
+                 network_wrapper: Callable[[Any], Callable[..., torch.Tensor]] | None = None) -> None:
         _check_prediction(prediction)
         if not 0.0 <= cond_dropout <= 1.0:
             raise InputError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
@@ -118,6 +122,7 @@ class DiffusionObjective:
         self.cond_dropout, self.null_cond, self.loss, self.generator = float(cond_dropout), null_cond, loss, generator
         self.concat_keys = (concat_keys,) if isinstance(concat_keys, str) else tuple(concat_keys)
         self.context_key = context_key
+        self.network_wrapper = network_wrapper
 
     def conditioning(self, batch: Mapping[str, Any], like: torch.Tensor) -> dict[str, torch.Tensor]:
         """The batch's conditioning by key, with the dropped samples replaced by the null condition."""
@@ -136,6 +141,8 @@ class DiffusionObjective:
         x_t = self.schedule.add_noise(x0, noise, t)
         cond = self.conditioning(batch, x0)
         net_kwargs = {"context": cond.pop(self.context_key)} if self.context_key in cond else {}
+        if self.network_wrapper is not None:
+            network = self.network_wrapper(network)
         if cond:  # what remains is channel conditioning
             network = ConcatConditioning(network, [k for k in self.concat_keys if k in cond])
             net_kwargs.update(cond)

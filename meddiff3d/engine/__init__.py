@@ -2,9 +2,11 @@
 accumulation and clipping, atomic weights-only checkpoints, exact resume, TensorBoard and torchrun data parallelism.
 
 Entry points: :func:`train` / :class:`DiffusionTrainer` to train, :func:`load_network` / :func:`load_checkpoint` /
-:func:`build_network` to use the result. ``python -m meddiff3d.engine.selftest`` trains a tiny model end to end.
+:func:`build_network` to use the result; :class:`WallClockBudget` stops training after a time budget.
+``python -m meddiff3d.engine.selftest`` trains a tiny model end to end.
 """
 
+from meddiff3d.engine.budget import WallClockBudget
 from meddiff3d.engine.checkpoint import build_network, export_inference, load_checkpoint, load_network
 from meddiff3d.engine.ema import EMA
 from meddiff3d.engine.trainer import DiffusionTrainer, TrainResult, seed_everything, train
@@ -13,6 +15,7 @@ __all__ = [
     "EMA",
     "DiffusionTrainer",
     "TrainResult",
+    "WallClockBudget",
     "build_network",
     "export_inference",
     "load_checkpoint",

@@ -16,7 +16,9 @@ from typing import Any, Callable
 
 from meddiff3d.errors import find_input_error
 
-__all__ = ["user_command", "generate", "train_latent_diffusion", "train_autoencoder", "synthetic_datalist"]
+__all__ = ["user_command", "generate", "train_latent_diffusion", "train_autoencoder", "synthetic_datalist",
+           "calibrate_anomaly", "detect_anomalies", "evaluate_anomaly", "train_segmentation_diffusion", "segment",
+           "evaluate_segmentation"]
 
 
 def user_command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,3 +51,9 @@ generate = user_command(_lazy("meddiff3d.pipelines.generation", "generate"))
 train_latent_diffusion = user_command(_lazy("meddiff3d.pipelines.training", "train_latent_diffusion"))
 train_autoencoder = user_command(_lazy("meddiff3d.models.autoencoder", "train_autoencoder"))
 synthetic_datalist = user_command(_lazy("meddiff3d.pipelines.data", "synthetic_datalist"))
+calibrate_anomaly = user_command(_lazy("meddiff3d.pipelines.anomaly", "calibrate_anomaly"))
+detect_anomalies = user_command(_lazy("meddiff3d.pipelines.anomaly", "detect_anomalies"))
+evaluate_anomaly = user_command(_lazy("meddiff3d.evaluation.anomaly", "evaluate_anomaly"))
+train_segmentation_diffusion = user_command(_lazy("meddiff3d.pipelines.seg_training", "train_segmentation_diffusion"))
+segment = user_command(_lazy("meddiff3d.pipelines.segmentation", "segment"))
+evaluate_segmentation = user_command(_lazy("meddiff3d.evaluation.segmentation", "evaluate_segmentation_dir"))

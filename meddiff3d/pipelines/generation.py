@@ -2,7 +2,8 @@
 
 The data flow is a chain of plain calls, each a wrapper or a pure function from :mod:`meddiff3d.diffusion`::
 
-    network (EMA weights) -> Autocast (bf16 on capable CPUs / GPUs) -> ConcatConditioning("concat")
+    network (EMA weights) -> Autocast (bf16 on capable CPUs / GPUs) -> [AppendCoordinates]
+      -> ConcatConditioning("concat")
       -> make_denoiser(schedule, prediction) -> ClassifierFreeGuidance(scale, null condition)   [conditional only]
       -> SAMPLERS[sampler](denoiser, noise, schedule.timesteps(steps, spacing), schedule, cond=...)
       -> codec.decode (tiled if asked) -> NIfTI (the model's RAS affine) + PNG preview + JSON sidecar
@@ -45,6 +46,7 @@ from meddiff3d.errors import InputError
 from meddiff3d.models.codec import LatentCodec, load_codec
 from meddiff3d.models.ldm import (
     codec_file_fingerprint,
+    coordinate_wrapper,
     covariate_conditioning,
     covariate_vector,
     file_sha256,
@@ -153,6 +155,9 @@ def build_denoiser(network: Callable[..., torch.Tensor], meta: Mapping[str, Any]
     """The denoiser ``(x, t, **cond) -> x0`` the samplers call, by wrapping (never branching inside the sampler)."""
     mode = meta["conditioning"]["mode"]
     net: Callable[..., torch.Tensor] = Autocast(network, amp_dtype)
+    with_coordinates = coordinate_wrapper(meta)
+    if with_coordinates is not None:
+        net = with_coordinates(net)
     if mode in ("both", "concat"):
         net = ConcatConditioning(net, "concat")
     denoiser = make_denoiser(net, schedule_from_dict(meta["schedule"]), meta["prediction"])

@@ -24,6 +24,7 @@ from meddiff3d.errors import InputError
 from meddiff3d.models.ldm import (
     ANCHOR_SCHEDULE,
     BRAIN_COVARIATES,
+    coordinate_wrapper,
     covariate_conditioning,
     latent_diffusion_meta,
     latent_unet_spec,
@@ -38,15 +39,17 @@ __all__ = ["train_latent_diffusion", "network_spec"]
 
 
 def network_spec(network: str | Mapping[str, Any] | None, latent_channels: int, covariates: Sequence[str],
-                 conditioning: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 conditioning: str, overrides: Mapping[str, Any] | None = None, *,
+                 coordinates: bool = False) -> dict[str, Any]:
     """A full network spec from a preset name (``"anchor"``, ``"tiny_cpu"``, ``"test"``) plus ``overrides``, or a
     full ``{"class", "args"}`` spec checked against the latent channels and conditioning."""
     if network is None or isinstance(network, str):
-        return latent_unet_spec(latent_channels, covariates, conditioning, network or "anchor", **dict(overrides or {}))
+        return latent_unet_spec(latent_channels, covariates, conditioning, network or "anchor",
+                                coordinates=coordinates, **dict(overrides or {}))
     if not isinstance(network, Mapping) or "class" not in network:
         raise InputError(f"network must be a preset name or a {{'class', 'args'}} spec, got {network!r}")
     spec = {"class": network["class"], "args": {**dict(network.get("args") or {}), **dict(overrides or {})}}
-    expected = latent_unet_spec(latent_channels, covariates, conditioning)["args"]
+    expected = latent_unet_spec(latent_channels, covariates, conditioning, coordinates=coordinates)["args"]
     for key in ("in_channels", "out_channels", "with_conditioning", "cross_attention_dim"):
         if key in expected and spec["args"].get(key, expected[key]) != expected[key]:
             raise InputError(f"network args {key}={spec['args'][key]!r} do not fit {latent_channels} latent channels "
@@ -70,6 +73,7 @@ def train_latent_diffusion(
     schedule: Mapping[str, Any] | None = None,
     prediction: str = "epsilon",
     cond_dropout: float = 0.15,
+    coordinates: bool = False,
     min_snr_gamma: float | None = None,
     batch_size: int = 2,
     max_iterations: int = 100_000,
@@ -100,6 +104,7 @@ def train_latent_diffusion(
         network: a U-Net preset name or a full spec; ``network_overrides`` replace preset arguments.
         schedule: :class:`NoiseSchedule` arguments (default: the anchor's scaled-linear 0.0015-0.0205, T=1000).
         cond_dropout: probability of training a sample with the null condition (classifier-free guidance).
+        coordinates: append coordinate channels to the U-Net input (see :mod:`meddiff3d.models.ldm`).
         Others go to :class:`~meddiff3d.engine.DiffusionTrainer`.
     """
     start = time.perf_counter()
@@ -111,18 +116,20 @@ def train_latent_diffusion(
     latent_set = encode_latents(codec, datalist, run_dir / "latents", covariates=covariates, section=section,
                                 spacing=spacing, shape=shape, device="cpu", progress=progress)
     latent_channels = int(latent_set.latents.shape[1])
-    spec = network_spec(network, latent_channels, covariates, conditioning, network_overrides)
+    spec = network_spec(network, latent_channels, covariates, conditioning, network_overrides,
+                        coordinates=coordinates)
     meta = latent_diffusion_meta(
         network=spec, schedule=schedule_obj.to_dict(), prediction=prediction, covariates=covariates,
         conditioning=conditioning, latent_shape=latent_set.latents.shape[1:], image=latent_set.image, codec_path=codec,
-        scaling=latent_set.covariate_scaling,
+        scaling=latent_set.covariate_scaling, coordinates=coordinates,
         training={"datalist": str(datalist), "section": section, "num_volumes": len(latent_set.ids),
                   "cond_dropout": cond_dropout, "batch_size": batch_size, "lr": lr, "seed": seed,
                   "min_snr_gamma": min_snr_gamma, "max_iterations": max_iterations})
     conditioning_fn = partial(covariate_conditioning, mode=conditioning)
     objective = DiffusionObjective(schedule_obj, prediction, min_snr_gamma=min_snr_gamma,
                                    cond_dropout=cond_dropout if conditioning != "none" else 0.0,
-                                   null_cond=null_condition(len(covariates), conditioning))
+                                   null_cond=null_condition(len(covariates), conditioning),
+                                   network_wrapper=coordinate_wrapper(coordinates))
     seed_everything(seed)  # the initial weights are a function of the seed
     net = build_network(spec)
     preview_fn = None

@@ -1,0 +1,149 @@
+"""From healed volumes to calibrated anomaly maps, and the calibration file that makes inference self-contained.
+
+Scoring (Graham et al. 2023, per voxel): for each starting step ``k`` the residual ``e_k = smooth|x - healed_k|`` is
+z-scored with the mean and standard deviation of ``e_k`` over the brain voxels of healthy validation volumes,
+``s_k = (e_k - mu_k) / sigma_k``, and the anomaly map is the average ``mean_k s_k`` inside the brain (0 outside).
+The binary mask is ``map > threshold``, the threshold being the ``1 - target_fpr`` quantile of the healthy maps'
+brain voxels: on the calibration volumes at most ``target_fpr`` of healthy voxels are flagged. The volume score is
+the mean of the top ``top_fraction`` of a map's brain voxels; its healthy distribution is kept too.
+
+Calibration file (JSON, written atomically; ``models/calibration.json`` by default)::
+
+    {"format": "meddiff3d.anomaly_calibration/1",
+     "settings": DetectorSettings.to_dict(),             # the detector is rebuilt from these at inference
+     "models": {"codec": {"file", "sha256"}, "diffusion": {"file", "sha256"} | null},
+     "image": {"shape", "spacing", "normalisation"},
+     "mask_thresholds": [per starting step] | [],        # stage-one quantiles that decide what is healed
+     "residual_stats": [{"step", "mean", "std"}],        # z-scoring of each step's residual
+     "threshold": float, "target_fpr": float, "calibration_fpr": float,
+     "volume_scores": {"healthy": [...], "mean", "std", "threshold"},
+     "healthy": {"datalist", "section", "ids", "brain_voxels"}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from meddiff3d.errors import InputError
+from meddiff3d.utils.io import save_json
+
+from .healing import DetectorSettings, brain_mask, smooth
+
+__all__ = ["CALIBRATION_FORMAT", "Calibration", "residuals", "anomaly_map", "volume_score", "top_mean", "fit_residual_stats",
+           "quantile", "save_calibration", "load_calibration"]
+
+CALIBRATION_FORMAT = "meddiff3d.anomaly_calibration/1"
+_MIN_STD = 1e-6
+
+
+@dataclass
+class Calibration:
+    """What inference needs besides the model weights (layout in the module docstring)."""
+
+    settings: DetectorSettings
+    models: dict[str, Any]
+    image: dict[str, Any]
+    mask_thresholds: list[float]
+    residual_stats: list[dict[str, float]]
+    threshold: float
+    target_fpr: float
+    calibration_fpr: float
+    volume_scores: dict[str, Any]
+    healthy: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": CALIBRATION_FORMAT, "settings": self.settings.to_dict(), "models": self.models,
+                "image": self.image, "mask_thresholds": [float(t) for t in self.mask_thresholds],
+                "residual_stats": self.residual_stats, "threshold": float(self.threshold),
+                "target_fpr": float(self.target_fpr), "calibration_fpr": float(self.calibration_fpr),
+                "volume_scores": self.volume_scores, "healthy": self.healthy}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "calibration") -> Calibration:
+        if not isinstance(data, Mapping) or data.get("format") != CALIBRATION_FORMAT:
+            raise InputError(f"{source} is not a meddiff3d anomaly calibration (format {CALIBRATION_FORMAT!r})")
+        try:
+            settings = DetectorSettings.from_dict(data["settings"])
+            cal = cls(settings, dict(data["models"]), dict(data["image"]), list(data["mask_thresholds"]),
+                      list(data["residual_stats"]), float(data["threshold"]), float(data["target_fpr"]),
+                      float(data["calibration_fpr"]), dict(data["volume_scores"]), dict(data.get("healthy") or {}))
+        except KeyError as err:
+            raise InputError(f"{source}: missing entry {err}") from None
+        if len(cal.residual_stats) != len(settings.step_names):
+            raise InputError(f"{source}: {len(cal.residual_stats)} residual statistics for steps {settings.step_names}")
+        return cal
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def residuals(x: torch.Tensor, healed: Sequence[torch.Tensor], settings: DetectorSettings) -> list[torch.Tensor]:
+    """``smooth|x - healed_k|`` per step, 0 outside the brain."""
+    brain = brain_mask(x, settings.brain_threshold)
+    return [smooth((x - h).abs(), settings.smoothing_sigma) * brain for h in healed]
+
+
+def anomaly_map(x: torch.Tensor, residual_maps: Sequence[torch.Tensor], stats: Sequence[Mapping[str, float]],
+                settings: DetectorSettings) -> torch.Tensor:
+    """The mean of the per-step z-scored residuals inside the brain, 0 outside."""
+    if len(residual_maps) != len(stats):
+        raise ValueError(f"{len(residual_maps)} residual maps for {len(stats)} statistics")
+    brain = brain_mask(x, settings.brain_threshold)
+    total = torch.zeros_like(residual_maps[0])
+    for e, s in zip(residual_maps, stats):
+        total += (e - float(s["mean"])) / max(float(s["std"]), _MIN_STD)
+    return total / len(residual_maps) * brain
+
+
+def volume_score(score_map: torch.Tensor | np.ndarray, brain: torch.Tensor | np.ndarray, top_fraction: float) -> float:
+    """Mean of the top ``top_fraction`` of the brain voxels' scores (at least one voxel; 0 for an empty brain)."""
+    values = np.asarray(torch.as_tensor(score_map).float().cpu()).ravel()
+    return top_mean(values[np.asarray(torch.as_tensor(brain).cpu()).ravel() > 0], top_fraction)
+
+
+def top_mean(values: np.ndarray, top_fraction: float) -> float:
+    """Mean of the largest ``round(top_fraction * n)`` values (at least one; 0 for no values)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        return 0.0
+    k = max(1, int(round(top_fraction * values.size)))
+    return float(np.partition(values, values.size - k)[values.size - k:].mean())
+
+
+def quantile(values: np.ndarray, q: float) -> float:
+    """The ``q`` quantile with the "higher" rule: at most ``1 - q`` of ``values`` lie strictly above it."""
+    return float(np.quantile(np.asarray(values, dtype=np.float64), q, method="higher"))
+
+
+def fit_residual_stats(per_volume: Sequence[Sequence[np.ndarray]], names: Sequence[str]) -> list[dict[str, float]]:
+    """Mean and standard deviation per step over all healthy brain voxels; ``per_volume[v][k]`` are the brain-voxel
+    residuals of step ``k`` in volume ``v``."""
+    out = []
+    for k, name in enumerate(names):
+        values = np.concatenate([np.asarray(v[k], dtype=np.float64) for v in per_volume])
+        out.append({"step": name, "mean": float(values.mean()), "std": float(max(values.std(), _MIN_STD))})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ file
+def save_calibration(calibration: Calibration, path: str | os.PathLike) -> Path:
+    """Write the calibration JSON atomically (next to the weights)."""
+    return save_json(calibration.to_dict(), path)
+
+
+def load_calibration(path: str | os.PathLike) -> Calibration:
+    """Read a calibration file; a missing or foreign file is an :class:`InputError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"anomaly calibration file {path} does not exist (run the calibrate config first)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"anomaly calibration file {path} is not valid JSON ({err})") from err
+    return Calibration.from_dict(data, source=f"anomaly calibration file {path}")

@@ -1,0 +1,288 @@
+"""Anomaly detection pipeline: calibrate a detector on healthy volumes, then detect on new ones.
+
+The chain, each arrow a plain call::
+
+    datalist / files --(load_datalist: every file read and checked)--> anomaly_transforms (model grid, [0, 1])
+      -> heal (meddiff3d.anomaly.healing: latent inpainting | image resample | autoencoder)
+      -> residuals -> anomaly_map (z-scored with the calibration) -> to_input_grid (the input file's affine)
+      -> OUT/<id>_healed.nii.gz, <id>_anomaly_map.nii.gz, <id>_mask.nii.gz (uint8), <id>_preview.png
+
+:func:`calibrate_anomaly` writes the calibration file (detector settings, thresholds, healthy statistics, model
+hashes) next to the weights; :func:`detect_anomalies` needs only the two model files and that calibration. All input
+checks (missing files, wrong dimensions, NaNs, corrupt NIfTI, empty sections, models that do not match the
+calibration) happen before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from meddiff3d.anomaly.calibration import (Calibration, anomaly_map, fit_residual_stats, load_calibration, quantile,
+                                           residuals, save_calibration, top_mean, volume_score)
+from meddiff3d.anomaly.healing import (AnomalyModels, DetectorSettings, brain_mask, heal, load_anomaly_models,
+                                       stage_one)
+from meddiff3d.errors import InputError
+from meddiff3d.utils.io import save_json, save_nifti, save_preview_png
+
+logger = logging.getLogger("meddiff3d.pipelines")
+
+__all__ = ["resolve_inputs", "Detector", "CaseResult", "calibrate_anomaly", "detect_anomalies", "write_case",
+           "check_calibrated_models", "progress_iter", "OUTPUT_SUFFIXES"]
+
+#: the files written per case ``<id>`` in the output folder
+OUTPUT_SUFFIXES = {"healed": "_healed.nii.gz", "anomaly_map": "_anomaly_map.nii.gz", "mask": "_mask.nii.gz",
+                   "preview": "_preview.png"}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def _case_id(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], section: str = "test") -> list[dict]:
+    """Items ``{"id", "image", ...}`` from a datalist JSON (its ``section``) or from image files, every voxel of every
+    file read and checked (:func:`~meddiff3d.data.datalist.load_datalist`, :func:`~meddiff3d.data.images.check_image`).
+    """
+    from meddiff3d.data.datalist import load_datalist
+    from meddiff3d.data.images import check_image
+
+    if isinstance(inputs, (str, os.PathLike)) and str(inputs).lower().endswith(".json"):
+        items = load_datalist(inputs, section, modalities=1, check_images=True)
+        return [dict(it, id=str(it.get("id", _case_id(Path(it["image"]))))) for it in items]
+    files = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs or [])
+    if not files:
+        raise InputError("no input images given (pass a datalist JSON or a list of image files)")
+    items, seen = [], {}
+    for file in files:
+        path = Path(file).expanduser().absolute()
+        check_image(path, read_data=True)
+        case = _case_id(path)
+        if case in seen:
+            raise InputError(f"input images {seen[case]} and {path} give the same case id {case!r}")
+        seen[case] = path
+        items.append({"id": case, "image": str(path)})
+    return items
+
+
+# ------------------------------------------------------------------------------------------------ one detector
+@dataclass
+class CaseResult:
+    """One case on the model grid: input ``x``, mean ``healed`` volume, ``score`` map, ``brain`` mask (all
+    ``(1, 1, *shape)``), the volume score and the transformed item (for the way back to the input grid)."""
+
+    x: torch.Tensor
+    healed: torch.Tensor
+    score: torch.Tensor
+    brain: torch.Tensor
+    volume_score: float
+    data: dict
+    seconds: float
+
+
+class Detector:
+    """Settings + models + calibration (when known) + the input transform, applied one case at a time."""
+
+    def __init__(self, models: AnomalyModels, settings: DetectorSettings, calibration: Calibration | None = None):
+        from meddiff3d.data.transforms import anomaly_transforms
+
+        self.models, self.settings, self.calibration = models, settings, calibration
+        self.transform = anomaly_transforms(models.image_spacing, models.image_shape, train=False)
+
+    def load(self, item: Mapping[str, Any]) -> tuple[dict, torch.Tensor]:
+        data = self.transform(dict(item))
+        image = data["image"]
+        return data, image.as_tensor()[None].float().to(self.models.device)
+
+    def residuals(self, x: torch.Tensor, mask_thresholds: Sequence[float] | None) -> tuple[torch.Tensor, list]:
+        healing = heal(self.models, x, self.settings, mask_thresholds)
+        healed = torch.stack(healing["healed"]).mean(0)
+        return healed, residuals(x, healing["healed"], self.settings)
+
+    def __call__(self, item: Mapping[str, Any]) -> CaseResult:
+        if self.calibration is None:
+            raise RuntimeError("Detector needs a calibration to score volumes")
+        start = time.perf_counter()
+        data, x = self.load(item)
+        healed, maps = self.residuals(x, self.calibration.mask_thresholds)
+        score = anomaly_map(x, maps, self.calibration.residual_stats, self.settings)
+        brain = brain_mask(x, self.settings.brain_threshold)
+        return CaseResult(x, healed, score, brain, volume_score(score, brain, self.settings.top_fraction), data,
+                          time.perf_counter() - start)
+
+
+def progress_iter(items: Sequence, desc: str, enabled: bool) -> Iterable:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="volume")
+
+
+def _model_entry(path: str | os.PathLike | None) -> dict | None:
+    from meddiff3d.models.ldm import file_sha256
+
+    return None if path is None else {"file": Path(path).name, "sha256": file_sha256(path)}
+
+
+# ------------------------------------------------------------------------------------------------ calibrate
+def calibrate_anomaly(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike | None,
+                      datalist: str | os.PathLike, out: str | os.PathLike, *, settings: Mapping[str, Any] | None = None,
+                      section: str = "validation", target_fpr: float = 0.05, max_volumes: int | None = None,
+                      baseline_out: str | os.PathLike | None = None, device: str = "auto", amp: str = "auto",
+                      decode_split: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Calibrate a detector on the healthy volumes of ``datalist[section]`` and write the calibration file ``out``.
+
+    Args:
+        settings: :class:`~meddiff3d.anomaly.healing.DetectorSettings` values (method, start_steps, noise, ...).
+        target_fpr: share of healthy brain voxels the voxel threshold may flag (the threshold is the ``1 -
+            target_fpr`` quantile of the healthy anomaly maps).
+        max_volumes: use at most this many volumes of the section.
+        baseline_out: also calibrate the autoencoder baseline (same smoothing, brain mask and FPR) into this file.
+
+    Returns ``{"calibration": path, "threshold", ..., "baseline": {...}}``.
+    """
+    settings_obj = DetectorSettings.from_dict(settings)
+    if not 0.0 < float(target_fpr) < 1.0:
+        raise InputError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    items = resolve_inputs(datalist, section)
+    if max_volumes is not None:
+        items = items[: max(1, int(max_volumes))]
+    models = load_anomaly_models(codec_path, diffusion_path if settings_obj.uses_diffusion else None, device=device,
+                                 amp=amp, decode_split=decode_split)
+    runs = [(settings_obj, out, diffusion_path if settings_obj.uses_diffusion else None)]
+    if baseline_out is not None:
+        baseline = DetectorSettings.from_dict({**settings_obj.to_dict(), "method": "autoencoder"})
+        runs.append((baseline, baseline_out, None))
+    summary: dict[str, Any] = {}
+    for role, (run_settings, run_out, run_diffusion) in zip(("detector", "baseline"), runs):
+        detector = Detector(models, run_settings)
+        cal = _fit(detector, items, float(target_fpr), progress)
+        cal.models = {"codec": _model_entry(codec_path), "diffusion": _model_entry(run_diffusion)}
+        cal.healthy.update(datalist=str(Path(datalist).absolute()), section=section)
+        save_calibration(cal, run_out)
+        result = {"calibration": str(run_out), "method": run_settings.method, "threshold": cal.threshold,
+                  "calibration_fpr": cal.calibration_fpr, "volumes": len(items),
+                  "volume_threshold": cal.volume_scores["threshold"], "seconds": cal.healthy["seconds"]}
+        logger.info("anomaly calibration: %s", result)
+        summary[role] = result
+    return summary
+
+
+def _fit(detector: Detector, items: Sequence[Mapping], target_fpr: float, progress: bool) -> Calibration:
+    start = time.perf_counter()
+    settings, models = detector.settings, detector.models
+    loaded = [detector.load(item) for item in items]
+    mask_thresholds: list[float] = []
+    if settings.uses_diffusion:  # pass 1: what the healthy discrepancies look like, for the heal masks
+        per_step: list[list[np.ndarray]] = [[] for _ in settings.start_steps]
+        for _, x in progress_iter(loaded, "calibration: discrepancies", progress):
+            for k, d in enumerate(stage_one(models, x, settings)):
+                per_step[k].append(d[d > 0].cpu().numpy())
+        mask_thresholds = [quantile(np.concatenate(v), settings.mask_quantile) if sum(map(len, v)) else 0.0
+                           for v in per_step]
+    per_volume = []  # brain-voxel residuals per volume and step (the map is a per-voxel combination of them)
+    for _, x in progress_iter(loaded, f"calibration: healing ({settings.method})", progress):
+        _, maps = detector.residuals(x, mask_thresholds or None)
+        brain = brain_mask(x, settings.brain_threshold) > 0
+        per_volume.append([m[brain].cpu().numpy() for m in maps])
+    stats = fit_residual_stats(per_volume, settings.step_names)
+    scores = [np.mean([(v[k] - s["mean"]) / s["std"] for k, s in enumerate(stats)], axis=0) for v in per_volume]
+    volume_scores = [top_mean(s, settings.top_fraction) for s in scores]
+    pooled = np.concatenate(scores)
+    threshold = quantile(pooled, 1.0 - target_fpr)
+    vol = np.asarray(volume_scores, dtype=np.float64)
+    cal = Calibration(
+        settings=settings, models={}, mask_thresholds=mask_thresholds, residual_stats=stats,
+        image={"shape": models.image_shape, "spacing": models.image_spacing,
+               "normalisation": "percentile 0-99.5 -> [0, 1] (meddiff3d.data.transforms.anomaly_transforms)"},
+        threshold=threshold, target_fpr=target_fpr, calibration_fpr=float((pooled > threshold).mean()),
+        volume_scores={"healthy": [round(float(s), 6) for s in vol], "mean": float(vol.mean()),
+                       "std": float(vol.std()), "threshold": quantile(vol, 1.0 - target_fpr)},
+        healthy={"ids": [str(it.get("id")) for it in items], "brain_voxels": int(pooled.size),
+                 "seconds": round(time.perf_counter() - start, 2)},
+    )
+    return cal
+
+
+# ------------------------------------------------------------------------------------------------ detect
+def check_calibrated_models(calibration: Calibration, codec_path, diffusion_path, source: str) -> None:
+    from meddiff3d.models.ldm import file_sha256
+
+    wanted = calibration.models or {}
+    for role, path in (("codec", codec_path), ("diffusion", diffusion_path)):
+        entry = wanted.get(role)
+        if entry is None:
+            continue
+        if path is None or not Path(path).is_file():
+            raise InputError(f"{role} file {path} does not exist (the calibration {source} needs {entry['file']!r})")
+        if file_sha256(path) != entry["sha256"]:
+            raise InputError(f"{role} file {path} is not the model the calibration {source} was made with "
+                             f"(expected {entry['file']!r}, sha256 {entry['sha256'][:12]}...); recalibrate")
+
+
+def write_case(result: CaseResult, case_id: str, output_dir: Path, calibration: Calibration) -> dict[str, Any]:
+    """The four output files of one case, on the input file's grid and affine; returns the case summary."""
+    from meddiff3d.data.transforms import to_input_grid
+
+    on_input = to_input_grid({"healed": result.healed[0].cpu(), "anomaly_map": result.score[0].cpu()}, result.data)
+    affine = np.asarray(on_input["anomaly_map"].affine, dtype=np.float64)
+    score = on_input["anomaly_map"][0].numpy().astype(np.float32)
+    mask = (score > calibration.threshold).astype(np.uint8)
+    paths = {name: output_dir / f"{case_id}{suffix}" for name, suffix in OUTPUT_SUFFIXES.items()}
+    save_nifti(on_input["healed"][0].numpy(), affine, paths["healed"], header_extra={"descrip": "meddiff3d healed"})
+    save_nifti(score, affine, paths["anomaly_map"], header_extra={"descrip": "meddiff3d anomaly z-score"})
+    save_nifti(mask, affine, paths["mask"], dtype=np.uint8, header_extra={"descrip": "meddiff3d anomaly mask"})
+    model_grid_mask = (result.score[0, 0] > calibration.threshold).cpu().numpy()
+    save_preview_png(result.x[0, 0].cpu().numpy(), paths["preview"], overlay=model_grid_mask,
+                     title=f"{case_id} score {result.volume_score:.2f}")
+    flagged = result.volume_score > float(calibration.volume_scores["threshold"])
+    return {"id": case_id, **{k: p.name for k, p in paths.items()}, "volume_score": round(result.volume_score, 6),
+            "anomalous": bool(flagged), "mask_voxels": int(mask.sum()), "seconds": round(result.seconds, 3)}
+
+
+def detect_anomalies(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike | None,
+                     calibration_path: str | os.PathLike, inputs: str | os.PathLike | Sequence[str], output_dir:
+                     str | os.PathLike, *, section: str = "test", device: str = "auto", amp: str = "auto",
+                     decode_split: int | None = None, check_models: bool = True,
+                     progress: bool = True) -> list[dict[str, Any]]:
+    """Detect anomalies in ``inputs`` (a datalist JSON and its ``section``, or image files); writes the four files
+    per case (:data:`OUTPUT_SUFFIXES`) and ``summary.json`` into ``output_dir``; returns the case summaries.
+
+    The detector settings and thresholds come from the calibration file only. ``check_models`` refuses model files
+    other than those the calibration was made with (sha256).
+    """
+    start = time.perf_counter()
+    calibration = load_calibration(calibration_path)
+    settings = calibration.settings
+    items = resolve_inputs(inputs, section)
+    if not settings.uses_diffusion:
+        diffusion_path = None
+    if check_models:
+        check_calibrated_models(calibration, codec_path, diffusion_path, str(calibration_path))
+    models = load_anomaly_models(codec_path, diffusion_path, device=device, amp=amp, decode_split=decode_split)
+    if list(models.image_shape) != list(calibration.image["shape"]):
+        raise InputError(f"the models work at {models.image_shape}, the calibration {calibration_path} at "
+                         f"{calibration.image['shape']}")
+    detector = Detector(models, settings, calibration)
+    out = Path(output_dir)
+    cases = []
+    for item in progress_iter(items, f"detecting ({settings.method})", progress):
+        cases.append(write_case(detector(item), str(item["id"]), out, calibration))
+    save_json({"calibration": str(calibration_path), "settings": settings.to_dict(),
+               "threshold": calibration.threshold, "volume_threshold": calibration.volume_scores["threshold"],
+               "cases": cases, "seconds": round(time.perf_counter() - start, 2)}, out / "summary.json")
+    logger.info("anomaly detection: %d case(s) in %.1f s -> %s", len(cases), time.perf_counter() - start, out)
+    return cases

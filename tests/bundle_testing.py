@@ -1,0 +1,57 @@
+"""What every bundle test needs: parse a bundle's configs, read its README's commands, run them, verify metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
+
+
+class Bundle:
+    """One bundle folder under ``bundles/``, as its tests see it."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.path = name, ROOT / "bundles" / name
+
+    def parse(self, *files: str, **overrides):
+        """A MONAI ``ConfigParser`` over ``files`` (bare names are the bundle's configs, paths are repo-relative)."""
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config([str(self.path / "configs" / f) if "/" not in f else str(ROOT / f) for f in files])
+        parser.update(overrides)
+        return parser
+
+    def readme_commands(self, section: str) -> list[str]:
+        """``python -m monai.bundle run ...`` lines of the bash blocks under a heading of ``docs/README.md``."""
+        text = (self.path / "docs" / "README.md").read_text()
+        body = re.search(rf"#+ {re.escape(section)}\n(.*?)(\n#+ |\Z)", text, re.S).group(1)
+        blocks = re.findall(r"```bash\n(.*?)```", body, re.S)
+        return [line.strip() for block in blocks for line in block.splitlines() if "monai.bundle run" in line]
+
+    def run(self, cmd: str, bundle_root, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        """Run a README command in a subprocess (one thread, from the bundle folder) with ``--bundle_root``."""
+        argv = shlex.split(cmd)
+        assert argv[:4] == ["python", "-m", "monai.bundle", "run"], cmd
+        argv = [sys.executable, *argv[1:], "--bundle_root", str(bundle_root), *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        return subprocess.run(argv, cwd=self.path, capture_output=True, text=True, encoding="utf-8",
+                              errors="replace", timeout=timeout, env=env)
+
+    def verified_metadata(self) -> dict:
+        """``configs/metadata.json`` after MONAI's ``verify_metadata`` against the schema (offline), as a dict."""
+        if not SCHEMA.is_file():
+            pytest.skip(f"MONAI metadata schema not found at {SCHEMA} (CI keeps ../shared beside the clone)")
+        from monai.bundle import verify_metadata
+
+        verify_metadata(meta_file=str(self.path / "configs" / "metadata.json"), filepath=str(SCHEMA))
+        return json.loads((self.path / "configs" / "metadata.json").read_text())

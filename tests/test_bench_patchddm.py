@@ -1,0 +1,47 @@
+"""Smoke test of scripts/bench_patchddm_memory.py --quick: every configuration in its own subprocess, peak RSS
+reported and compared, and a run over the memory limit reported as "does not fit" instead of failing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "bench_patchddm_memory.py"
+
+
+def run(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "1", *args], capture_output=True,
+                          text=True, encoding="utf-8", errors="replace", env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_reports_memory_and_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run("--configs", "train_p64", "train_full", "infer_sw64", "--regions", "3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert report["network"]["in_channels"] == 10 and report["network"]["out_channels"] == 3
+    assert all(r["status"] == "ok" for r in results.values()), results
+    small, full = results["train_p64"], results["train_full"]
+    assert small["spatial"] == [16, 16, 16] and full["spatial"] == [40, 48, 40]
+    # a step on the whole 40x48x40 volume holds 30x the activations of a 16^3 patch: more memory, more time
+    assert full["peak_rss_mb"] - full["setup_mb"] > 2 * (small["peak_rss_mb"] - small["setup_mb"])
+    assert full["rss_vs_train_p64"] == pytest.approx(full["peak_rss_mb"] / small["peak_rss_mb"], abs=0.01)
+    assert results["infer_sw64"]["roi"] == [16, 16, 16]
+    assert "train_full" in proc.stdout and "RSS ratio" in proc.stdout
+
+
+@pytest.mark.slow
+def test_run_over_the_memory_limit_does_not_fit(tmp_path):
+    """1.2 GB of address space holds the runtime (~0.9 GB mapped) but not the full-volume step."""
+    proc = run("--configs", "train_full", "--memory-limit-gb", "1.2", "--out", str(tmp_path / "bench.json"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "bench.json").read_text())["results"]["train_full"]
+    assert result["status"] == "does not fit" and result["memory_limit_gb"] == 1.2, result
+    assert "does not fit" in proc.stdout

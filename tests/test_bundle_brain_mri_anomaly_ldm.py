@@ -1,0 +1,150 @@
+"""The brain_mri_anomaly_ldm bundle: metadata, configs, and the README's commands run end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from anomaly_models import tiny_anomaly_models
+
+from bundle_testing import Bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_UNDER_TEST = Bundle("brain_mri_anomaly_ldm")
+BUNDLE = BUNDLE_UNDER_TEST.path
+parse, readme_commands, run_bundle = (BUNDLE_UNDER_TEST.parse, BUNDLE_UNDER_TEST.readme_commands,
+                                       BUNDLE_UNDER_TEST.run)
+pytestmark = pytest.mark.usefixtures("one_thread")
+TASKS = {"train_autoencoder.yaml": "train_autoencoder", "train_diffusion.yaml": "train_latent_diffusion",
+         "calibrate.yaml": "calibrate_anomaly", "inference.yaml": "detect_anomalies", "evaluate.yaml": "evaluate_anomaly"}
+
+
+# ------------------------------------------------------------------------------------------------ static
+def test_metadata_verifies_against_the_schema_offline():
+    meta = BUNDLE_UNDER_TEST.verified_metadata()
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [160, 224, 160]
+
+
+def test_bundle_files():
+    for name in ("common.yaml", *TASKS, "multi_gpu.yaml", "demo_models.yaml", "tiny_cpu.yaml", "logging.conf",
+                 "metadata.json"):
+        assert (BUNDLE / "configs" / name).is_file(), name
+    licence = (BUNDLE / "LICENSE").read_text()
+    assert "Apache License" in licence and "Version 2.0" in licence
+    assert (BUNDLE / "models").is_dir() and "## Model card" in (BUNDLE / "docs" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("task, target", sorted(TASKS.items()))
+def test_configs_name_factories_with_references(task, target):
+    from pydoc import locate
+
+    parser = parse("common.yaml", task)
+    target = f"meddiff3d.pipelines.commands.{target}"
+    assert parser["run"]["_target_"] == target and callable(locate(target))
+    for value in parser["run"].values():  # literals or @references, no inline Python beyond one line
+        assert not (isinstance(value, str) and value.startswith("$") and len(value) > 80), value
+    assert parser.get_parsed_content("calibration_path") == "./models/calibration.json"
+
+
+def test_defaults_vq_autoencoder_unconditional_diffusion_and_detector():
+    assert parse("common.yaml", "train_autoencoder.yaml")["autoencoder_kind"] == "vq"
+    run = parse("common.yaml", "train_diffusion.yaml")["run"]
+    assert run["conditioning"] == "none" and run["covariates"] == []
+    from meddiff3d.anomaly import DetectorSettings
+
+    detector = parse("common.yaml", "calibrate.yaml").get_parsed_content("detector")
+    assert DetectorSettings.from_dict(detector).method == "latent_inpainting"
+    tiny = parse("common.yaml", "calibrate.yaml", "configs/presets/tiny_cpu.yaml", "tiny_cpu.yaml")
+    assert DetectorSettings.from_dict(tiny.get_parsed_content("detector")).start_steps == [250, 400]
+
+
+def test_overlays_multi_gpu_and_demo_models(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    parser = parse("common.yaml", "train_diffusion.yaml", "multi_gpu.yaml")
+    assert parser.get_parsed_content("device") == "cuda:2" and parser["run"]["device"] == "@device"
+    demo = parse("common.yaml", "inference.yaml", "demo_models.yaml")
+    codec = Path(demo.get_parsed_content("codec_path"))
+    assert (BUNDLE / codec).parent.resolve() == (BUNDLE.parent / "brain_mri_ldm" / "models").resolve()
+    assert demo.get_parsed_content("calibration_path") == "./models/demo/calibration.json"
+
+
+def test_readme_commands_name_existing_configs():
+    sections = ("Detect", "Calibrate", "Evaluate", "Train", "On a CPU in minutes (tiny preset, synthetic data)")
+    commands = sum((readme_commands(s) for s in sections), [])
+    assert len(commands) >= 14
+    for cmd in commands:
+        files = re.search(r"--config_file \"\[(.*?)\]\"", cmd).group(1)
+        for name in re.findall(r"'([^']+)'", files):
+            assert (BUNDLE / name).resolve().is_file(), f"{name} in: {cmd}"
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    models = tiny_anomaly_models(tmp_path_factory.getbasetemp())
+    root = tmp_path_factory.mktemp("anomaly_bundle")
+    (root / "models").mkdir()
+    shutil.copy(models["codec"], root / "models" / "autoencoder.pt")
+    shutil.copy(models["diffusion"], root / "models" / "diffusion.pt")
+    return root, models
+
+
+@pytest.mark.slow
+def test_readme_calibrate_detect_evaluate_run_end_to_end(tiny_bundle):
+    root, models = tiny_bundle
+    commands = readme_commands("On a CPU in minutes (tiny preset, synthetic data)")
+    calibrate, detect, evaluate = commands[2:]
+    data = ("--datalist", str(models["datalist"]))
+    result = run_bundle(calibrate, root, *data, "--amp", "none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    calibration = json.loads((root / "models" / "calibration.json").read_text())
+    assert calibration["settings"]["start_steps"] == [250, 400]
+    assert (root / "models" / "calibration_autoencoder.json").is_file()
+
+    result = run_bundle(detect, root, *data, "--amp", "none", "--output_dir", str(root / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    test_items = json.loads(models["datalist"].read_text())["test"]
+    for item in test_items:
+        source = nib.load(str(models["datalist"].parent / item["image"]))
+        for suffix in ("_healed.nii.gz", "_anomaly_map.nii.gz", "_mask.nii.gz"):
+            img = nib.load(str(root / "out" / f"{item['id']}{suffix}"))
+            assert img.shape == source.shape
+            np.testing.assert_allclose(img.affine, source.affine, atol=1e-4)
+        assert (root / "out" / f"{item['id']}_preview.png").is_file()
+    assert len(json.loads((root / "out" / "summary.json").read_text())["cases"]) == len(test_items)
+
+    result = run_bundle(evaluate, root, *data, "--amp", "none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((root / "evaluation" / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"diffusion", "autoencoder"}
+    assert (root / "evaluation" / "summary.csv").is_file() and (root / "evaluation" / "per_volume.csv").is_file()
+
+    # bad input on the command line: one error line, exit status 2, nothing written
+    out = root / "bad"
+    result = run_bundle(detect, root, "--inputs", f"['{root / 'missing.nii.gz'}']", "--output_dir", str(out))
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "missing.nii.gz" in errors[0] and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_readme_training_commands_run_one_iteration(tmp_path):
+    train_ae, train_ldm = readme_commands("On a CPU in minutes (tiny preset, synthetic data)")[:2]
+    data = ("--synthetic_n", "12", "--synthetic_seed", "0")
+    result = run_bundle(train_ae, tmp_path, *data, "--autoencoder_max_iterations", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import torch
+
+    codec = torch.load(tmp_path / "models" / "autoencoder.pt", weights_only=True)
+    assert codec["meta"]["network"]["class"] == "monai.networks.nets.VQVAE"
+    result = run_bundle(train_ldm, tmp_path, *data, "--diffusion_max_iterations", "1", "--diffusion_batch_size", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = torch.load(tmp_path / "models" / "diffusion.pt", weights_only=True)["meta"]
+    assert meta["conditioning"]["mode"] == "none" and meta["network"]["args"]["in_channels"] == 3
