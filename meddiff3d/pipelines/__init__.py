@@ -4,6 +4,9 @@
 * :mod:`.training` -- :func:`~.training.train_latent_diffusion`;
 * :mod:`.generation` -- :func:`~.generation.generate` (NIfTI + preview + sidecar);
 * :mod:`.data` -- datalists for the bundles (the synthetic cohort, written once);
+* :mod:`.seg_training` -- :func:`~.seg_training.train_segmentation_diffusion` (PatchDDM patches, BraTS regions);
+* :mod:`.segmentation` -- :func:`~.segmentation.segment` (ensembles -> labels, probability, uncertainty on the input
+  grid);
 * :mod:`.commands` -- the same calls for ``python -m monai.bundle run``: a user error ends the process with one line
   and exit status 2 instead of a MONAI traceback.
 """

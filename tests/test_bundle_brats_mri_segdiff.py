@@ -1,0 +1,153 @@
+"""The brats_mri_segdiff bundle: metadata, configs, the README's commands run end to end, user errors on the command
+line."""
+
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from meddiff3d.models.segdiff import save_untrained_model
+
+from bundle_testing import Bundle
+
+BUNDLE_UNDER_TEST = Bundle("brats_mri_segdiff")
+BUNDLE = BUNDLE_UNDER_TEST.path
+parse, readme_commands, run_bundle = (BUNDLE_UNDER_TEST.parse, BUNDLE_UNDER_TEST.readme_commands,
+                                       BUNDLE_UNDER_TEST.run)
+INFERENCE_KEYS = ("model_path", "datalist", "section", "output_dir", "num_samples", "sampler", "steps", "batch_size",
+                  "roi_size", "overlap", "sw_batch_size", "threshold", "seed", "device", "amp")
+TINY = ("--image_shape", "[32,48,32]", "--spacing", "[5.0,5.0,5.0]")  # 5 mm instead of the preset's 2 mm
+
+
+# ------------------------------------------------------------------------------------------------ static
+def test_metadata_verifies_against_the_schema_offline():
+    fmt = BUNDLE_UNDER_TEST.verified_metadata()["network_data_format"]
+    assert fmt["inputs"]["image"]["num_channels"] == 4
+    assert fmt["outputs"]["pred"]["num_channels"] == 3
+
+
+def test_bundle_files():
+    for name in ("common.yaml", "train.yaml", "inference.yaml", "evaluate.yaml", "multi_gpu.yaml", "logging.conf",
+                 "metadata.json"):
+        assert (BUNDLE / "configs" / name).is_file(), name
+    licence = (BUNDLE / "LICENSE").read_text()
+    assert "Apache License" in licence and "Version 2.0" in licence
+    assert (BUNDLE / "models").is_dir()
+    assert "## Model card" in (BUNDLE / "docs" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("task, target", [
+    ("train.yaml", "meddiff3d.pipelines.commands.train_segmentation_diffusion"),
+    ("inference.yaml", "meddiff3d.pipelines.commands.segment"),
+    ("evaluate.yaml", "meddiff3d.pipelines.commands.evaluate_segmentation"),
+])
+def test_configs_name_factories_with_references(task, target):
+    from pydoc import locate
+
+    parser = parse("common.yaml", task)
+    assert parser["run"]["_target_"] == target and callable(locate(target))
+    assert parser.get_parsed_content("model_path") == "./models/model.pt"
+    for value in parser["run"].values():  # literals or @references, no inline Python beyond one line
+        assert not (isinstance(value, str) and value.startswith("$") and len(value) > 80), value
+    if task == "inference.yaml":
+        for key in INFERENCE_KEYS:  # top-level keys, overridable on the command line
+            assert key in parser.get() and parser["run"][key] == f"@{key}"
+        assert parser["num_samples"] == 5 and parser["steps"] == 20 and parser["roi_size"] is None
+
+
+def test_multi_gpu_overlay_takes_the_device_from_local_rank(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    parser = parse("common.yaml", "train.yaml", "multi_gpu.yaml")
+    assert parser.get_parsed_content("device") == "cuda:3"
+    assert parser["run"]["device"] == "@device"
+
+
+def test_tiny_preset_and_data_config_merge():
+    parser = parse("common.yaml", "train.yaml", "configs/data/synthetic_brats.yaml",
+                   "configs/presets/segdiff_tiny_cpu.yaml")
+    assert parser.get_parsed_content("image_shape") == [80, 112, 80]
+    assert parser.get_parsed_content("spacing") == [2.0, 2.0, 2.0]
+    assert parser["datalist"]["_target_"] == "meddiff3d.pipelines.commands.synthetic_datalist"
+    assert parser["datalist"]["kind"] == "brats" and parser["datalist"]["test_fraction"] > 0
+    assert parser["network"] == "tiny_cpu"
+
+
+def test_readme_commands_name_existing_configs():
+    commands = readme_commands("Segment") + readme_commands("Train") + readme_commands("Evaluate")
+    assert len(commands) >= 6
+    for cmd in commands:
+        files = re.search(r"--config_file \"\[(.*?)\]\"", cmd).group(1)
+        for name in re.findall(r"'([^']+)'", files):
+            assert (BUNDLE / name).resolve().is_file(), f"{name} in: {cmd}"
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def check_outputs(out_dir, datalist, section="test"):
+    doc = json.loads(Path(datalist).read_text())
+    items = doc[section]
+    assert sorted(p.name for p in Path(out_dir).iterdir() if p.is_dir()) == sorted(i["id"] for i in items)
+    for item in items:
+        ref = nib.load(str(Path(datalist).parent / item["image"][0]))
+        seg = nib.load(str(Path(out_dir) / item["id"] / f"{item['id']}_seg.nii.gz"))
+        prob = nib.load(str(Path(out_dir) / item["id"] / f"{item['id']}_prob.nii.gz"))
+        assert seg.shape == ref.shape and prob.shape == (*ref.shape, 3)
+        np.testing.assert_allclose(seg.affine, ref.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 4}
+
+
+@pytest.mark.slow
+def test_readme_tiny_cpu_commands_run_end_to_end(tmp_path):
+    """Train (2 iterations), segment (N = 2, 2 steps), evaluate: the README's CPU commands on 5 mm volumes."""
+    train, infer, evaluate = readme_commands("On a CPU in minutes (tiny preset, synthetic data)")
+    data = ("--synthetic_n", "6")
+    result = run_bundle(train, tmp_path, *data, *TINY, "--patch_size", "[16,16,16]", "--max_iterations", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
+    assert meta["network"]["args"]["channels"] == [8, 16, 32, 32] and meta["image"]["shape"] == [32, 48, 32]
+    assert meta["patch"]["size"] == [16, 16, 16] and meta["coordinates"]["full_shape"] == [32, 48, 32]
+    datalist = tmp_path / "data" / "synthetic_brats" / "datalist.json"
+    out = tmp_path / "out"
+    result = run_bundle(infer, tmp_path, *data, *TINY, "--num_samples", "2", "--steps", "2", "--output_dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_outputs(out, datalist)
+    result = run_bundle(evaluate, tmp_path, *data, *TINY, "--output_dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["cases"]) == len(json.loads(datalist.read_text())["test"])
+    assert (out / "metrics.csv").read_text().startswith("id,")
+
+
+@pytest.mark.slow
+def test_sliding_window_inference_and_bad_overrides_on_the_command_line(tmp_path):
+    from meddiff3d.data.synthetic import write_cohort
+
+    datalist = write_cohort("brats", tmp_path / "data", n=3, seed=1, shape=(32, 48, 32), source="procedural",
+                            val_fraction=0.0, test_fraction=0.4, progress=False).datalist
+    save_untrained_model(tmp_path / "models" / "model.pt", shape=(32, 48, 32), spacing=(5.0, 5.0, 5.0))
+    infer = readme_commands("Segment")[0]
+    out = tmp_path / "out"
+    base = ("--datalist", str(datalist), "--output_dir", str(out), "--device", "cpu")
+    cases = [
+        (["--sampler", "plms"], "unknown sampler 'plms'; valid samplers: ddpm, ddim, dpmpp_2m, euler, heun"),
+        (["--num_samples", "0"], "num_samples must be an integer >= 1, got 0"),
+        (["--section", "validation"], "section 'validation' must be a non-empty list"),
+        (["--model_path", str(tmp_path / "missing.pt")], "does not exist"),
+    ]
+    for extra, message in cases:
+        result = run_bundle(infer, tmp_path, *base, *extra, timeout=300)
+        assert result.returncode == 2, (extra, result.stderr[-2000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert errors and message in errors[0], (extra, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+        assert not out.exists(), extra
+    result = run_bundle(infer, tmp_path, *base, "--num_samples", "2", "--steps", "2", "--roi_size", "[16,24,16]",
+                        "--sampler", "dpmpp_2m", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    check_outputs(out, datalist)
+    case = json.loads(Path(datalist).read_text())["test"][0]["id"]
+    info = json.loads((out / case / f"{case}_segdiff.json").read_text())
+    assert info["inference"]["sliding_window"]["roi_size"] == [16, 24, 16] and info["sampler"] == "dpmpp_2m"
