@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "synth": ("meddiff3d.data.synthetic.cli", "generate synthetic cohorts with known answers (NIfTI + datalist)"),
     "datalist": ("meddiff3d.data.preprocess", "convert BraTS / T1 cohort folders to datalists, validate datalists"),
+    "label": ("meddiff3d.label.serve", "serve the bundles to 3D Slicer through MONAI Label (docs/slicer.md)"),
 }
 
 

@@ -1,0 +1,151 @@
+"""Request parameters of the three served models: declared once, validated with messages that name the value.
+
+A model's :class:`ParamSpec` tuple is both its ``config`` in ``/info/`` (what Slicer's MONAI Label module shows as
+editable options: a list becomes a drop-down whose first entry is the default) and the parser of a request's
+``params``. MONAI Label merges the task config into every request, so an untouched option arrives as the whole
+choice list and means "the default". Keys no spec declares (``client_id``, ``device``, ``result_extension`` ...) belong
+to MONAI Label and pass through untouched.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from meddiff3d.errors import InputError
+
+__all__ = ["ParamSpec", "parse_params", "config_of", "SEGMENTATION_PARAMS", "ANOMALY_PARAMS", "GENERATION_PARAMS",
+           "SAMPLER_CHOICES", "parse_covariates"]
+
+#: samplers offered to clients (meddiff3d.diffusion.SAMPLERS; the deterministic ones first)
+SAMPLER_CHOICES = ("ddim", "dpmpp_2m", "euler", "heun", "ddpm")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One request parameter: ``kind`` is ``"int"``, ``"float"``, ``"choice"`` or ``"covariates"``."""
+
+    name: str
+    kind: str
+    default: Any
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = field(default=())
+    help: str = ""
+
+    def config_value(self) -> Any:
+        """The value shown in ``/info/`` (choices: the list, default first)."""
+        if self.kind == "choice":
+            return [self.default, *[c for c in self.choices if c != self.default]]
+        return "" if self.default is None else self.default
+
+    def parse(self, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip() == ""):
+            return self.default
+        if self.kind == "choice":
+            return self._choice(value)
+        if self.kind == "covariates":
+            return parse_covariates(value, self.name)
+        return self._number(value)
+
+    def _choice(self, value: Any) -> str:
+        if isinstance(value, (list, tuple)):
+            if list(value) == self.config_value():  # the untouched option list from the model config
+                return self.default
+            if len(value) != 1:
+                raise InputError(f"parameter {self.name!r} must be one of {', '.join(self.choices)}, got {value!r}")
+            value = value[0]
+        if not isinstance(value, str) or value not in self.choices:
+            raise InputError(f"parameter {self.name!r} must be one of {', '.join(self.choices)}, got {value!r}")
+        return value
+
+    def _number(self, value: Any) -> int | float:
+        text = value.strip() if isinstance(value, str) else value  # Slicer's options table sends text
+        try:
+            if isinstance(text, bool):
+                raise ValueError
+            number = float(text)
+        except (TypeError, ValueError):
+            raise InputError(f"parameter {self.name!r} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise InputError(f"parameter {self.name!r} must be finite, got {value!r}")
+        if self.kind == "int":
+            if number != int(number):
+                raise InputError(f"parameter {self.name!r} must be an integer, got {value!r}")
+            number = int(number)
+        low = "" if self.minimum is None else f" >= {self.minimum:g}"
+        high = "" if self.maximum is None else f" <= {self.maximum:g}"
+        if (self.minimum is not None and number < self.minimum) or (self.maximum is not None and number > self.maximum):
+            raise InputError(f"parameter {self.name!r} must be{low}{' and' if low and high else ''}{high}, "
+                             f"got {value!r}")
+        return number
+
+
+def parse_covariates(value: Any, name: str = "covariates") -> dict[str, float] | None:
+    """``{name: value}`` from a mapping or its text (``{"age": 0.7}`` / ``age=0.7, sex=1``); ``None`` / ``{}`` /
+    ``"none"``: unconditional. Value ranges are checked by the generation pipeline against the model."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("", "none", "null", "{}"):
+            return None
+        if text.startswith("{"):
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise InputError(f"parameter {name!r}: {text!r} is not a mapping like {{'age': 0.5}}") from None
+        else:
+            pairs = [p.split("=", 1) for p in text.replace(";", ",").split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise InputError(f"parameter {name!r}: {text!r} is not 'name=value, ...' nor a mapping")
+            value = {k.strip(): v.strip() for k, v in pairs}
+    if not isinstance(value, Mapping):
+        raise InputError(f"parameter {name!r} must map covariate names to numbers in [0, 1], got {value!r}")
+    if not value:
+        return None
+    out = {}
+    for key, raw in value.items():
+        try:
+            number = float(raw)
+        except (TypeError, ValueError):
+            raise InputError(f"parameter {name!r}: covariate {key!r} must be a number, got {raw!r}") from None
+        if not (math.isfinite(number) and 0.0 <= number <= 1.0):
+            raise InputError(f"parameter {name!r}: covariate {key!r} must lie in [0, 1] (model scale), got {raw!r}")
+        out[str(key)] = number
+    return out
+
+
+def parse_params(specs: Sequence[ParamSpec], request: Mapping[str, Any]) -> dict[str, Any]:
+    """The declared parameters of ``request``, validated (defaults for the missing); raises :class:`InputError`."""
+    return {spec.name: spec.parse(request.get(spec.name)) for spec in specs}
+
+
+def config_of(specs: Sequence[ParamSpec]) -> dict[str, Any]:
+    """A model's ``config`` for ``/info/`` (Slicer shows it as options)."""
+    return {spec.name: spec.config_value() for spec in specs}
+
+
+_STEPS = dict(minimum=1, maximum=1000)
+SEGMENTATION_PARAMS = (
+    ParamSpec("result", "choice", "label", choices=("label", "prob", "variance", "entropy"),
+              help="label: BraTS label map (.seg.nrrd); prob/variance/entropy: float volume of one region (NIfTI)"),
+    ParamSpec("region", "choice", "WT", choices=("WT", "TC", "ET"), help="region of a float result"),
+    ParamSpec("num_samples", "int", 3, minimum=1, maximum=64, help="ensemble size"),
+    ParamSpec("steps", "int", 10, **_STEPS),
+    ParamSpec("sampler", "choice", "ddim", choices=SAMPLER_CHOICES),
+    ParamSpec("seed", "int", 0, minimum=0, maximum=2**31 - 1),
+    ParamSpec("threshold", "float", 0.5, minimum=1e-6, maximum=1 - 1e-6),
+)
+ANOMALY_PARAMS = (
+    ParamSpec("result", "choice", "mask", choices=("mask", "anomaly_map", "healed"),
+              help="mask: binary segmentation (.seg.nrrd); anomaly_map / healed: float volume (NIfTI)"),
+)
+GENERATION_PARAMS = (
+    ParamSpec("covariates", "covariates", None, help="e.g. age=0.7, sex=1 (model scale [0, 1]); empty: unconditional"),
+    ParamSpec("steps", "int", 20, **_STEPS),
+    ParamSpec("sampler", "choice", "ddim", choices=SAMPLER_CHOICES),
+    ParamSpec("seed", "int", 0, minimum=0, maximum=2**31 - 1),
+    ParamSpec("guidance_scale", "float", 1.0, minimum=0.0, maximum=50.0),
+)

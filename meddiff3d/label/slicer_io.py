@@ -1,0 +1,156 @@
+"""Files 3D Slicer reads as they are meant: label maps as ``.seg.nrrd`` segmentations, float maps as volumes.
+
+A ``.seg.nrrd`` is a plain 3D NRRD (uint8 label values, LPS geometry) whose key/value header fields name each segment
+(``Segment<N>_Name``, ``_LabelValue``, ``_Color``, ...) the way Slicer's Segmentations module writes them. Slicer's
+"Load data" and ``slicer.util.loadSegmentation`` turn it into a segmentation node with named, coloured segments; any
+NRRD reader (SimpleITK, the MONAI Label Slicer plugin) reads it as an ordinary label volume. The writer is pure
+numpy + gzip, no pynrrd or ITK needed, and writes atomically.
+
+Geometry: meddiff3d works with RAS affines (nibabel's convention); NRRD's ``space: left-posterior-superior`` wants
+``space directions`` (one column of the LPS affine per array axis, spacing included) and ``space origin``, i.e.
+``affine_LPS = diag(-1, -1, 1, 1) @ affine_RAS``. The voxel data is written with the first array axis fastest.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from meddiff3d.utils.io import atomic_path, save_nifti
+
+__all__ = ["Segment", "BRATS_SEGMENTS", "ANOMALY_SEGMENTS", "write_seg_nrrd", "read_nrrd_header",
+           "write_float_volume", "lps_geometry"]
+
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_NRRD_TYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.int16): "short", np.dtype(np.uint16): "ushort",
+               np.dtype(np.int32): "int", np.dtype(np.float32): "float"}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment of a segmentation: the label value that marks it, its name and its RGB colour in [0, 1]."""
+
+    value: int
+    name: str
+    color: tuple[float, float, float]
+
+
+#: BraTS label map (label convention brats2021: 1 necrotic core, 2 oedema, 4 enhancing tumour)
+BRATS_SEGMENTS = (Segment(1, "necrotic tumour core (NCR)", (0.85, 0.35, 0.25)),
+                  Segment(2, "peritumoral edema (ED)", (0.35, 0.75, 0.35)),
+                  Segment(4, "enhancing tumour (ET)", (0.95, 0.85, 0.2)))
+#: binary anomaly mask
+ANOMALY_SEGMENTS = (Segment(1, "anomaly", (0.9, 0.2, 0.15)),)
+
+
+def lps_geometry(affine) -> tuple[np.ndarray, np.ndarray]:
+    """``(directions (3, 3) with one LPS axis vector per row, origin (3,))`` of a RAS affine."""
+    lps = LPS_FROM_RAS @ np.asarray(affine, dtype=np.float64)
+    if lps.shape != (4, 4) or not np.isfinite(lps).all() or abs(np.linalg.det(lps[:3, :3])) < 1e-12:
+        raise ValueError(f"invalid affine (need a finite, non-singular 4x4 matrix):\n{affine}")
+    return lps[:3, :3].T.copy(), lps[:3, 3].copy()
+
+
+def _vector(v) -> str:
+    return "(" + ",".join(repr(float(x)) for x in v) + ")"
+
+
+def _extent(labels: np.ndarray, value: int) -> str:
+    """``i0 i1 j0 j1 k0 k1`` of the voxels holding ``value`` (an empty extent ``0 -1 0 -1 0 -1`` if none)."""
+    where = np.nonzero(labels == value)
+    if where[0].size == 0:
+        return "0 -1 0 -1 0 -1"
+    return " ".join(f"{int(w.min())} {int(w.max())}" for w in where)
+
+
+def write_seg_nrrd(labels, affine, path: str | os.PathLike, segments: Sequence[Segment], *,
+                   compress: bool = True) -> Path:
+    """Write a 3D label map (``(i, j, k)`` array, RAS ``affine``) as a Slicer ``.seg.nrrd`` with named segments.
+
+    Every value in ``labels`` other than 0 must be one of ``segments``' values (a ``ValueError`` names the others).
+    """
+    data = np.asarray(labels)
+    if data.ndim != 3:
+        raise ValueError(f"a label map must be 3D, got shape {data.shape}")
+    known = {int(s.value) for s in segments}
+    present = {int(v) for v in np.unique(data)} - {0}
+    if present - known:
+        raise ValueError(f"label values {sorted(present - known)} have no segment (segments: {sorted(known)})")
+    if data.min(initial=0) < 0 or data.max(initial=0) > 255:
+        raise ValueError("label values must lie in 0..255")
+    data = data.astype(np.uint8)
+    directions, origin = lps_geometry(affine)
+    fields = [
+        "NRRD0004",
+        "# written by meddiff3d (Slicer segmentation: one layer, label values per segment)",
+        "type: unsigned char",
+        "dimension: 3",
+        "space: left-posterior-superior",
+        f"sizes: {data.shape[0]} {data.shape[1]} {data.shape[2]}",
+        "space directions: " + " ".join(_vector(d) for d in directions),
+        "kinds: domain domain domain",
+        "endian: little",
+        f"encoding: {'gzip' if compress else 'raw'}",
+        "space origin: " + _vector(origin),
+        "Segmentation_MasterRepresentation:=Binary labelmap",
+        "Segmentation_ContainedRepresentationNames:=Binary labelmap|",
+        "Segmentation_ReferenceImageExtentOffset:=0 0 0",
+    ]
+    for n, seg in enumerate(segments):
+        fields += [f"Segment{n}_ID:=Segment_{int(seg.value)}", f"Segment{n}_Name:={seg.name}",
+                   f"Segment{n}_NameAutoGenerated:=0", f"Segment{n}_LabelValue:={int(seg.value)}",
+                   f"Segment{n}_Layer:=0", "Segment{}_Color:={:.4f} {:.4f} {:.4f}".format(n, *seg.color),
+                   f"Segment{n}_ColorAutoGenerated:=0", f"Segment{n}_Extent:={_extent(data, seg.value)}",
+                   f"Segment{n}_Tags:=Segmentation.Status:inprogress|"]
+    header = ("\n".join(fields) + "\n\n").encode("ascii", errors="replace")
+    raw = np.ascontiguousarray(data.transpose(2, 1, 0)).tobytes()  # first array axis fastest
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(gzip.compress(raw, compresslevel=4) if compress else raw)
+    return Path(path)
+
+
+def read_nrrd_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, str]]:
+    """``(fields, key_values)`` of an NRRD header (``key: value`` and ``key:=value`` lines), for checks and tests."""
+    fields, key_values = {}, {}
+    with open(path, "rb") as f:
+        magic = f.readline().decode("ascii", errors="replace").strip()
+        if not magic.startswith("NRRD"):
+            raise ValueError(f"{path}: not an NRRD file")
+        for raw in f:
+            line = raw.decode("ascii", errors="replace").rstrip("\n")
+            if not line:
+                break
+            if line.startswith("#"):
+                continue
+            if ":=" in line:
+                key, value = line.split(":=", 1)
+                key_values[key] = value
+            elif ": " in line:
+                key, value = line.split(": ", 1)
+                fields[key] = value
+    return fields, key_values
+
+
+def write_float_volume(array, affine, path: str | os.PathLike, description: str = "") -> Path:
+    """A float32 volume Slicer loads as a scalar volume: NIfTI (``.nii``/``.nii.gz``); a 4D ``(i, j, k, c)`` array is
+    written channel last (Slicer loads it as a sequence / vector volume)."""
+    data = np.asarray(array, dtype=np.float32)
+    if data.ndim not in (3, 4):
+        raise ValueError(f"a float volume must be 3D or 4D (channel last), got shape {data.shape}")
+    name = str(path).lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"{path}: float volumes are written as NIfTI (.nii.gz)")
+    return save_nifti(data, affine, path, dtype=np.float32, header_extra={"descrip": description} if description
+                      else None)
+
+
+def segments_info(segments: Sequence[Segment]) -> Mapping[str, int]:
+    """``{name: label value}``: the ``labels`` a MONAI Label model reports (Slicer names segments after them)."""
+    return {s.name: int(s.value) for s in segments}
