@@ -32,8 +32,6 @@ import json
 import os
 import platform
 import resource
-import signal
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -151,22 +149,10 @@ def spawn(name: str, args: argparse.Namespace) -> dict:
         cmd += ["--decode-split", str(args.decode_split)]
     if args.tile:
         cmd += ["--tile", *map(str, args.tile)]
+    from meddiff3d.pipelines.benchmark import run_child
+
     load = os.getloadavg()[0]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        return {"status": "timeout", "wall_s": round(time.perf_counter() - start, 1), "load_avg_before": load}
-    wall = round(time.perf_counter() - start, 1)
-    if proc.returncode == -signal.SIGKILL:
-        return {"status": "does not fit (killed, out of memory)", "wall_s": wall, "load_avg_before": load}
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        return {"status": f"failed (exit {proc.returncode})", "stderr": stderr[-2000:], "wall_s": wall}
-    return {"status": "ok", **json.loads(lines[-1][len("RESULT "):]), "wall_s": wall, "load_avg_before": load}
+    return {**run_child(cmd, timeout=args.timeout), "load_avg_before": load}
 
 
 def agreement(workdir: Path, name: str, against: str = "reference") -> dict | None:

@@ -31,8 +31,6 @@ import argparse
 import json
 import os
 import resource
-import signal
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -160,25 +158,15 @@ def spawn(name: str, args: argparse.Namespace) -> dict:
         cmd.append("--quick")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
-                            errors="replace")
-    try:
-        stdout, stderr = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        return {"status": "timeout", "wall_s": round(time.perf_counter() - start, 1), "memory_limit_gb": limit}
-    wall = round(time.perf_counter() - start, 1)
-    base = {"wall_s": wall, "memory_limit_gb": limit}
-    if proc.returncode == -signal.SIGKILL:
-        return {"status": "does not fit", "reason": "killed (SIGKILL, out of memory)", **base}
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        if is_out_of_memory(RuntimeError(stderr)):  # e.g. an import failing under the limit
-            return {"status": "does not fit", "reason": stderr.strip().splitlines()[-1][:200], **base}
-        return {"status": f"failed (exit {proc.returncode})", "stderr": stderr[-2000:], **base}
-    return {**json.loads(lines[-1][len("RESULT "):]), **base}
+    from meddiff3d.pipelines.benchmark import run_child as run_in_child
+
+    result = run_in_child(cmd, timeout=args.timeout)
+    result["memory_limit_gb"] = limit
+    if result["status"].startswith("failed") and is_out_of_memory(RuntimeError(result.get("stderr", ""))):
+        # e.g. an import failing under the address-space limit
+        return {"status": "does not fit", "reason": result["stderr"].strip().splitlines()[-1][:200],
+                "wall_s": result["wall_s"], "memory_limit_gb": limit}
+    return result
 
 
 def add_ratios(results: dict) -> None:

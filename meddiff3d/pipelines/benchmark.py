@@ -13,6 +13,8 @@ import argparse
 import json
 import os
 import resource
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +27,7 @@ from meddiff3d.models.codec import LatentCodec, save_codec
 from meddiff3d.models.ldm import ANCHOR_SCHEDULE, BRAIN_COVARIATES, latent_diffusion_meta, latent_unet_spec
 from meddiff3d.pipelines.latents import canonical_affine
 
-__all__ = ["untrained_pair", "main"]
+__all__ = ["untrained_pair", "peak_rss_mb", "run_child", "main"]
 
 
 def untrained_pair(out_dir: str | os.PathLike, *, shape: Sequence[int] = (32, 48, 32),
@@ -68,6 +70,32 @@ def peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def run_child(cmd: Sequence[str], timeout: float | None = None) -> dict:
+    """Run one benchmark configuration in its own process and return its result.
+
+    The child prints one line ``RESULT {json}``; the answer is that JSON with ``status: "ok"`` and ``wall_s``, or
+    ``status`` ``"timeout"``, ``"does not fit"`` (killed by SIGKILL, i.e. the out-of-memory killer or an address-space
+    limit) or ``"failed (exit N)"`` with the end of its stderr. Each configuration in a fresh process reports its own
+    peak RSS, unaffected by what ran before.
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            errors="replace")
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"status": "timeout", "wall_s": round(time.perf_counter() - start, 1)}
+    wall = round(time.perf_counter() - start, 1)
+    if proc.returncode == -signal.SIGKILL:
+        return {"status": "does not fit", "reason": "killed (SIGKILL, out of memory)", "wall_s": wall}
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"status": f"failed (exit {proc.returncode})", "stderr": stderr[-2000:], "wall_s": wall}
+    return {"status": "ok", **json.loads(lines[-1][len("RESULT "):]), "wall_s": wall}
 
 
 def main(argv: list[str] | None = None) -> int:
