@@ -273,7 +273,8 @@ def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, d
         ("training_pairs", pair_indices([0] * sum(r.small is not None for r in real["training"]), max_pairs, None,
                                         seed), [r.small for r in real["training"] if r.small is not None]),
     ):
-        diversity[label] = _stats(pairwise_ms_ssim(vols, pairs, ssim_cfg))
+        # the kept volumes are already pooled by ssim_cfg["downsample"]: compare them as they are
+        diversity[label] = _stats(pairwise_ms_ssim(vols, pairs, {**ssim_cfg, "downsample": 1}))
     train_cnn = np.stack([r.cnn for r in real["training"]])
     train_hand = np.stack([r.hand for r in real["training"]])
 
