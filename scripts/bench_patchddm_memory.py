@@ -21,7 +21,8 @@ of the Python/torch/MONAI runtime; ``setup MB`` is the RSS after building networ
 
 A child that runs out of memory reports "does not fit": either its allocation fails under the address-space limit
 (``--memory-limit-gb``, ``RLIMIT_AS`` set in the child, default 80 % of the memory available when it starts, so a run
-cannot take the machine down) or the kernel's OOM killer ends it (SIGKILL). Over ``--timeout`` it reports "timeout".
+cannot take the machine down; ``--step-budget-mb`` caps it instead at what the child has mapped after setup plus a
+budget, independent of how much the runtime maps) or the kernel's OOM killer ends it (SIGKILL). Over ``--timeout`` it reports "timeout".
 ``--quick`` shrinks everything (a 40 x 48 x 40 volume, 16^3 / 24^3 patches, channels 8/16/32/32) for a smoke test.
 """
 
@@ -47,14 +48,27 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def current_rss_mb() -> float:
+def proc_status_mb(field: str = "VmRSS") -> float:
+    """A memory field of /proc/self/status in MB (``VmRSS``: resident, ``VmSize``: mapped address space); NaN
+    where /proc is missing."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def limit_step_memory(budget_mb: float | None) -> None:
+    """Cap the address space at what is mapped now plus ``budget_mb``: the step then fits or not in that working
+    memory whatever the runtime itself maps (which differs between machines and library builds)."""
+    if budget_mb:
+        mapped = proc_status_mb("VmSize")
+        if mapped != mapped:  # NaN: no /proc
+            raise SystemExit("--step-budget-mb needs /proc/self/status (Linux)")
+        limit = int((mapped + budget_mb) * 1024**2)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def available_gb() -> float:
@@ -107,7 +121,8 @@ def run_child(args: argparse.Namespace) -> dict:
         net.train()
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
         noise = torch.randn(1, regions, *spatial)
-        result["setup_mb"] = current_rss_mb()
+        result["setup_mb"] = proc_status_mb()
+        limit_step_memory(args.step_budget_mb)
         start = time.perf_counter()
         loss = torch.nn.functional.mse_loss(net(x, timesteps=t), noise)
         loss.backward()
@@ -115,7 +130,8 @@ def run_child(args: argparse.Namespace) -> dict:
         result["seconds"] = time.perf_counter() - start
     else:
         net.eval()
-        result["setup_mb"] = current_rss_mb()
+        result["setup_mb"] = proc_status_mb()
+        limit_step_memory(args.step_budget_mb)
         start = time.perf_counter()
         with torch.no_grad():
             if roi is None:
@@ -154,6 +170,8 @@ def spawn(name: str, args: argparse.Namespace) -> dict:
     limit = args.memory_limit_gb or round(0.8 * available_gb(), 2)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--regions", str(args.regions),
            "--seed", str(args.seed), "--memory-limit-gb", str(limit)]
+    if args.step_budget_mb:
+        cmd += ["--step-budget-mb", str(args.step_budget_mb)]
     if args.quick:
         cmd.append("--quick")
     if args.threads:
@@ -162,10 +180,13 @@ def spawn(name: str, args: argparse.Namespace) -> dict:
 
     result = run_in_child(cmd, timeout=args.timeout)
     result["memory_limit_gb"] = limit
+    if args.step_budget_mb:
+        result["step_budget_mb"] = args.step_budget_mb
     if result["status"].startswith("failed") and is_out_of_memory(RuntimeError(result.get("stderr", ""))):
         # e.g. an import failing under the address-space limit
         return {"status": "does not fit", "reason": result["stderr"].strip().splitlines()[-1][:200],
-                "wall_s": result["wall_s"], "memory_limit_gb": limit}
+                "wall_s": result["wall_s"], "memory_limit_gb": limit,
+                **({"step_budget_mb": args.step_budget_mb} if args.step_budget_mb else {})}
     return result
 
 
@@ -235,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="address-space limit of each child (default: 80%% of the available memory)")
+    p.add_argument("--step-budget-mb", type=float, default=None,
+                   help="also cap each child's address space at what it has mapped after setup plus this many MB: "
+                        "does the step fit in this working memory")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
