@@ -305,3 +305,40 @@ def test_with_the_library_diffusion_objective(tmp_path):
 def test_build_network_refuses_classes_outside_trusted_packages():
     with pytest.raises(InputError, match="outside the trusted packages"):
         build_network({"network": {"class": "os.system", "args": {}}})
+
+
+def test_store_for_autocast_halves_weights_and_keeps_the_autocast_result():
+    from meddiff3d.engine.precision import store_for_autocast
+
+    torch.manual_seed(0)
+    net = build_network(tiny_unet_meta()).eval()
+    for p in net.parameters():  # zero-initialised output layers would make every output 0
+        p.data.normal_(0, 0.1)
+    stored = store_for_autocast(copy.deepcopy(net), torch.bfloat16)
+    x, t = torch.randn(1, 1, 8, 8, 8), torch.tensor([300])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = net(x, timesteps=t), stored(x, timesteps=t)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)  # autocast casts those weights to bf16 anyway
+    dtypes = {type(m).__name__: m.weight.dtype for m in stored.modules() if getattr(m, "weight", None) is not None}
+    assert dtypes["Conv3d"] == torch.bfloat16 and dtypes["Linear"] == torch.bfloat16
+    assert dtypes["GroupNorm"] == torch.float32  # autocast runs norms in float32
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert size(stored) < 0.55 * size(net)
+    assert store_for_autocast(net, None) is net and next(net.parameters()).dtype == torch.float32
+
+
+def test_loading_into_a_meta_network_assigns_the_file_tensors(tmp_path):
+    from meddiff3d.engine.checkpoint import load_weights
+
+    source = build_network(tiny_unet_meta())
+    data = {"ema": source.state_dict()}
+    net = build_network(tiny_unet_meta(), device="meta")
+    assert all(p.is_meta for p in net.parameters())
+    load_weights(data, net, assign=True, source="test file")
+    for name, p in net.named_parameters():
+        assert not p.is_meta and p.dtype == torch.float32
+        assert p.data_ptr() == data["ema"][name].data_ptr()  # the file's tensor itself: no second copy
+    data["ema"].pop(next(iter(data["ema"])))
+    with pytest.raises(InputError, match="test file .*missing keys"):
+        load_weights(data, build_network(tiny_unet_meta(), device="meta"), assign=True, source="test file")

@@ -153,6 +153,28 @@ def test_guidance_wrapper_combination_on_one_step(pair):
     torch.testing.assert_close(g, u + 2.5 * (c - u), atol=5e-4, rtol=1e-3)  # batch of 2 vs 1: rounding
 
 
+def test_bf16_inference_network_matches_autocast_of_the_float32_weights(pair):
+    """load_models(amp_dtype=bf16) stores conv/linear weights in bf16 and channels-last: the denoiser's output equals
+    autocast over the float32 network up to bf16 rounding of a different summation order."""
+    from meddiff3d.pipelines.generation import Autocast
+
+    network32, meta, _, _ = load_models(*pair)
+    network16, _, _, _ = load_models(*pair, amp_dtype=torch.bfloat16)
+    for p in network32.parameters():
+        p.data.normal_(0, 0.05)  # the untrained U-Net's output layer is zero
+    state = network32.state_dict()
+    network16.load_state_dict({k: v.to(network16.state_dict()[k].dtype) for k, v in state.items()})
+    conv = next(m for m in network16.modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.dtype == torch.bfloat16 and conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    x = initial_noise([0], [7, *meta["latent"]["shape"][1:]], torch.device("cpu"))
+    t, ctx = torch.tensor([600]), torch.rand(1, 1, 4)
+    with torch.no_grad():
+        reference = Autocast(network32, torch.bfloat16)(x, timesteps=t, context=ctx)
+        got = Autocast(network16, torch.bfloat16)(x, timesteps=t, context=ctx)
+    assert got.dtype == torch.float32 and got.is_contiguous() and reference.abs().max() > 0.05
+    torch.testing.assert_close(got, reference, atol=0.02 * float(reference.abs().max()), rtol=0)
+
+
 def test_latent_scale_travels_with_the_codec_file(pair, tmp_path):
     first = _load(_gen(pair, tmp_path / "a")[0])
     codec_file = torch.load(pair[0], weights_only=True)

@@ -176,22 +176,33 @@ def load_checkpoint(
     return data
 
 
-def load_weights(data: Mapping, model: torch.nn.Module, weights: str = "ema", source: str = "checkpoint") -> None:
-    """Load ``data[weights]`` (a file's content from :func:`read_file`) into ``model`` after checking it fits."""
+def load_weights(data: Mapping, model: torch.nn.Module, weights: str = "ema", source: str = "checkpoint",
+                 *, assign: bool = False) -> None:
+    """Load ``data[weights]`` (a file's content from :func:`read_file`) into ``model`` after checking it fits.
+
+    ``assign=True`` makes the file's tensors the model's parameters instead of copying them, for a model built on the
+    ``meta`` device (:func:`build_network` ``(meta, device="meta")``): the weights then exist once in memory, not twice.
+    """
     if weights not in data:
         raise InputError(f"{source} has no {weights!r} weights (it holds: {', '.join(sorted(data))})")
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     state = _strip_ddp_prefix(data[weights])
     check_state_fits(state, model, f"{source} ({weights!r} weights)")
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)
+    if assign:
+        left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise InputError(f"{source}: {_listing(left)} not in the file's {weights!r} weights")
+        model.float()  # the file's dtype became the parameters' dtype: compute in float32 as a built network would
 
 
-def build_network(meta: Mapping) -> torch.nn.Module:
+def build_network(meta: Mapping, device: str | torch.device | None = None) -> torch.nn.Module:
     """Instantiate ``meta["network"]["class"]`` (an import path) with ``meta["network"]["args"]``.
 
     ``meta`` may be a whole checkpoint meta or just its ``"network"`` entry, e.g.
-    ``{"class": "monai.networks.nets.DiffusionModelUNet", "args": {"spatial_dims": 3, ...}}``.
+    ``{"class": "monai.networks.nets.DiffusionModelUNet", "args": {"spatial_dims": 3, ...}}``. ``device="meta"``
+    allocates no weights (to be filled by :func:`load_weights` ``(..., assign=True)``).
     """
     spec = meta.get("network", meta) if isinstance(meta, Mapping) else None
     if not isinstance(spec, Mapping) or "class" not in spec:
@@ -209,7 +220,10 @@ def build_network(meta: Mapping) -> torch.nn.Module:
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise InputError(f"network class {class_path!r} is not a torch.nn.Module subclass")
     try:
-        return cls(**args)
+        if device is None:
+            return cls(**args)
+        with torch.device(device):
+            return cls(**args)
     except TypeError as err:
         raise InputError(f"network class {class_path!r} rejects the arguments {sorted(args)}: {err}") from err
 

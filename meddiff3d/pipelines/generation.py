@@ -41,7 +41,7 @@ from meddiff3d.diffusion import (
     schedule_from_dict,
 )
 from meddiff3d.engine.checkpoint import build_network, load_weights, read_file
-from meddiff3d.engine.precision import resolve_device
+from meddiff3d.engine.precision import resolve_device, store_for_autocast
 from meddiff3d.errors import InputError
 from meddiff3d.models.codec import LatentCodec, load_codec
 from meddiff3d.models.ldm import (
@@ -57,7 +57,7 @@ from meddiff3d.utils.io import save_json, save_nifti, save_preview_png
 logger = logging.getLogger("meddiff3d.pipelines")
 
 __all__ = ["generate", "load_models", "build_denoiser", "sample_latents", "sampling_timesteps", "inference_dtype",
-           "Autocast", "check_guidance_support", "TIMESTEP_SPACING", "MONAI_SPACING", "AMP_CHOICES"]
+           "Autocast", "prepare_for_inference", "check_guidance_support", "TIMESTEP_SPACING", "MONAI_SPACING", "AMP_CHOICES"]
 
 #: timestep spacing per sampler (others: ``"linspace"``, MONAI's DDIM); DPM-Solver++ wants uniform log-SNR steps
 TIMESTEP_SPACING = {"dpmpp_2m": "log_snr"}
@@ -98,17 +98,47 @@ def inference_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
 
 
+def is_channels_last_3d(net: Any) -> bool:
+    """Whether ``net``'s first 5-D weight is stored channels-last (``torch.channels_last_3d``)."""
+    params = net.parameters() if isinstance(net, torch.nn.Module) else ()
+    weight = next((p for p in params if p.ndim == 5), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 class Autocast:
-    """Network wrapper: run ``net`` under autocast to ``dtype`` and return float32 (the sampler's maths stays fp32)."""
+    """Network wrapper: run ``net`` under autocast to ``dtype`` and return float32 (the sampler's maths stays fp32).
+    A 5-D input goes in channels-last when ``net``'s weights are (:func:`prepare_for_inference`), so the first
+    convolution does not convert it."""
 
     def __init__(self, net: Callable[..., torch.Tensor], dtype: torch.dtype | None) -> None:
         self.net, self.dtype = net, dtype
+        self.channels_last = is_channels_last_3d(net)
 
     def __call__(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if self.dtype is None:
             return self.net(x, **kwargs)
+        if self.channels_last and x.ndim == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device_type=x.device.type, dtype=self.dtype):
-            return self.net(x, **kwargs).float()
+            return self.net(x, **kwargs).float().contiguous()
+
+
+def prepare_for_inference(network: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Ready a loaded network for :class:`Autocast` to ``dtype``: convolution and linear weights stored in ``dtype``
+    (:func:`meddiff3d.engine.precision.store_for_autocast`: same result, half the weight memory, no cast per step)
+    and, for 3D networks, channels-last (oneDNN's and cuDNN's preferred layout for low-precision 3D convolutions).
+    Float32 (``dtype=None``) leaves the network as it is, so it matches a plain MONAI loop to float rounding.
+
+    Measured on the anchor U-Net (553 M parameters, one 7x20x28x20 step, one thread of a CPU with AVX512-BF16):
+    float32 14.3 s, bf16 autocast 7.0 s and 3.8 GB peak RSS, + weights stored in bf16 6.65 s and 2.6 GB, + channels-last
+    6.5 s.
+    """
+    if dtype is None:
+        return network
+    store_for_autocast(network, dtype)
+    if any(p.ndim == 5 for p in network.parameters()):
+        network.to(memory_format=torch.channels_last_3d)
+    return network
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -116,7 +146,9 @@ def load_models(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike
                 device: torch.device | str = "cpu", decode_tile: Sequence[int] | None = None,
                 decode_split: int | None = None,
                 amp_dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict, LatentCodec, dict]:
-    """``(network, meta, codec, codec_meta)`` on ``device``, after checking the pair belongs together.
+    """``(network, meta, codec, codec_meta)`` on ``device``, after checking the pair belongs together; with
+    ``amp_dtype`` the network is ready for :class:`Autocast` to it (:func:`prepare_for_inference`), so run it only
+    through :func:`build_denoiser` with the same ``amp_dtype``.
 
     ``check_pair=False`` skips the codec fingerprint check (e.g. to try a re-calibrated codec); the latent channel
     count and shape must fit in any case.
@@ -136,8 +168,9 @@ def load_models(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike
             f"(it expects {meta['codec'].get('file')!r}, fingerprint {str(expected)[:12]}...); pass the matching codec"
         )
     options = {"split": decode_split} if decode_split else {}
+    # low precision decodes channels-last (anchor autoencoder, 3x10x14x10 latent, bf16, one thread: 11.4 s -> 9.7 s)
     codec, codec_meta = load_codec(codec_path, map_location="cpu", decode_tile=decode_tile, amp_dtype=amp_dtype,
-                                   **options)
+                                   channels_last=amp_dtype is not None, **options)
     try:
         latent = list(codec.latent_shape(meta["image"]["shape"]))
     except ValueError as err:
@@ -145,9 +178,11 @@ def load_models(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike
     if latent != list(meta["latent"]["shape"]):
         raise InputError(f"codec {codec_path} makes latents {latent}, the diffusion model expects "
                          f"{meta['latent']['shape']}")
-    network = build_network(meta)
-    load_weights(data, network, "ema", source=f"diffusion model {diffusion_path}")
-    return network.to(device).eval(), meta, codec.to(device), codec_meta
+    network = build_network(meta, device="meta")  # the weights are the file's tensors: held once, not twice
+    load_weights(data, network, "ema", source=f"diffusion model {diffusion_path}", assign=True)
+    del data
+    network = prepare_for_inference(network.to(device).eval(), amp_dtype)
+    return network, meta, codec.to(device), codec_meta
 
 
 def build_denoiser(network: Callable[..., torch.Tensor], meta: Mapping[str, Any], *, guidance_scale: float = 1.0,
