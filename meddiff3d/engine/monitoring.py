@@ -87,7 +87,9 @@ class TrainingMonitor:
         if self.progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.trainer.max_iterations, initial=start, desc="train", dynamic_ncols=True)
+            # a run bounded by a wall-clock budget passes a huge max_iterations: show a count, not a hopeless ETA
+            total = self.trainer.max_iterations if self.trainer.max_iterations < 10**8 else None
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
     def open_log_file(self) -> None:
         """Copy the ``meddiff3d`` loggers' INFO lines to ``RUN_DIR/train.log`` (rank 0; appends across resumes)."""
