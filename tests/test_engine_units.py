@@ -342,3 +342,23 @@ def test_loading_into_a_meta_network_assigns_the_file_tensors(tmp_path):
     data["ema"].pop(next(iter(data["ema"])))
     with pytest.raises(InputError, match="test file .*missing keys"):
         load_weights(data, build_network(tiny_unet_meta(), device="meta"), assign=True, source="test file")
+
+
+def test_wall_clock_budget_counts_fetching_the_batch(tmp_path, monkeypatch):
+    """A slow batch fetch (0.1 s, e.g. augmentation) is training time: a 0.5 s budget stops after about 5 steps."""
+    import time
+
+    from meddiff3d.engine import WallClockBudget
+    from meddiff3d.engine.data import BatchStream
+
+    real_iter_from = BatchStream.iter_from
+
+    def slow_iter_from(self, micro_batch):
+        for batch in real_iter_from(self, micro_batch):
+            time.sleep(0.1)
+            yield batch
+
+    monkeypatch.setattr(BatchStream, "iter_from", slow_iter_from)
+    budget = WallClockBudget(minutes=0.5 / 60)
+    make_trainer(tmp_path, max_iterations=100, handlers=[budget]).run()
+    assert budget.exhausted and 0.5 <= budget.seconds < 0.9

@@ -3,7 +3,8 @@
     trainer = DiffusionTrainer(net, objective, data, run_dir=run, max_iterations=10**9,
                                handlers=[WallClockBudget(minutes=30)])
 
-After every optimiser step the handler adds the step's time to the run's training time and stops the engine
+After every optimiser step the handler adds the iteration's time (fetching and augmenting its batch, then the step)
+to the run's training time and stops the engine
 (``engine.terminate()``; the trainer then writes its final checkpoint) once the budget is used up. The training time
 is saved as ``RUN_DIR/budget.json`` (``{"iteration", "seconds", "budget_seconds"}``) next to every checkpoint, so a
 resumed run continues from the time the checkpoint was taken, not from zero: two runs "for the same wall-clock
@@ -41,7 +42,8 @@ class WallClockBudget:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
+        # an iteration's time runs from fetching its batch (ignite fetches before ITERATION_STARTED) to its step's end
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._iteration_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         engine.add_event_handler(Events.COMPLETED, self._save)
 
