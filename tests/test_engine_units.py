@@ -360,5 +360,6 @@ def test_wall_clock_budget_counts_fetching_the_batch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(BatchStream, "iter_from", slow_iter_from)
     budget = WallClockBudget(minutes=0.5 / 60)
-    make_trainer(tmp_path, max_iterations=100, handlers=[budget]).run()
-    assert budget.exhausted and 0.5 <= budget.seconds < 0.9
+    trainer = make_trainer(tmp_path, max_iterations=100, handlers=[budget])
+    trainer.run()
+    assert budget.exhausted and 0.5 <= budget.seconds < 0.9 and trainer.state.iteration <= 7
