@@ -15,6 +15,7 @@ non-trivial). Each configuration then generates one volume in a fresh subprocess
 * ``ours_ddim``: ``meddiff3d.pipelines.generation.generate`` with DDIM at the same steps, ``spacing="monai"`` (MONAI's
   stepping, so the result is comparable), ``amp="auto"`` (bf16 on CPUs with native bf16), whole-volume decode
   (exact; ``--decode-split N`` to decode in slabs instead).
+* ``ours_ddim_tiled``: ``ours_ddim`` with tiled decoding (``--tile``, see ``ours_dpmpp_tiled``).
 * ``ours_dpmpp``: the same with DPM-Solver++(2M) at ``--dpm-steps`` steps (its default log-SNR spacing).
 * ``ours_dpmpp_tiled``: ``ours_dpmpp`` with tiled decoding (``--tile``, latent tiles, Gaussian blending): bounded
   memory, approximate (GroupNorm statistics per tile); its difference to ``ours_dpmpp`` measures the approximation.
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-CONFIGS = ("reference", "ours_ddim", "ours_dpmpp", "ours_dpmpp_tiled", "ours_fp32")
+CONFIGS = ("reference", "ours_ddim", "ours_ddim_tiled", "ours_dpmpp", "ours_dpmpp_tiled", "ours_fp32")
 COVARIATES = {"sex": 1.0, "age": 0.5, "ventricular_volume": 0.3, "brain_volume": 0.6}  # model-zoo order
 FULL = {"shape": [160, 224, 160], "autoencoder": "anchor", "unet": "anchor"}
 QUICK = {"shape": [64, 64, 64], "autoencoder": "tiny", "unet": "test"}
@@ -201,8 +202,9 @@ def parent(args: argparse.Namespace) -> int:
             r["rss_ratio_reference_over_ours"] = round(ref["peak_rss_mb"] / r["peak_rss_mb"], 2)
         if name != "reference":
             r["agreement_with_reference"] = agreement(args.workdir, name)
-        if name == "ours_dpmpp_tiled":
-            r["agreement_with_ours_dpmpp"] = agreement(args.workdir, name, "ours_dpmpp")
+        untiled = name.removesuffix("_tiled")
+        if untiled != name and untiled in results:
+            r[f"agreement_with_{untiled}"] = agreement(args.workdir, name, untiled)
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
         "image_shape": shape, "autoencoder": autoencoder, "unet": unet, "steps": args.steps,
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     p.add_argument("--decode-split", type=int, default=0, help="ours: exact slab decoding in N slabs (0: one pass)")
     p.add_argument("--tile", type=int, nargs=3, default=None,
-                   help="latent tile of ours_dpmpp_tiled (default [12, 16, 12]; quick: [4, 4, 4])")
+                   help="latent tile of the *_tiled configurations (default [12, 16, 12]; quick: [4, 4, 4])")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
     p.add_argument("--note", default="", help="machine conditions to record (e.g. other load)")
