@@ -205,6 +205,8 @@ def test_benchmark_quick_smoke(tmp_path):
                           capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"reference", "ours_ddim", "ours_dpmpp", "ours_dpmpp_tiled", "ours_fp32"}
+    assert set(report["results"]) == {"reference", "ours_ddim", "ours_ddim_tiled", "ours_dpmpp", "ours_dpmpp_tiled",
+                                      "ours_fp32"}
+    assert "agreement_with_ours_ddim" in report["results"]["ours_ddim_tiled"]
     assert all(r["status"] == "ok" and r["peak_rss_mb"] > 0 for r in report["results"].values())
     assert report["results"]["ours_fp32"]["agreement_with_reference"]["max_abs_diff"] < 1e-4
