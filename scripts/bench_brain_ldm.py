@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from datetime import datetime, timezone
@@ -44,11 +43,6 @@ CONFIGS = ("reference", "ours_ddim", "ours_ddim_tiled", "ours_dpmpp", "ours_dpmp
 COVARIATES = {"sex": 1.0, "age": 0.5, "ventricular_volume": 0.3, "brain_volume": 0.6}  # model-zoo order
 FULL = {"shape": [160, 224, 160], "autoencoder": "anchor", "unet": "anchor"}
 QUICK = {"shape": [64, 64, 64], "autoencoder": "tiny", "unet": "test"}
-
-
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 # ------------------------------------------------------------------------------------------------ children
@@ -124,6 +118,8 @@ def child(args: argparse.Namespace) -> int:
                           sampler=sampler, amp="none" if args.child == "ours_fp32" else "auto",
                           spacing=None if sampler == "dpmpp_2m" else "monai", decode_split=args.decode_split or None,
                           decode_tile=args.tile if args.child.endswith("_tiled") else None)
+    from meddiff3d.pipelines.benchmark import peak_rss_mb
+
     result = {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
     print("RESULT " + json.dumps({**result, "peak_rss_mb": round(peak_rss_mb(), 1),
                                   "threads": torch.get_num_threads()}), flush=True)
@@ -221,13 +217,13 @@ def parent(args: argparse.Namespace) -> int:
 
 
 def table(report: dict) -> str:
-    rows = [f"{'config':<12} {'status':<10} {'total s':>8} {'sample s':>9} {'decode s':>9} {'peak RSS MB':>12} "
+    rows = [f"{'config':<16} {'status':<10} {'total s':>8} {'sample s':>9} {'decode s':>9} {'peak RSS MB':>12} "
             f"{'x faster':>9} {'RSS ratio':>10} {'max|diff|':>10} {'mean|diff|':>11}"]
     for name, r in report["results"].items():
         agree = r.get("agreement_with_reference") or {}
         def fmt(v, spec):
             return format(v, spec) if isinstance(v, (int, float)) else "-"
-        rows.append(f"{name:<12} {r['status'][:10]:<10} {fmt(r.get('total_s'), '8.1f')} {fmt(r.get('sampling_s'), '9.1f')}"
+        rows.append(f"{name:<16} {r['status'][:10]:<10} {fmt(r.get('total_s'), '8.1f')} {fmt(r.get('sampling_s'), '9.1f')}"
                     f" {fmt(r.get('decoding_s'), '9.1f')} {fmt(r.get('peak_rss_mb'), '12.0f')}"
                     f" {fmt(r.get('speedup_vs_reference'), '9.2f')} {fmt(r.get('rss_ratio_reference_over_ours'), '10.2f')}"
                     f" {fmt(agree.get('max_abs_diff'), '10.2e')} {fmt(agree.get('mean_abs_diff'), '11.2e')}")

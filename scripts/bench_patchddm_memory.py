@@ -22,7 +22,8 @@ of the Python/torch/MONAI runtime; ``setup MB`` is the RSS after building networ
 A child that runs out of memory reports "does not fit": either its allocation fails under the address-space limit
 (``--memory-limit-gb``, ``RLIMIT_AS`` set in the child, default 80 % of the memory available when it starts, so a run
 cannot take the machine down; ``--step-budget-mb`` caps it instead at what the child has mapped after setup plus a
-budget, independent of how much the runtime maps) or the kernel's OOM killer ends it (SIGKILL). Over ``--timeout`` it reports "timeout".
+budget, independent of how much the runtime maps) or the kernel's OOM killer ends it (SIGKILL). Over ``--timeout``
+it reports "timeout".
 ``--quick`` shrinks everything (a 40 x 48 x 40 volume, 16^3 / 24^3 patches, channels 8/16/32/32) for a smoke test.
 """
 
@@ -41,11 +42,6 @@ CONFIGS = ("train_full", "train_p96", "train_p64", "infer_full", "infer_sw96", "
 FULL = {"shape": [160, 192, 160], "patches": {"96": 96, "64": 64}, "channels": [32, 64, 128, 128], "groups": 32}
 QUICK = {"shape": [40, 48, 40], "patches": {"96": 24, "64": 16}, "channels": [8, 16, 32, 32], "groups": 8}
 SEQUENCES, COORDINATES = 4, 3
-
-
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def proc_status_mb(field: str = "VmRSS") -> float:
@@ -149,6 +145,8 @@ def child(args: argparse.Namespace) -> int:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import torch
 
+    from meddiff3d.pipelines.benchmark import peak_rss_mb  # before the step: no import under its memory budget
+
     if args.threads:
         torch.set_num_threads(args.threads)
     spatial, roi = input_shape(args.child, QUICK if args.quick else FULL)
@@ -179,15 +177,12 @@ def spawn(name: str, args: argparse.Namespace) -> dict:
     from meddiff3d.pipelines.benchmark import run_child as run_in_child
 
     result = run_in_child(cmd, timeout=args.timeout)
-    result["memory_limit_gb"] = limit
-    if args.step_budget_mb:
-        result["step_budget_mb"] = args.step_budget_mb
+    limits = {"memory_limit_gb": limit, **({"step_budget_mb": args.step_budget_mb} if args.step_budget_mb else {})}
     if result["status"].startswith("failed") and is_out_of_memory(RuntimeError(result.get("stderr", ""))):
         # e.g. an import failing under the address-space limit
         return {"status": "does not fit", "reason": result["stderr"].strip().splitlines()[-1][:200],
-                "wall_s": result["wall_s"], "memory_limit_gb": limit,
-                **({"step_budget_mb": args.step_budget_mb} if args.step_budget_mb else {})}
-    return result
+                "wall_s": result["wall_s"], **limits}
+    return {**result, **limits}
 
 
 def add_ratios(results: dict) -> None:

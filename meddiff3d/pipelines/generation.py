@@ -57,7 +57,8 @@ from meddiff3d.utils.io import save_json, save_nifti, save_preview_png
 logger = logging.getLogger("meddiff3d.pipelines")
 
 __all__ = ["generate", "load_models", "build_denoiser", "sample_latents", "sampling_timesteps", "inference_dtype",
-           "Autocast", "prepare_for_inference", "check_guidance_support", "TIMESTEP_SPACING", "MONAI_SPACING", "AMP_CHOICES"]
+           "Autocast", "prepare_for_inference", "check_guidance_support", "TIMESTEP_SPACING", "MONAI_SPACING",
+           "AMP_CHOICES"]
 
 #: timestep spacing per sampler (others: ``"linspace"``, MONAI's DDIM); DPM-Solver++ wants uniform log-SNR steps
 TIMESTEP_SPACING = {"dpmpp_2m": "log_snr"}
