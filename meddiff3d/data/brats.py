@@ -12,6 +12,8 @@ TC, WT, ET and knows only the 2021 labels.
 
 from __future__ import annotations
 
+#: the four MR sequences, in channel order (the datalist ``modalities`` of BraTS cases; 2023 names map onto them)
+BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 #: channel order of region masks: whole tumour, tumour core, enhancing tumour
 BRATS_REGIONS = ("WT", "TC", "ET")
 #: label values per convention

@@ -35,12 +35,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from meddiff3d.data.brats import BRATS_MODALITIES
 from meddiff3d.data.datalist import SECTIONS, load_datalist, read_datalist, write_datalist
 from meddiff3d.errors import DatalistError, InputError
 
 log = logging.getLogger(__name__)
 
-BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 #: file suffix -> modality (or "seg"), per naming convention
 BRATS_NAMING = {
     "brats2021": {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"},

@@ -54,6 +54,7 @@ import torch
 
 from meddiff3d.data.brats import BRATS_LABELS, BRATS_REGIONS, region_masks
 from meddiff3d.errors import InputError
+from meddiff3d.models.segdiff import binary_entropy
 from meddiff3d.utils.io import atomic_path, save_json
 
 __all__ = ["region_metrics", "case_metrics", "calibration_error", "error_capture", "binary_entropy",
@@ -101,14 +102,6 @@ def _empty_hd95(rule: str | float, shape: Sequence[int], spacing: Sequence[float
         return float(rule)
     except (TypeError, ValueError):
         raise ValueError(f"empty_hd95 must be 'diagonal', 'nan' or a number of mm, got {rule!r}") from None
-
-
-def binary_entropy(p: np.ndarray) -> np.ndarray:
-    """``H(p) = -p log p - (1 - p) log(1 - p)`` in nats (0 at p = 0 and p = 1)."""
-    p = np.clip(np.asarray(p, np.float64), 0.0, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -(p * np.log(p) + (1 - p) * np.log1p(-p))
-    return np.nan_to_num(h, nan=0.0)
 
 
 def calibration_error(prob: np.ndarray, truth: np.ndarray, bins: int = 10) -> float:

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from meddiff3d.data.preprocess import BRATS_MODALITIES, BRATS_NAMING
+from meddiff3d.data.brats import BRATS_MODALITIES
+from meddiff3d.data.preprocess import BRATS_NAMING
 from meddiff3d.errors import InputError
 
 __all__ = ["BRATS_MODALITIES", "split_sequence_name", "find_case_sequences", "resolve_sequences",

@@ -36,9 +36,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from meddiff3d.data.brats import BRATS_REGIONS
+from meddiff3d.data.brats import BRATS_MODALITIES, BRATS_REGIONS
 from meddiff3d.diffusion import (
     AppendCoordinates,
     ConcatConditioning,
@@ -46,7 +47,6 @@ from meddiff3d.diffusion import (
     NoiseSchedule,
     SlidingWindowNetwork,
 )
-from meddiff3d.diffusion import SlidingWindowNetwork
 from meddiff3d.errors import InputError
 
 __all__ = [
@@ -60,12 +60,13 @@ __all__ = [
     "segdiff_meta",
     "conditioned_network",
     "parameter_count",
+    "binary_entropy",
+    "ensemble_statistics",
     "save_untrained_model",
 ]
 
 SEGDIFF_KIND = "segmentation_diffusion"
 #: the sequences the model is conditioned on, in channel order (the datalist's ``modalities``)
-BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 #: PatchDDM's schedule: linear betas 1e-4..2e-2 over T = 1000 (sampled with ~20 DDIM / DPM-Solver++ steps)
 SEGDIFF_SCHEDULE = {"type": "NoiseSchedule", "schedule": "linear_beta", "num_train_timesteps": 1000,
                     "beta_start": 1e-4, "beta_end": 2e-2}
@@ -174,6 +175,27 @@ def conditioned_network(network: Callable[..., torch.Tensor], meta: Mapping[str,
                            "sliding-window roi_size")
         net = SlidingWindowNetwork(net, roi, overlap=overlap, sw_batch_size=sw_batch_size)
     return ConcatConditioning(net, "image")
+
+
+def binary_entropy(p: np.ndarray) -> np.ndarray:
+    """``H(p) = -p log p - (1 - p) log(1 - p)`` in nats (0 at p = 0 and p = 1)."""
+    p = np.clip(np.asarray(p, np.float64), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(p * np.log(p) + (1 - p) * np.log1p(-p))
+    return np.nan_to_num(h, nan=0.0)
+
+
+def ensemble_statistics(samples: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Samples ``(N, R, *spatial)`` in [-1, 1] -> ``{"prob", "variance", "entropy"}``, each ``(R, *spatial)`` float32.
+
+    ``prob`` = mean of the soft masks ``clip((x + 1) / 2, 0, 1)``, ``variance`` = their population variance,
+    ``entropy`` = binary entropy of ``prob`` in nats (0 where all samples agree on 0 or 1, ``ln 2`` at 0.5).
+    """
+    soft = ((samples.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    prob = soft.mean(0)
+    variance = soft.var(0, unbiased=False) if soft.shape[0] > 1 else torch.zeros_like(prob)
+    entropy = torch.from_numpy(binary_entropy(prob.numpy()).astype(np.float32))
+    return {"prob": prob, "variance": variance, "entropy": entropy}
 
 
 def parameter_count(spec: Mapping[str, Any]) -> int:

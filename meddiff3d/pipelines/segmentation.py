@@ -44,7 +44,7 @@ from meddiff3d.engine.checkpoint import build_network, load_weights, read_file
 from meddiff3d.engine.precision import resolve_device
 from meddiff3d.errors import InputError
 from meddiff3d.models.ldm import file_sha256
-from meddiff3d.models.segdiff import SEGDIFF_KIND, check_volume_shape, conditioned_network
+from meddiff3d.models.segdiff import SEGDIFF_KIND, check_volume_shape, conditioned_network, ensemble_statistics
 from meddiff3d.pipelines.generation import (
     TIMESTEP_SPACING,
     Autocast,
@@ -88,21 +88,6 @@ class ClampedDenoiser:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self.denoiser(x, t, **cond).clamp(self.lo, self.hi)
-
-
-def ensemble_statistics(samples: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Samples ``(N, R, *spatial)`` in [-1, 1] -> ``{"prob", "variance", "entropy"}``, each ``(R, *spatial)`` float32.
-
-    ``prob`` = mean of the soft masks ``clip((x + 1) / 2, 0, 1)``, ``variance`` = their population variance,
-    ``entropy`` = binary entropy of ``prob`` in nats (0 where all samples agree on 0 or 1, ``ln 2`` at 0.5).
-    """
-    from meddiff3d.evaluation.segmentation import binary_entropy
-
-    soft = ((samples.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-    prob = soft.mean(0)
-    variance = soft.var(0, unbiased=False) if soft.shape[0] > 1 else torch.zeros_like(prob)
-    entropy = torch.from_numpy(binary_entropy(prob.numpy()).astype(np.float32))
-    return {"prob": prob, "variance": variance, "entropy": entropy}
 
 
 def sample_masks(denoiser: Callable[..., torch.Tensor], image: torch.Tensor, meta: Mapping[str, Any], *,

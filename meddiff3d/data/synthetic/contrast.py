@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from meddiff3d.data.brats import BRATS_MODALITIES
+
 from .grid import Grid, smooth_noise
 
-SEQUENCES = ("t1", "t1ce", "t2", "flair")
+SEQUENCES = BRATS_MODALITIES  # the BraTS sequences, t1 first (also the healthy T1 cohorts' one sequence)
 # tissue or lesion class -> mean intensity per sequence
 TISSUE_INTENSITY = {
     "t1": {"gm": 0.60, "wm": 0.85, "csf": 0.20, "skull": 0.08, "scalp": 0.75,
