@@ -43,9 +43,14 @@ def check_number(name: str, value: Any, minimum: float | None = None, maximum: f
     if ok and maximum is not None:
         ok = number < maximum if open_high else number <= maximum
     if not ok:
-        low = "" if minimum is None else f"{'(' if open_low else '['}{minimum:g}"
-        high = "" if maximum is None else f"{maximum:g}{')' if open_high else ']'}"
-        where = f" in {low or '(-inf'}, {high or 'inf)'}" if (low or high) else ""
+        if minimum is not None and maximum is not None:
+            where = f" in {'(' if open_low else '['}{minimum:g}, {maximum:g}{')' if open_high else ']'}"
+        elif minimum is not None:
+            where = f" {'>' if open_low else '>='} {minimum:g}"
+        elif maximum is not None:
+            where = f" {'<' if open_high else '<='} {maximum:g}"
+        else:
+            where = ""
         raise InputError(f"{name} must be a finite number{where}, got {value!r}")
     return number
 

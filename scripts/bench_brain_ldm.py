@@ -175,7 +175,7 @@ def cpu_name() -> str:
 def parent(args: argparse.Namespace) -> int:
     import torch
 
-    from meddiff3d.pipelines.generation import cpu_has_bf16
+    from meddiff3d.engine.precision import cpu_has_bf16
 
     preset = QUICK if args.quick else FULL
     shape = args.shape or preset["shape"]

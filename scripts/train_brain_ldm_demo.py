@@ -39,7 +39,7 @@ def stage_cohort(work: Path, n: int) -> Path:
 
 
 def stage_autoencoder(work: Path, datalist: Path, iterations: int) -> dict:
-    from meddiff3d.models.autoencoder import train_autoencoder
+    from meddiff3d.pipelines.autoencoder_training import train_autoencoder
 
     start = time.perf_counter()
     metrics = train_autoencoder(

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     import torch
 
     from meddiff3d.errors import find_input_error
-    from meddiff3d.models.seg_baseline import segment, train_seg_baseline
+    from meddiff3d.pipelines.seg_baseline import segment, train_seg_baseline
 
     if args.threads:
         torch.set_num_threads(args.threads)

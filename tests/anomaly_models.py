@@ -29,7 +29,7 @@ def tiny_anomaly_models(base: Path) -> dict[str, Path]:
     """``{"datalist", "codec", "diffusion"}`` under ``base/anomaly_tiny`` (trained on first use, then reused)."""
     from meddiff3d.data.synthetic import write_cohort
     from meddiff3d.engine.trainer import seed_everything
-    from meddiff3d.models.autoencoder import train_autoencoder
+    from meddiff3d.pipelines.autoencoder_training import train_autoencoder
     from meddiff3d.pipelines.training import train_latent_diffusion
 
     root = Path(base) / "anomaly_tiny"

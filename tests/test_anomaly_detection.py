@@ -20,7 +20,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 import torch.nn.functional as F
 
 from anomaly_models import DETECTOR, tiny_anomaly_models

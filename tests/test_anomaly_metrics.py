@@ -66,6 +66,19 @@ def test_gaussian_separation_matches_the_closed_form(rng):
     assert pooled["dice"] == pytest.approx(dice(scores >= 1.0, labels), abs=1e-9)  # the threshold is a bin edge
 
 
+def test_per_volume_metrics_equal_monai(rng):
+    """MONAI's compute_roc_auc / compute_average_precision give the same numbers (ties included); see the module
+    docstring for why the hand-written ones stay."""
+    import torch
+    from monai.metrics import compute_average_precision, compute_roc_auc
+
+    scores = np.round(rng.random(5000), 2)  # many ties
+    labels = rng.random(scores.size) < scores
+    s, y = torch.as_tensor(scores), torch.as_tensor(labels.astype(np.int64))
+    assert roc_auc(scores, labels) == pytest.approx(float(compute_roc_auc(s, y)), abs=1e-12)
+    assert average_precision(scores, labels) == pytest.approx(float(compute_average_precision(s, y)), abs=1e-12)
+
+
 def test_dice_edge_cases_and_missing_classes():
     assert dice(np.zeros(5, bool), np.zeros(5, bool)) == 1.0
     assert dice(np.ones(4, bool), np.r_[np.ones(2, bool), np.zeros(2, bool)]) == pytest.approx(2 * 2 / 6)

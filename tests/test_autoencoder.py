@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from meddiff3d.data.patches import RandPatchd
 from meddiff3d.engine.checkpoint import build_network
 from meddiff3d.errors import InputError
 from meddiff3d.models.autoencoder import (
     AutoencoderObjective,
     AutoencoderWithDiscriminator,
-    RandomPatchd,
     autoencoder_spec,
     count_parameters,
     discriminator_spec,
@@ -147,7 +147,7 @@ def test_perceptual_loss_is_off_by_default_and_never_downloads():
 
 
 def test_random_patches_come_from_the_global_torch_rng():
-    crop = RandomPatchd((4, 5, 6))
+    crop = RandPatchd(["image"], (4, 5, 6))
     image = torch.arange(8 * 9 * 10, dtype=torch.float32).reshape(1, 8, 9, 10)
     torch.manual_seed(3)
     first = [crop({"image": image, "id": "x"})["image"] for _ in range(3)]
@@ -156,4 +156,4 @@ def test_random_patches_come_from_the_global_torch_rng():
     assert all(a.shape == (1, 4, 5, 6) and torch.equal(a, b) for a, b in zip(first, second))
     assert not torch.equal(first[0], first[1])
     with pytest.raises(InputError, match="larger"):
-        RandomPatchd((16, 16, 16))({"image": image})
+        RandPatchd(["image"], (16, 16, 16))({"image": image})

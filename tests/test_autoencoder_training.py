@@ -18,8 +18,10 @@ from meddiff3d.data.synthetic import write_cohort
 from meddiff3d.data.transforms import t1_brain_transforms
 from meddiff3d.engine.checkpoint import build_network, read_file
 from meddiff3d.engine.trainer import seed_everything
-from meddiff3d.models.autoencoder import autoencoder_spec, metrics_path, reconstruction_metrics, train_autoencoder
-from meddiff3d.models.codec import LatentCodec, load_codec
+from meddiff3d.models.autoencoder import autoencoder_spec
+from meddiff3d.models.codec import LatentCodec
+from meddiff3d.models.loading import load_model
+from meddiff3d.pipelines.autoencoder_training import metrics_path, reconstruction_metrics, train_autoencoder
 
 SHAPE, SPACING, PATCH = (32, 48, 32), (5.0, 4.666667, 5.0), (16, 16, 16)
 NETWORK = {"channels": [8, 16, 16], "norm_num_groups": 8}
@@ -69,7 +71,8 @@ def test_codec_file_holds_everything_inference_needs(trained, cohort):
     raw = torch.load(run / "codec.pt", weights_only=True)  # weights-only: tensors and plain values
     assert float(raw["weights"]["latent_scale"]) == pytest.approx(metrics["latent_scale"])
     assert float(raw["weights"]["latent_shift"]) == pytest.approx(metrics["latent_shift"])
-    codec, meta = load_codec(run / "codec.pt")
+    loaded = load_model(run / "codec.pt", "codec")
+    codec, meta = loaded.network, loaded.meta
     assert float(codec.latent_scale) == float(raw["weights"]["latent_scale"])  # reused unchanged, never recomputed
     assert float(codec.latent_shift) == float(raw["weights"]["latent_shift"])
     assert meta["network"] == autoencoder_spec("kl", **NETWORK)

@@ -3,7 +3,13 @@ import torch
 
 from meddiff3d.engine.checkpoint import build_network
 from meddiff3d.errors import InputError
-from meddiff3d.models.codec import LatentCodec, load_codec, save_codec
+from meddiff3d.models.codec import LatentCodec, save_codec
+from meddiff3d.models.loading import load_model
+
+
+def load_codec(path):
+    loaded = load_model(path, "codec")
+    return loaded.network, loaded.meta
 
 KL_SPEC = {
     "class": "monai.networks.nets.AutoencoderKL",

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from meddiff3d.engine import EMA, DiffusionTrainer, build_network, load_checkpoint, load_network
+from meddiff3d.engine import EMA, DiffusionTrainer, build_network, load_checkpoint
 from meddiff3d.engine.checkpoint import capture_rng_state, restore_rng_state
 from meddiff3d.engine.data import BatchStream
 from meddiff3d.engine.precision import resolve_precision
@@ -154,7 +154,8 @@ def test_checkpoint_of_another_architecture_is_rejected_with_the_keys(tmp_path):
     assert str(path) in message and "shape mismatches" in message and "DiffusionModelUNet" in message
     with pytest.raises(InputError, match="missing keys: body.0.weight"):
         load_checkpoint(path, TinyConv())
-    network, loaded_meta = load_network(path)  # the meta rebuilds the right network
+    network = build_network(meta)  # the meta rebuilds the right network
+    loaded_meta = load_checkpoint(path, network)["meta"]
     assert loaded_meta == meta
     for key, value in network.state_dict().items():
         assert torch.equal(value, trainer.ema.state_dict()[key])

@@ -238,7 +238,7 @@ def test_generation_lands_on_the_reference_geometry_and_follows_the_seed(server)
     ("segdiff", "caseA_t1", {"steps": -2}, None, 422, "'steps' must be >= 1"),
     ("segdiff", "caseA_t1", {"result": "everything"}, None, 422, "'result' must be one of"),
     ("anomaly", "brain", {"result": "mask", "extra": 1, "result_extension": ".nrrd"}, None, 200, ""),
-    ("generation", "brain", {"covariates": "age=7"}, None, 422, "'age' must lie in [0, 1]"),
+    ("generation", "brain", {"covariates": "age=7"}, None, 422, "age=7 is outside [0, 1]"),
     ("generation", "brain", {"covariates": "shoe_size=0.5", "steps": 2}, None, 422, "shoe_size"),
     ("generation", "brain", {"sampler": "fastest"}, None, 422, "'sampler' must be one of"),
 ])

@@ -147,8 +147,8 @@ def test_covariates_from_text_or_mapping(value, expected):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("age=1.5", r"'age' must lie in \[0, 1\]"), ("age", "not 'name=value"), ("{age: }", "not a mapping"),
-    ({"age": "old"}, "'age' must be a number"), (3, "must map covariate names"),
+    ("age=1.5", r"parameter 'covariates': age=1.5 is outside \[0, 1\]"), ("age", "not 'name=value"),
+    ("{age: }", "not a mapping"), ({"age": "old"}, r"age='old' is not a number"), (3, "must map covariate names"),
 ])
 def test_bad_covariates_are_refused(value, message):
     with pytest.raises(InputError, match=message):

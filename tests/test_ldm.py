@@ -12,28 +12,24 @@ import pytest
 import torch
 from PIL import Image
 
-from meddiff3d.diffusion import NoiseSchedule
+from meddiff3d.diffusion import NoiseSchedule, initial_noise, sample, schedule_from_dict
 from meddiff3d.engine.checkpoint import build_network
 from meddiff3d.errors import InputError
-from meddiff3d.models.codec import load_codec
 from meddiff3d.models.ldm import (
     BRAIN_COVARIATES,
     NULL_COVARIATE,
     UNET_PRESETS,
     covariate_conditioning,
     covariate_vector,
+    build_denoiser,
     latent_unet_spec,
+    load_latent_diffusion,
+    model_conditioning,
     null_condition,
 )
+from meddiff3d.models.loading import load_model
 from meddiff3d.pipelines.benchmark import untrained_pair
-from meddiff3d.pipelines.generation import (
-    build_denoiser,
-    generate,
-    initial_noise,
-    load_models,
-    model_conditioning,
-    sample_latents,
-)
+from meddiff3d.pipelines.generation import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,8 +138,13 @@ def test_conditional_unconditional_and_guidance_from_one_model(pair, tmp_path):
     assert not np.allclose(strong, cond, atol=1e-4)
 
 
+def load_models(codec_path, diffusion_path, amp_dtype=None):
+    codec, diffusion = load_latent_diffusion(codec_path, diffusion_path, dtype=amp_dtype)
+    return diffusion.network, diffusion.meta, codec.network
+
+
 def test_guidance_wrapper_combination_on_one_step(pair):
-    network, meta, _, _ = load_models(*pair)
+    network, meta, _ = load_models(*pair)
     x = initial_noise([0], meta["latent"]["shape"], torch.device("cpu"))
     t = torch.tensor([700.0])
     cov = covariate_vector(COV, BRAIN_COVARIATES)
@@ -154,12 +155,12 @@ def test_guidance_wrapper_combination_on_one_step(pair):
 
 
 def test_bf16_inference_network_matches_autocast_of_the_float32_weights(pair):
-    """load_models(amp_dtype=bf16) stores conv/linear weights in bf16 and channels-last: the denoiser's output equals
+    """load_latent_diffusion(dtype=bf16) stores conv/linear weights in bf16 and channels-last: the denoiser's output equals
     autocast over the float32 network up to bf16 rounding of a different summation order."""
-    from meddiff3d.pipelines.generation import Autocast
+    from meddiff3d.engine.precision import Autocast
 
-    network32, meta, _, _ = load_models(*pair)
-    network16, _, _, _ = load_models(*pair, amp_dtype=torch.bfloat16)
+    network32, meta, _ = load_models(*pair)
+    network16, _, _ = load_models(*pair, amp_dtype=torch.bfloat16)
     for p in network32.parameters():
         p.data.normal_(0, 0.05)  # the untrained U-Net's output layer is zero
     state = network32.state_dict()
@@ -182,7 +183,7 @@ def test_latent_scale_travels_with_the_codec_file(pair, tmp_path):
     codec_file["weights"]["latent_scale"] = torch.tensor(3.0)
     changed = tmp_path / "codec_rescaled.pt"
     torch.save(codec_file, changed)
-    loaded, _ = load_codec(changed)
+    loaded = load_model(changed, "codec").network
     assert float(loaded.latent_scale) == 3.0  # read from the file, never recomputed
     with pytest.raises(InputError, match="not the codec the diffusion model .* was trained with"):
         _gen((changed, pair[1]), tmp_path / "refused")
@@ -190,9 +191,9 @@ def test_latent_scale_travels_with_the_codec_file(pair, tmp_path):
     second = _load(_gen((changed, pair[1]), tmp_path / "b", check_pair=False)[0])
     assert not np.allclose(first, second, atol=1e-4)
     # same latents, only the scale differs: decoding z / 3.0 instead of z / 1.7
-    network, meta, codec, _ = load_models(*pair)
-    z = sample_latents(build_denoiser(network, meta), initial_noise([0], meta["latent"]["shape"], torch.device("cpu")),
-                       meta, steps=3, cond=model_conditioning(meta, covariate_vector(COV, BRAIN_COVARIATES), 1,
+    network, meta, codec = load_models(*pair)
+    z = sample(build_denoiser(network, meta), initial_noise([0], meta["latent"]["shape"], torch.device("cpu")),
+               schedule_from_dict(meta["schedule"]), steps=3, cond=model_conditioning(meta, covariate_vector(COV, BRAIN_COVARIATES), 1,
                                                               torch.device("cpu")))
     np.testing.assert_allclose(loaded.decode(z)[0, 0].numpy(), second, atol=1e-4)
 
@@ -206,7 +207,8 @@ def test_latent_scale_travels_with_the_codec_file(pair, tmp_path):
     ({"num_samples": 0}, "num_samples must be an integer >= 1"),
     ({"guidance_scale": -1}, "guidance_scale must be a finite number >= 0"),
     ({"amp": "fp8"}, "unknown amp 'fp8'"),
-    ({"covariates": "age=3"}, "not a mapping"),
+    ({"covariates": "age=3"}, "age=3 is outside \\[0, 1\\]"),  # the text form name=value, checked like a mapping
+    ({"covariates": "age"}, "not a mapping"),
 ])
 def test_bad_requests_fail_before_writing(pair, tmp_path, override, message):
     with pytest.raises(InputError, match=message):

@@ -8,7 +8,8 @@ import torch
 
 from meddiff3d.diffusion import DiffusionObjective, NoiseSchedule
 from meddiff3d.errors import InputError
-from meddiff3d.models.ldm import BRAIN_COVARIATES, NULL_COVARIATE, codec_file_fingerprint, null_condition
+from meddiff3d.models.ldm import BRAIN_COVARIATES, NULL_COVARIATE, null_condition
+from meddiff3d.models.loading import load_model
 from meddiff3d.pipelines.benchmark import untrained_pair
 from meddiff3d.pipelines.data import synthetic_datalist
 from meddiff3d.pipelines.generation import generate
@@ -75,14 +76,14 @@ def test_train_then_generate(cohort, tmp_path):
     data = torch.load(out, weights_only=True)
     meta = data["meta"]
     assert data["format"] == "meddiff3d.inference/1" and "ema" in data
-    assert meta["kind"] == "latent_diffusion" and meta["prediction"] == "epsilon"
+    assert meta["kind"] == "meddiff3d.latent_diffusion/1" and meta["prediction"] == "epsilon"
     assert meta["network"]["args"]["in_channels"] == 7 and meta["network"]["args"]["cross_attention_dim"] == 4
     assert meta["schedule"]["schedule"] == "scaled_linear_beta" and meta["schedule"]["beta_end"] == 0.0205
     cond = meta["conditioning"]
     assert cond["mode"] == "both" and cond["covariates"] == list(BRAIN_COVARIATES) and cond["null_value"] == -1.0
     assert cond["scaling"]["age"]["min"] == 40  # the datalist's scaling travels with the model
     assert meta["latent"]["shape"] == [3, 8, 12, 8] and meta["image"]["orientation"] == "RAS"
-    assert meta["codec"]["fingerprint"] == codec_file_fingerprint(codec)
+    assert meta["codec"]["fingerprint"] == load_model(codec, "codec").fingerprint
     assert meta["codec"]["latent_scale"] == pytest.approx(float(torch.load(codec, weights_only=True)["weights"]["latent_scale"]))
     json.dumps(meta)  # plain JSON
     # a second call on the finished run reuses the cache and trains no further

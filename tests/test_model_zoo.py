@@ -76,14 +76,15 @@ def zoo(tmp_path_factory):
 
 def test_old_keys_round_trip(zoo):
     """Our reverse mapping is what MONAI's load_old_state_dict undoes: the converted weights are the originals."""
-    from meddiff3d.models.codec import load_codec
-    from meddiff3d.engine.checkpoint import load_network
+    from meddiff3d.models.loading import load_model
 
-    codec, meta = load_codec(zoo["codec"])
+    loaded = load_model(zoo["codec"], "codec")
+    codec, meta = loaded.network, loaded.meta
     assert float(codec.latent_scale) == 1.0 and float(codec.latent_shift) == 0.0
     for k, v in zoo["ae"].state_dict().items():
         assert torch.equal(codec.autoencoder.state_dict()[k], v), k
-    unet, dmeta = load_network(zoo["diffusion"])
+    diffusion = load_model(zoo["diffusion"], "latent_diffusion")
+    unet, dmeta = diffusion.network, diffusion.meta
     for k, v in zoo["unet"].state_dict().items():
         assert torch.equal(unet.state_dict()[k], v), k
     assert dmeta["conditioning"]["covariates"] == ["sex", "age", "ventricular_volume", "brain_volume"]

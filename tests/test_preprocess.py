@@ -9,12 +9,9 @@ from scipy import ndimage
 from meddiff3d import cli
 from meddiff3d.data.datalist import load_datalist
 from meddiff3d.data.images import array_to_sitk, read_image
-from meddiff3d.data.preprocess import (
-    brats_to_datalist,
-    n4_bias_correct,
-    split_ids,
-    t1_cohort_to_dataset,
-)
+from meddiff3d.data.datalist import split_ids
+from meddiff3d.data.preprocess import brats_to_datalist
+from meddiff3d.data.t1_conversion import n4_bias_correct, t1_cohort_to_dataset
 from meddiff3d.errors import InputError
 from meddiff3d.utils.io import save_nifti
 
@@ -159,7 +156,7 @@ def test_cli_validate_and_brats(tmp_path, monkeypatch, capsys):
 
 
 def test_covariates_csv_fixed_ranges(tmp_path):
-    from meddiff3d.data.preprocess import read_covariates_csv
+    from meddiff3d.data.t1_conversion import read_covariates_csv
 
     csv_path = tmp_path / "cov.csv"
     csv_path.write_text("id,age,sex\na,50,F\nb,70,M\n")

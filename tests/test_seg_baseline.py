@@ -19,8 +19,14 @@ from meddiff3d.engine import build_network, seed_everything
 from meddiff3d.engine.checkpoint import INFERENCE_FORMAT, save_file
 from meddiff3d.errors import DatalistError, InputError
 from meddiff3d.evaluation.segmentation import evaluate_segmentation_dir
-from meddiff3d.models.seg_baseline import (baseline_meta, baseline_spec, grid_shape, load_baseline, segment,
-                                           train_seg_baseline)
+from meddiff3d.models.loading import load_model
+from meddiff3d.models.seg_baseline import baseline_meta, baseline_spec, grid_shape
+
+
+def load_baseline(path):
+    loaded = load_model(path, "seg_baseline")
+    return loaded.network, loaded.meta
+from meddiff3d.pipelines.seg_baseline import segment, train_seg_baseline
 from meddiff3d.utils.io import save_nifti
 
 pytestmark = pytest.mark.usefixtures("one_thread")

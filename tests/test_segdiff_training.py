@@ -5,6 +5,10 @@ Measured figures are printed (``pytest -s``) so the bundle README can quote them
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -105,3 +109,84 @@ def test_training_items_without_label_fail_before_anything_is_written(tmp_path):
                                      progress=False)
     assert str(datalist) in str(err.value)
     assert not (tmp_path / "run").exists() and not (tmp_path / "model.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------------ exact resume
+REPO = Path(__file__).resolve().parents[1]
+#: a segmentation diffusion run in a fresh process (one torch thread); argv: datalist, run_dir, sleep per step (s)
+RESUME_CHILD = r"""
+import sys, time
+import torch
+from meddiff3d.engine.trainer import DiffusionTrainer
+from meddiff3d.pipelines.seg_training import train_segmentation_diffusion
+
+torch.set_num_threads(1)
+throttle, train_step = float(sys.argv[3]), DiffusionTrainer.train_step
+
+
+def slow_step(self, *args, **kwargs):  # gives the test time to kill the run between two checkpoints
+    time.sleep(throttle)
+    return train_step(self, *args, **kwargs)
+
+
+DiffusionTrainer.train_step = slow_step
+train_segmentation_diffusion(sys.argv[1], sys.argv[2], out=sys.argv[2] + "/model.pt", network="tiny_cpu",
+                             spacing=(10.0, 10.0, 10.0), shape=(16, 24, 16), patch_size=(8, 8, 8), foreground_prob=0.5,
+                             batch_size=2, max_iterations=12, checkpoint_every=3, lr=1e-3, amp="none", device="cpu",
+                             seed=5, progress=False)
+"""
+
+
+def _resume_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def _iteration(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=True)["iteration"])
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return 0
+
+
+def _assert_same(a, b, where: str) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), f"{where} differs"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.mark.slow
+def test_sigkilled_segmentation_diffusion_run_resumes_bit_identically(tmp_path):
+    """Patches (foreground-biased, from the trainer's restored RNG), noise and timesteps resume exactly: a run killed
+    between checkpoints and restarted ends with the model, EMA and optimiser state of an uninterrupted run."""
+    datalist = write_cohort("brats", tmp_path / "cohort", n=3, seed=0, shape=(16, 24, 16), source="procedural",
+                            val_fraction=0.0, test_fraction=0.0, progress=False).datalist
+    command = [sys.executable, "-c", RESUME_CHILD, str(datalist)]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = subprocess.Popen([*command, str(whole), "0"], env=_resume_env(), cwd=REPO)
+    victim = subprocess.Popen([*command, str(killed), "0.3"], env=_resume_env(), cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 180
+    while _iteration(last) < 3 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.45)  # mid-way between checkpoints 3 and 6
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed_at = _iteration(last)
+    assert 3 <= killed_at < 12, f"the run must be killed between checkpoints, last checkpoint at {killed_at}"
+
+    subprocess.run([*command, str(killed), "0"], env=_resume_env(), cwd=REPO, check=True, timeout=300)
+    assert reference.wait(timeout=300) == 0
+    assert "resuming from" in (killed / "train.log").read_text()
+    a, b = torch.load(whole / "checkpoints" / "last.pt", weights_only=True), torch.load(last, weights_only=True)
+    assert a["iteration"] == b["iteration"] == 12
+    for part in ("model", "ema", "optimizer"):
+        _assert_same(a[part], b[part], part)

@@ -95,6 +95,14 @@ def test_calibration_error_of_constructed_bins():
     assert calibration_error(np.r_[np.zeros(5), np.ones(5)], np.r_[np.zeros(5), np.ones(5)] > 0) == 0.0
 
 
+def test_calibration_bins_are_closed_on_the_left():
+    """p = 0.2 lies on a bin edge and belongs to [0.2, 0.3), not to the bin of p = 0.15: the two gaps (0.15 too high,
+    0.2 too low) do not cancel, ECE = (100 * 0.15 + 100 * 0.2) / 200 = 0.175 (MONAI's CalibrationErrorMetric: 0.025)."""
+    prob = np.r_[np.full(100, 0.15), np.full(100, 0.2)]
+    truth = np.r_[np.zeros(100, bool), np.arange(100) < 40]
+    assert calibration_error(prob, truth) == pytest.approx(0.175)
+
+
 def test_error_capture_of_constructed_maps():
     """1000 voxels, top 5 % = 50 voxels of uncertainty 1: 20 of the 40 errors and 30 correct voxels -> capture 0.5."""
     errors = np.zeros(1000, bool)

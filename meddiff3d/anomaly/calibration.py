@@ -22,7 +22,6 @@ Calibration file (JSON, written atomically; ``models/calibration.json`` by defau
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from meddiff3d.errors import InputError
-from meddiff3d.utils.io import save_json
+from meddiff3d.utils.io import read_json, save_json
 
 from .healing import DetectorSettings, brain_mask, smooth
 
@@ -139,11 +138,6 @@ def save_calibration(calibration: Calibration, path: str | os.PathLike) -> Path:
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
     """Read a calibration file; a missing or foreign file is an :class:`InputError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"anomaly calibration file {path} does not exist (run the calibrate config first)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"anomaly calibration file {path} is not valid JSON ({err})") from err
-    return Calibration.from_dict(data, source=f"anomaly calibration file {path}")
+    data = read_json(path, missing="anomaly calibration file {path} does not exist (run the calibrate config first)",
+                     invalid="anomaly calibration file {path} is not valid JSON ({err})")
+    return Calibration.from_dict(data, source=f"anomaly calibration file {Path(path)}")

@@ -34,7 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from meddiff3d.diffusion import gaussian_noise, noise_to, sample_ddim, sample_repaint, schedule_from_dict, simplex_noise
+from meddiff3d.engine.precision import resolve_device, resolve_precision
 from meddiff3d.errors import InputError
+from meddiff3d.models.ldm import build_denoiser, check_guidance_support, load_latent_diffusion, model_conditioning
+from meddiff3d.models.loading import load_model
 
 __all__ = ["METHODS", "NOISE_KINDS", "DetectorSettings", "AnomalyModels", "load_anomaly_models", "partial_timesteps",
            "start_noise", "stage_one", "heal", "brain_mask", "smooth", "dilate"]
@@ -153,23 +156,19 @@ def load_anomaly_models(codec_path: str | os.PathLike, diffusion_path: str | os.
     A conditional diffusion model is run with its null condition, so it must have been trained with conditioning
     dropout (refused otherwise, as generation does).
     """
-    from meddiff3d.engine.precision import resolve_device
-    from meddiff3d.models.codec import load_codec
-    from meddiff3d.pipelines.generation import (build_denoiser, check_guidance_support, inference_dtype,
-                                                load_models, model_conditioning)
-
     dev = resolve_device(device)
-    dtype = inference_dtype(amp, dev)
-    options = {"split": decode_split} if decode_split else {}
+    dtype = resolve_precision(amp, dev, "inference").dtype
     if diffusion_path is None:
-        codec, codec_meta = load_codec(codec_path, amp_dtype=dtype, **options)
-        return AnomalyModels(codec.to(dev), codec_meta, device=dev)
-    network, meta, codec, codec_meta = load_models(codec_path, diffusion_path, device=dev, amp_dtype=dtype,
-                                                   decode_split=decode_split)
+        options = {"split": decode_split} if decode_split else {}
+        codec = load_model(codec_path, "codec", device=dev, amp_dtype=dtype, **options)
+        return AnomalyModels(codec.network, codec.meta, device=dev)
+    codec, diffusion = load_latent_diffusion(codec_path, diffusion_path, device=dev, dtype=dtype,
+                                             decode_split=decode_split)
+    network, meta = diffusion.network, diffusion.meta
     check_guidance_support(meta, diffusion_path, conditional=False, guidance_scale=1.0)
     denoiser = build_denoiser(network, meta, conditional=False, amp_dtype=dtype)
     cond = model_conditioning(meta, None, 1, dev)
-    return AnomalyModels(codec, codec_meta, denoiser, schedule_from_dict(meta["schedule"]), cond, meta, dev)
+    return AnomalyModels(codec.network, codec.meta, denoiser, schedule_from_dict(meta["schedule"]), cond, meta, dev)
 
 
 # ------------------------------------------------------------------------------------------------ small operations

@@ -39,15 +39,16 @@ is reported as :class:`~meddiff3d.errors.DatalistError` naming the datalist file
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from numbers import Real
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from meddiff3d.errors import DatalistError, ImageError
-from meddiff3d.utils.io import save_json
+import numpy as np
+
+from meddiff3d.errors import DatalistError, ImageError, InputError
+from meddiff3d.utils.io import read_json, save_json
 
 SECTIONS = ("training", "validation", "test")
 
@@ -92,12 +93,8 @@ MAX_REPORTED_PROBLEMS = 20
 def read_datalist(path: str | os.PathLike) -> dict:
     """The datalist JSON as a dict (no validation of items); raises :class:`DatalistError` if missing or not JSON."""
     path = Path(path)
-    if not path.is_file():
-        raise DatalistError(f"datalist {path}: file not found")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatalistError(f"datalist {path}: not valid JSON ({err})") from err
+    doc = read_json(path, missing="datalist {path}: file not found", invalid="datalist {path}: not valid JSON ({err})",
+                    error=DatalistError)
     if not isinstance(doc, dict):
         raise DatalistError(f"datalist {path}: top level must be a JSON object, got {type(doc).__name__}")
     return doc
@@ -281,3 +278,26 @@ def _covariate_problems(values, allowed) -> list[str]:
 def _resolve(file: str, root: Path) -> Path:
     p = Path(file).expanduser()
     return p if p.is_absolute() else (root / p)
+
+
+def split_ids(ids: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> dict[str, list]:
+    """Shuffle sorted ``ids`` with ``seed`` and cut them into training/validation/test by ``fractions``."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise InputError(f"fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
+    order = list(np.random.default_rng(seed).permutation(sorted(ids)))
+    n_train = int(round(fractions[0] * len(order)))
+    n_val = min(int(round(fractions[1] * len(order))), len(order) - n_train)
+    parts = {"training": order[:n_train], "validation": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    return {name: [str(i) for i in part] for name, part in parts.items() if part}
+
+
+def write_checked_datalist(out: Path, sections: Mapping[str, list], **meta) -> Path:
+    """Write the datalist, validate every section (headers only); on a problem remove the file and re-raise."""
+    write_datalist(out, sections, **meta)
+    try:
+        for name in sections:
+            load_datalist(out, name, check_images="header")
+    except DatalistError:
+        out.unlink(missing_ok=True)
+        raise
+    return out

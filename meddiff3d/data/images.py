@@ -19,6 +19,7 @@ single slice is rejected with :class:`~meddiff3d.errors.ImageError`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: tolerance (mm) when comparing the affines of two images that must share one voxel grid
 GRID_ATOL_MM = 1e-3
+#: centre (RAS mm) of the MNI-like box every generated volume covers when the training data has no common grid
+MNI_BOX_CENTRE_MM = (-0.5, -16.5, 5.5)
 
 
 @dataclass(frozen=True)
@@ -254,3 +257,11 @@ def grid_mismatch(reference: ImageInfo, other: ImageInfo, atol: float = GRID_ATO
             f"resample both onto one grid"
         )
     return None
+
+
+def canonical_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """A RAS affine with ``spacing`` whose volume is centred on the MNI-like box of the synthetic data."""
+    affine = np.diag([*map(float, spacing), 1.0])
+    centre_index = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
+    affine[:3, 3] = np.asarray(MNI_BOX_CENTRE_MM) - centre_index * np.asarray(spacing, dtype=np.float64)
+    return affine

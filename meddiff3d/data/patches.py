@@ -1,4 +1,4 @@
-"""Random training patches that remember where they came from (PatchDDM).
+"""The one random patch sampler of the training recipes: same box from every key, corner recorded, resumable.
 
 A network trained on patches with coordinate channels (:class:`meddiff3d.diffusion.CoordinateChannels`) must see, for
 each patch, the coordinates of its true position in the whole (padded) volume. :class:`RandPatchd` crops the same
@@ -10,6 +10,13 @@ Foreground bias: with probability ``foreground_prob`` the patch is centred on a 
 foreground of ``label_key`` (channel 0, i.e. WT for BraTS region masks), shifted as little as needed to lie inside the
 volume; otherwise (and for volumes without foreground) its corner is uniform over all positions that fit. Cropping
 uses MONAI's ``SpatialCrop``, so MetaTensors keep a correct affine.
+
+Randomness: every draw comes from the global torch RNG, which the training engine seeds and restores on resume
+(:func:`meddiff3d.engine.checkpoint.capture_rng_state`). With ``num_workers=0`` the data loads in the main process
+between the optimiser steps, so a killed and resumed run cuts the patches of the uninterrupted run. (MONAI
+``Randomizable`` crops keep a private ``RandomState`` that no checkpoint holds.) With workers, each per-epoch loader
+seeds its workers deterministically and a resume is exact again from the next data epoch. Without foreground bias
+the draws are one ``torch.randint`` per axis.
 """
 
 from __future__ import annotations
@@ -19,29 +26,30 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import MapTransform, Randomizable, SpatialCrop
+from monai.transforms import MapTransform, RandomizableTrait, SpatialCrop
 
 from meddiff3d.errors import InputError
 
 __all__ = ["RandPatchd", "patch_corner"]
 
 
-def patch_corner(shape: Sequence[int], patch_size: Sequence[int], rng: np.random.RandomState,
-                 foreground: np.ndarray | torch.Tensor | None = None, foreground_prob: float = 0.0) -> np.ndarray:
-    """Low corner ``(D,)`` of a random patch of ``patch_size`` inside ``shape``; see the module docstring."""
+def patch_corner(shape: Sequence[int], patch_size: Sequence[int], foreground: np.ndarray | torch.Tensor | None = None,
+                 foreground_prob: float = 0.0) -> np.ndarray:
+    """Low corner ``(D,)`` of a random patch of ``patch_size`` inside ``shape`` (global torch RNG; module docstring)."""
     shape, size = np.asarray(shape, dtype=np.int64), np.asarray(patch_size, dtype=np.int64)
     if size.shape != shape.shape or np.any(size > shape) or np.any(size < 1):
-        raise InputError(f"patch size {size.tolist()} does not fit in a volume of shape {shape.tolist()}")
+        raise InputError(f"patch size {size.tolist()} does not fit in a volume of shape {shape.tolist()} "
+                         "(a side is larger than the volume, or below 1)")
     highest = shape - size
-    if foreground is not None and foreground_prob > 0 and rng.rand() < foreground_prob:
+    if foreground is not None and foreground_prob > 0 and float(torch.rand(())) < foreground_prob:
         voxels = torch.nonzero(torch.as_tensor(foreground) > 0)  # (N, D)
         if len(voxels):
-            centre = voxels[rng.randint(len(voxels))].numpy()
+            centre = voxels[int(torch.randint(0, len(voxels), ()))].numpy()
             return np.clip(centre - size // 2, 0, highest)
-    return np.array([rng.randint(h + 1) for h in highest], dtype=np.int64)
+    return np.array([int(torch.randint(0, int(h) + 1, ())) for h in highest], dtype=np.int64)
 
 
-class RandPatchd(Randomizable, MapTransform):
+class RandPatchd(MapTransform, RandomizableTrait):
     """Crop the same random ``patch_size`` box from every key and record its corner under ``offset_key``.
 
     Args:
@@ -50,6 +58,9 @@ class RandPatchd(Randomizable, MapTransform):
         label_key: key whose channel 0 is the foreground for the biased draws (``None``: never biased).
         foreground_prob: probability of centring the patch on a foreground voxel.
         offset_key: where the corner goes (int64 ``(D,)``).
+
+    A ``RandomizableTrait`` (so ``CacheDataset`` caches only what comes before it) but not a MONAI ``Randomizable``:
+    it has no private random state; seed it with ``torch.manual_seed``.
     """
 
     def __init__(self, keys, patch_size: Sequence[int], label_key: str | None = "label", foreground_prob: float = 0.0,
@@ -73,7 +84,7 @@ class RandPatchd(Randomizable, MapTransform):
         foreground = None
         if self.label_key is not None and self.label_key in d and self.foreground_prob > 0:
             foreground = d[self.label_key][0]
-        corner = patch_corner(shape, self.patch_size, self.R, foreground, self.foreground_prob)
+        corner = patch_corner(shape, self.patch_size, foreground, self.foreground_prob)
         crop = SpatialCrop(roi_start=corner.tolist(), roi_end=(corner + np.asarray(self.patch_size)).tolist())
         for key in keys:
             d[key] = crop(d[key])

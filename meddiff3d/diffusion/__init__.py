@@ -27,6 +27,7 @@ from .samplers import (
     sample_euler,
     sample_heun,
 )
+from .sampling import MONAI_SPACING, TIMESTEP_SPACING, default_spacing, initial_noise, sample, sampling_timesteps
 from .schedules import FlowSchedule, NoiseSchedule, schedule_from_dict
 from .sliding_window import SlidingWindowNetwork
 from .tensor_utils import append_dims
@@ -41,6 +42,7 @@ __all__ = [
     "gaussian_noise", "simplex_noise",
     "DiffusionObjective", "min_snr_weight", "prediction_target",
     "SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler", "sample_heun",
+    "MONAI_SPACING", "TIMESTEP_SPACING", "default_spacing", "initial_noise", "sample", "sampling_timesteps",
     "FlowSchedule", "NoiseSchedule", "schedule_from_dict",
     "SlidingWindowNetwork",
     "append_dims",

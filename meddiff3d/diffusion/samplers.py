@@ -17,6 +17,7 @@ main trajectory, e.g. ``callback=lambda *a: progress.update()``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -107,6 +108,22 @@ def renoise(x_s: torch.Tensor, s_coefs: Coefs, t_coefs: Coefs, generator: torch.
     return (a_ts * x_s + std * randn(x_s.shape, generator, x_s)).to(x_s.dtype)
 
 
+def _one_step_loop(step: Callable[..., torch.Tensor], denoiser: Callable[..., torch.Tensor], x: torch.Tensor,
+                   timesteps: Timesteps, schedule: Schedule, generator: torch.Generator | int | None,
+                   callback: Callback | None, cond: Mapping[str, Any] | None,
+                   prev_timesteps: Timesteps | None) -> torch.Tensor:
+    """The loop of the one-step samplers: one denoiser call per timestep, then
+    ``x = step(x, x0_hat, t_coefs, next_coefs, generator=generator)``."""
+    generator = as_generator(generator, x.device)
+    cond = dict(cond or {})
+    for i, (t, t_next) in enumerate(step_pairs(timesteps, prev_timesteps)):
+        x0 = denoiser(x, batch_timesteps(t, x), **cond)
+        if callback is not None:
+            callback(i, t, x, x0)
+        x = step(x, x0, _coefs(schedule, t, x), _coefs(schedule, t_next, x), generator=generator)
+    return x
+
+
 @torch.no_grad()
 def sample_ddpm(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, timesteps: Timesteps, schedule: Schedule, *,
                 generator: torch.Generator | int | None = None, callback: Callback | None = None,
@@ -115,14 +132,7 @@ def sample_ddpm(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, timestep
 
     With all T timesteps this is MONAI's ``DDPMScheduler`` loop (``variance_type="fixed_small"``, no clipping).
     """
-    generator = as_generator(generator, x.device)
-    cond = dict(cond or {})
-    for i, (t, t_next) in enumerate(step_pairs(timesteps, prev_timesteps)):
-        x0 = denoiser(x, batch_timesteps(t, x), **cond)
-        if callback is not None:
-            callback(i, t, x, x0)
-        x = ddpm_step(x, x0, _coefs(schedule, t, x), _coefs(schedule, t_next, x), generator)
-    return x
+    return _one_step_loop(ddpm_step, denoiser, x, timesteps, schedule, generator, callback, cond, prev_timesteps)
 
 
 @torch.no_grad()
@@ -130,14 +140,8 @@ def sample_ddim(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, timestep
                 eta: float = 0.0, generator: torch.Generator | int | None = None, callback: Callback | None = None,
                 cond: Mapping[str, Any] | None = None, prev_timesteps: Timesteps | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021): deterministic probability-flow steps at ``eta=0``, ancestral at ``eta=1``."""
-    generator = as_generator(generator, x.device)
-    cond = dict(cond or {})
-    for i, (t, t_next) in enumerate(step_pairs(timesteps, prev_timesteps)):
-        x0 = denoiser(x, batch_timesteps(t, x), **cond)
-        if callback is not None:
-            callback(i, t, x, x0)
-        x = ddim_step(x, x0, _coefs(schedule, t, x), _coefs(schedule, t_next, x), eta, generator)
-    return x
+    return _one_step_loop(partial(ddim_step, eta=eta), denoiser, x, timesteps, schedule, generator, callback, cond,
+                          prev_timesteps)
 
 
 @torch.no_grad()

@@ -71,8 +71,27 @@ def _as_float64(t: torch.Tensor | float) -> torch.Tensor:
     return torch.as_tensor(t).to(torch.float64)
 
 
+class _AffineSchedule:
+    """What both families share: ``x_t = a_t x0 + b_t noise`` with ``(a_t, b_t)`` from :meth:`_coefficients`."""
+
+    def _coefficients(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def scaling(self, t: torch.Tensor | float, ndim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a_t, b_t)`` with ``x_t = a_t x0 + b_t noise``; with ``ndim`` given, shaped to broadcast on an image."""
+        a, b = self._coefficients(t)
+        if ndim is not None:
+            a, b = append_dims(a, ndim), append_dims(b, ndim)
+        return a, b
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``a_t x0 + b_t noise`` per sample; for a :class:`NoiseSchedule` equals MONAI ``DDPMScheduler.add_noise``."""
+        a, b = self.scaling(t.to(x0.device), x0.ndim)
+        return (a * x0 + b * noise).to(x0.dtype)
+
+
 @dataclass(frozen=True)
-class NoiseSchedule:
+class NoiseSchedule(_AffineSchedule):
     """A discrete variance-preserving schedule, ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise``.
 
     Args:
@@ -153,20 +172,11 @@ class NoiseSchedule:
         sigma = _as_float64(sigma)
         return self.alpha_bar_to_t(1.0 / (1.0 + sigma**2))
 
-    def scaling(self, t: torch.Tensor | float, ndim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(a_t, b_t)`` with ``x_t = a_t x0 + b_t noise``; with ``ndim`` given, shaped to broadcast on an image."""
+    def _coefficients(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         ab = self.alpha_bar(t)
-        a, b = ab.sqrt(), (1.0 - ab).sqrt()
-        if ndim is not None:
-            a, b = append_dims(a, ndim), append_dims(b, ndim)
-        return a, b
+        return ab.sqrt(), (1.0 - ab).sqrt()
 
-    # ---- noising (training and SDEdit) ---------------------------------------------------------------------------
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``sqrt(ab_t) x0 + sqrt(1 - ab_t) noise`` per sample; equals MONAI ``DDPMScheduler.add_noise``."""
-        a, b = self.scaling(t.to(x0.device), x0.ndim)
-        return (a * x0 + b * noise).to(x0.dtype)
-
+    # ---- noising (training and SDEdit; add_noise is inherited) ----------------------------------------------------
     def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v-prediction target ``sqrt(ab) noise - sqrt(1 - ab) x0``; equals MONAI ``Scheduler.get_velocity``."""
         a, b = self.scaling(t.to(x0.device), x0.ndim)
@@ -212,7 +222,7 @@ class NoiseSchedule:
 
 
 @dataclass(frozen=True)
-class FlowSchedule:
+class FlowSchedule(_AffineSchedule):
     """Rectified flow, ``x_t = (1 - s) x0 + s noise`` with flow time ``s = t / T`` (MONAI ``RFlowScheduler``).
 
     Args:
@@ -234,16 +244,9 @@ class FlowSchedule:
         """Flow time ``s = t / T`` in ``[0, 1]`` (0 = data, 1 = noise)."""
         return (_as_float64(t) / self.num_train_timesteps).clamp(0.0, 1.0)
 
-    def scaling(self, t: torch.Tensor | float, ndim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _coefficients(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.flow_time(t)
-        a, b = 1.0 - s, s
-        if ndim is not None:
-            a, b = append_dims(a, ndim), append_dims(b, ndim)
-        return a, b
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, b = self.scaling(t.to(x0.device), x0.ndim)
-        return (a * x0 + b * noise).to(x0.dtype)
+        return 1.0 - s, s
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None,
                          device: torch.device | str = "cpu") -> torch.Tensor:

@@ -16,11 +16,18 @@ Training checkpoint (``RUN_DIR/checkpoints/last.pt``, optionally also ``iter_NNN
 
 Inference export (``RUN_DIR/inference.pt``): ``{"format": "meddiff3d.inference/1", "iteration", "ema", "meta"}``.
 
-Both hold only tensors and plain Python values, so ``torch.load(path, weights_only=True)`` reads them.
+Codec file (``models/autoencoder.pt``, :func:`meddiff3d.models.codec.save_codec`):
+``{"format": "meddiff3d.codec/1", "weights": LatentCodec state_dict (latent scale/shift included), "meta"}``.
+
+All hold only tensors and plain Python values, so ``torch.load(path, weights_only=True)`` reads them
+(:func:`read_file`). What a file holds is named by one scheme, ``meddiff3d.<kind>/<version>``: the file format
+(``format``) and, for network files, the model kind in ``meta["kind"]`` (:func:`kind_tag`, :func:`kind_of`); the
+first files, written before that scheme, carry older tags that :data:`LEGACY_KIND_TAGS` maps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -36,6 +43,13 @@ from meddiff3d.utils.io import atomic_path
 
 CHECKPOINT_FORMAT = "meddiff3d.checkpoint/1"
 INFERENCE_FORMAT = "meddiff3d.inference/1"
+CODEC_FORMAT = "meddiff3d.codec/1"
+FILE_FORMATS = (CHECKPOINT_FORMAT, INFERENCE_FORMAT, CODEC_FORMAT)
+#: the kinds of model file, each tagged ``meddiff3d.<kind>/1`` (:func:`kind_tag`)
+MODEL_KINDS = ("codec", "latent_diffusion", "segmentation_diffusion", "seg_baseline")
+#: tags of files written before the one scheme (the shipped demo weights among them) -> their kind
+LEGACY_KIND_TAGS = {"latent_diffusion": "latent_diffusion", "segmentation_diffusion": "segmentation_diffusion",
+                    "meddiff3d.brats_seg_baseline/1": "seg_baseline"}
 _LIST_LIMIT = 8
 #: a checkpoint names its network class; only classes from these packages are imported (files may be untrusted)
 TRUSTED_NETWORK_MODULES = ("monai.", "meddiff3d.", "torch.nn.")
@@ -86,22 +100,50 @@ def save_file(payload: Mapping, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint or inference export with ``weights_only=True``; clear errors for missing or foreign files."""
+def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", what: str = "checkpoint") -> dict:
+    """Load a checkpoint, inference export or codec file with ``weights_only=True``; clear errors (naming the file as
+    ``what``) for missing, unreadable or foreign files."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist")
+        raise InputError(f"{what} {path} does not exist")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise InputError(f"checkpoint {path} cannot be read as a weights-only torch file: {err}") from err
-    if not isinstance(data, dict) or data.get("format") not in (CHECKPOINT_FORMAT, INFERENCE_FORMAT):
+        raise InputError(f"{what} {path} cannot be read as a weights-only torch file ({type(err).__name__}: "
+                         f"{err})") from err
+    if not isinstance(data, dict) or data.get("format") not in FILE_FORMATS:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise InputError(
-            f"checkpoint {path} is not a meddiff3d checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r} "
-            f"or {INFERENCE_FORMAT!r})"
-        )
+        raise InputError(f"{what} {path} is not a meddiff3d file (format {found!r}, expected one of "
+                         f"{', '.join(FILE_FORMATS)})")
     return data
+
+
+def kind_tag(kind: str, version: int = 1) -> str:
+    """The tag of a model kind in the one naming scheme: ``meddiff3d.<kind>/<version>``."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; valid: {', '.join(MODEL_KINDS)}")
+    return f"meddiff3d.{kind}/{version}"
+
+
+def kind_of(data: Mapping) -> str | None:
+    """The model kind of a file's content (:func:`read_file`): ``"codec"`` by its format, else from ``meta["kind"]``
+    (current or legacy tag); ``None`` when it names none."""
+    if data.get("format") == CODEC_FORMAT:
+        return "codec"
+    tag = str((data.get("meta") or {}).get("kind"))
+    if tag in LEGACY_KIND_TAGS:
+        return LEGACY_KIND_TAGS[tag]
+    name = tag.removeprefix("meddiff3d.").rpartition("/")[0]
+    return name if tag.startswith("meddiff3d.") and name in MODEL_KINDS else None
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (recorded in sidecars and calibrations to tie results to model files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def export_inference(checkpoint: Mapping, path: str | os.PathLike) -> Path:
@@ -226,17 +268,3 @@ def build_network(meta: Mapping, device: str | torch.device | None = None) -> to
             return cls(**args)
     except TypeError as err:
         raise InputError(f"network class {class_path!r} rejects the arguments {sorted(args)}: {err}") from err
-
-
-def load_network(
-    path: str | os.PathLike, weights: str = "ema", map_location: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, dict]:
-    """Build the network a checkpoint describes, load its weights, return ``(network in eval mode, meta)``."""
-    data = read_file(path, map_location)
-    meta = data.get("meta") or {}
-    try:
-        network = build_network(meta)
-    except InputError as err:
-        raise InputError(f"checkpoint {path}: {err}") from err
-    load_weights(data, network, weights, source=f"checkpoint {path}")
-    return network.eval(), meta

@@ -20,7 +20,7 @@ import logging
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from meddiff3d.engine.distributed import derived_seed
 from meddiff3d.errors import InputError

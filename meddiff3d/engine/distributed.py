@@ -5,6 +5,11 @@
 Without those variables (or with ``WORLD_SIZE=1``) everything here is a no-op and the run is single-process.
 Multi-node runs need a run directory on a file system shared by all nodes (every rank reads the checkpoint on resume;
 only rank 0 writes).
+
+Why not ``ignite.distributed``: this is a thin layer over ``torch.distributed`` passed to the trainer as an explicit
+value (a single-process run is a plain ``DistContext()``, no global state), and it joins a process group the caller
+already created without destroying it afterwards, where ``idist.initialize`` refuses an existing group and
+``idist.finalize`` destroys it. ignite's helpers would replace a few one-line calls and add none of this.
 """
 
 from __future__ import annotations

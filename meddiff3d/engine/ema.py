@@ -3,6 +3,13 @@
 After each optimiser step ``ema = d * ema + (1 - d) * weights`` for every floating-point parameter, with
 ``d = min(decay, (1 + n) / (10 + n))`` during warm-up (``n`` = number of updates so far), so early, poor weights are
 forgotten quickly. Buffers (e.g. norm statistics) and integer tensors are copied, not averaged.
+
+Why not ignite's ``EMAHandler`` or ``torch.optim.swa_utils.AveragedModel``: neither has this warm-up (ignite ramps the
+momentum linearly, per engine iteration; ``AveragedModel`` copies the weights on its first update), so switching
+would change the weights of every trained bundle. The trainer also skips the EMA update with the optimiser step on
+non-finite gradients, and checkpoints keep the EMA as a plain ``state_dict`` of the bare network plus
+``num_updates`` (``AveragedModel`` prefixes ``module.`` and adds ``n_averaged``), which is what makes resume exact and
+``inference.pt`` weights-only.
 """
 
 from __future__ import annotations

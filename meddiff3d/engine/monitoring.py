@@ -3,6 +3,12 @@
 Everything is an ignite event handler attached to the trainer. Scalars are averaged over ranks (a collective, so the
 handlers run on every rank) but only rank 0 writes. Preview and validation callbacks receive the EMA network in eval
 mode and run with the RNG states saved and restored around them, so they never change the training trajectory.
+
+Why not MONAI's ``TensorBoardStatsHandler`` / ``TensorBoardImageHandler`` or ignite's ``ProgressBar``: the loss is
+averaged over ``log_every`` steps and over ranks (a collective every rank must join, which handlers running on rank 0
+only cannot do), the writer's ``purge_step`` drops what a killed run logged after its last checkpoint, previews come
+from calling the EMA network (not from ``engine.state`` tensors), and ignite's bar restarts every data epoch
+(``epoch_length`` = steps per epoch) while this one counts the whole run from the resumed iteration.
 """
 
 from __future__ import annotations

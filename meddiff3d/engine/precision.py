@@ -1,26 +1,33 @@
-"""Device and mixed-precision choices: which device to train on, which autocast dtype, and whether to scale gradients.
+"""Device and mixed precision, in one place: which device, which autocast dtype for which purpose, autocast itself,
+and how a network is readied for low-precision inference.
 
-``amp`` values:
+``amp`` values (:data:`AMP_CHOICES`; also ``True`` = ``"auto"``, ``False`` / ``None`` = ``"none"``):
 
-- ``"none"`` / ``False``: full float32.
+- ``"none"``: full float32.
 - ``"bf16"``: bfloat16 autocast (CPU and CUDA); no gradient scaling needed (bf16 has float32's exponent range).
-- ``"fp16"``: float16 autocast with a ``GradScaler`` (CUDA only).
-- ``"auto"`` / ``True``: on CUDA bf16 where the GPU supports it, otherwise fp16; on CPU float32, because bf16 autocast
-  on CPUs without native bf16 units (most without AMX / AVX512-BF16) is slower than float32 and less accurate. Ask for
-  ``"bf16"`` explicitly to use it on a CPU.
+- ``"fp16"``: float16 autocast with a ``GradScaler`` for training (CUDA only).
+- ``"auto"``: on CUDA bf16 where the GPU supports it, otherwise fp16. On the CPU it depends on the ``purpose``:
+  for ``"inference"`` bf16 on CPUs with native bf16 units (AVX512-BF16 / AMX: the anchor U-Net step runs 2x faster,
+  :func:`prepare_for_inference`), else float32; for ``"training"`` always float32, because bf16 gradients lose
+  precision a short CPU run cannot afford and bf16 on CPUs without native units is slower than float32. Ask for
+  ``"bf16"`` explicitly to train in it on a CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from meddiff3d.errors import InputError
 
-AMP_CHOICES = ("none", "bf16", "fp16", "auto")
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+PURPOSES = ("training", "inference")
 
 
 def resolve_device(device: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
@@ -58,16 +65,28 @@ class Precision:
         return self.dtype == torch.float16
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+        return autocast(self.device_type, self.dtype)
 
     def make_grad_scaler(self) -> torch.amp.GradScaler | None:
         return torch.amp.GradScaler(self.device_type) if self.needs_grad_scaler else None
 
 
-def resolve_precision(amp: str | bool | None, device: torch.device) -> Precision:
-    """Turn the ``amp`` setting into a :class:`Precision` for ``device`` (see the module docstring)."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): only then is bf16 autocast faster."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001 - private API; fall back to the kernel's CPU flags
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(amp: str | bool | None, device: torch.device, purpose: str = "training") -> Precision:
+    """Turn the ``amp`` setting into a :class:`Precision` for ``device`` and ``purpose`` (see the module docstring)."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
     if amp is True:
         name = "auto"
     elif amp is False or amp is None:
@@ -75,13 +94,13 @@ def resolve_precision(amp: str | bool | None, device: torch.device) -> Precision
     else:
         name = str(amp).lower()
     if name not in AMP_CHOICES:
-        raise InputError(f"unknown amp setting {amp!r}: expected one of {', '.join(AMP_CHOICES)} (or true/false)")
+        raise InputError(f"unknown amp {amp!r}; valid: {', '.join(AMP_CHOICES)} (or true/false)")
     kind = device.type
     if name == "auto":
         if kind == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            name = "none"
+            name = "bf16" if purpose == "inference" and kind == "cpu" and cpu_has_bf16() else "none"
     if name == "none":
         return Precision(kind, None)
     if name == "fp16" and kind != "cuda":
@@ -90,6 +109,13 @@ def resolve_precision(amp: str | bool | None, device: torch.device) -> Precision
     if not torch.amp.autocast_mode.is_autocast_available(kind):
         raise InputError(f"autocast is not available on device type {kind!r}; use amp 'none'")
     return Precision(kind, dtype)
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op for ``None`` / float32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 #: layers autocast runs in the low-precision dtype (on CPU and CUDA): their weights can be stored in it
@@ -103,7 +129,7 @@ def store_for_autocast(module: torch.nn.Module, dtype: torch.dtype | None) -> to
     Under ``torch.autocast(dtype=dtype)`` the result is the same as with float32 weights, because autocast casts those
     weights to ``dtype`` before each call anyway; but the weights take half the memory (no float32 master copy plus a
     cached low-precision copy) and no time goes to casting them at every step. The module must then only be run under
-    autocast (:class:`meddiff3d.pipelines.generation.Autocast` does). ``dtype=None`` (float32) leaves it unchanged.
+    autocast (:class:`Autocast` does). ``dtype=None`` (float32) leaves it unchanged.
     Inference only: an optimiser would update the rounded weights.
     """
     if dtype is None or dtype == torch.float32:
@@ -112,3 +138,46 @@ def store_for_autocast(module: torch.nn.Module, dtype: torch.dtype | None) -> to
         if isinstance(layer, AUTOCAST_LOW_PRECISION_LAYERS):
             layer.to(dtype)
     return module
+
+
+def is_channels_last_3d(net: Any) -> bool:
+    """Whether ``net``'s first 5-D weight is stored channels-last (``torch.channels_last_3d``)."""
+    params = net.parameters() if isinstance(net, torch.nn.Module) else ()
+    weight = next((p for p in params if p.ndim == 5), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+class Autocast:
+    """Network wrapper: run ``net`` under autocast to ``dtype`` and return float32 (the sampler's maths stays fp32).
+    A 5-D input goes in channels-last when ``net``'s weights are (:func:`prepare_for_inference`), so the first
+    convolution does not convert it."""
+
+    def __init__(self, net: Callable[..., torch.Tensor], dtype: torch.dtype | None) -> None:
+        self.net, self.dtype = net, dtype
+        self.channels_last = is_channels_last_3d(net)
+
+    def __call__(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.dtype is None:
+            return self.net(x, **kwargs)
+        if self.channels_last and x.ndim == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with autocast(x.device, self.dtype):
+            return self.net(x, **kwargs).float().contiguous()
+
+
+def prepare_for_inference(network: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Ready a loaded network for :class:`Autocast` to ``dtype``: convolution and linear weights stored in ``dtype``
+    (:func:`store_for_autocast`: same result, half the weight memory, no cast per step) and, for 3D networks,
+    channels-last (oneDNN's and cuDNN's preferred layout for low-precision 3D convolutions). Float32 (``dtype=None``)
+    leaves the network as it is, so it matches a plain MONAI loop to float rounding.
+
+    Measured on the anchor U-Net (553 M parameters, one 7x20x28x20 step, one thread of a CPU with AVX512-BF16):
+    float32 14.3 s, bf16 autocast 7.0 s and 3.8 GB peak RSS, + weights stored in bf16 6.65 s and 2.6 GB, + channels-last
+    6.5 s.
+    """
+    if dtype is None:
+        return network
+    store_for_autocast(network, dtype)
+    if any(p.ndim == 5 for p in network.parameters()):
+        network.to(memory_format=torch.channels_last_3d)
+    return network

@@ -7,9 +7,13 @@ then unscale (fp16), gradient clipping, the optimiser step, and the EMA update. 
 Resume: when ``RUN_DIR/checkpoints/last.pt`` exists, :meth:`DiffusionTrainer.run` restores the network, EMA,
 optimiser, grad scaler, iteration counter and every rank's RNG states, and the data stream continues at the next
 micro-batch (see :mod:`meddiff3d.engine.data`). A run killed at any point and restarted therefore reproduces the
-uninterrupted run bit for bit on the same hardware, world size and thread count, as long as the objective draws its
-randomness from the global torch RNG and the network is deterministic (CUDA kernels may not be unless
-``deterministic=True``). Data-side random augmentations are not restored (see ``data.py``).
+uninterrupted run bit for bit on the same hardware, world size and thread count, as long as the objective and the
+data transforms draw from the global torch RNG (as :class:`meddiff3d.data.patches.RandPatchd` does; with
+``num_workers=0`` transforms run in the main process; a MONAI ``Randomizable`` 's own state is not restored) and the
+network is deterministic (CUDA kernels may not be unless ``deterministic=True``).
+
+Every training recipe ends with :func:`publish_inference` (rank 0 copies ``inference.pt`` to ``out``, atomically) and
+:func:`training_summary` (the summary dict, logged).
 
 Being an ignite ``Engine``, the trainer accepts MONAI / ignite handlers (``handlers=[...]`` or ``.attach(trainer)``);
 ``engine.state.output`` is ``{"loss", "lr", "grad_norm", "skipped"}``: give MONAI's ``StatsHandler`` /
@@ -23,7 +27,9 @@ import contextlib
 import logging
 import math
 import random
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -38,7 +44,7 @@ from meddiff3d.engine.distributed import DistContext, derived_seed, setup_distri
 from meddiff3d.engine.ema import EMA
 from meddiff3d.engine.monitoring import PreviewFn, TrainingMonitor, ValidateFn
 from meddiff3d.engine.precision import resolve_device, resolve_precision
-from meddiff3d.utils.io import save_json
+from meddiff3d.utils.io import atomic_path, save_json
 
 logger = logging.getLogger("meddiff3d.engine")
 
@@ -77,6 +83,7 @@ class TrainResult:
     inference: Path  # RUN_DIR/inference.pt (EMA weights + meta)
     network: torch.nn.Module  # the trained (bare) network
     ema: EMA
+    rank: int = 0  # this process's rank (0 without torchrun): only rank 0 publishes
 
 
 class DiffusionTrainer(Engine):
@@ -182,16 +189,9 @@ class DiffusionTrainer(Engine):
             group.setdefault("initial_lr", group["lr"])
         self.lr_warmup, self.lr_schedule = int(lr_warmup), lr_schedule
 
-        stream = BatchStream(
-            train_data,
-            batch_size,
-            seed=self.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            shuffle=shuffle,
-            num_workers=num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
+        stream = BatchStream(train_data, batch_size, seed=self.seed, rank=self.dist.rank,
+                             world_size=self.dist.world_size, shuffle=shuffle, num_workers=num_workers,
+                             pin_memory=self.device.type == "cuda")
         self.data = StepBatches(stream, self.grad_accum, position=lambda: self.state.iteration)
         self.train_config = {  # saved in checkpoints; a resume with different values is logged as a warning
             "batch_size": stream.batch_size, "grad_accum": self.grad_accum, "world_size": self.dist.world_size,
@@ -201,15 +201,9 @@ class DiffusionTrainer(Engine):
             "max_iterations": self.max_iterations,
         }  # fmt: skip
 
-        self.monitor = TrainingMonitor(
-            self,
-            log_every=log_every,
-            progress=progress,
-            preview_fn=preview_fn,
-            preview_every=preview_every,
-            validate_fn=validate_fn,
-            validate_every=validate_every,
-        )
+        self.monitor = TrainingMonitor(self, log_every=log_every, progress=progress, preview_fn=preview_fn,
+                                       preview_every=preview_every, validate_fn=validate_fn,
+                                       validate_every=validate_every)
         self.monitor.attach(self)
         self.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_checkpoint)
         self.add_event_handler(Events.COMPLETED, self._final_checkpoint)
@@ -373,18 +367,34 @@ class DiffusionTrainer(Engine):
         finally:
             self.monitor.close()
             self.dist.shutdown()
-        return TrainResult(
-            run_dir=self.run_dir,
-            iteration=max(start, self.state.iteration),
-            resumed_from=resumed_from,
-            last_loss=last_loss,
-            checkpoint=self.last_checkpoint,
-            inference=self.inference_export,
-            network=self.network,
-            ema=self.ema,
-        )
+        return TrainResult(run_dir=self.run_dir, iteration=max(start, self.state.iteration), resumed_from=resumed_from,
+                           last_loss=last_loss, checkpoint=self.last_checkpoint, inference=self.inference_export,
+                           network=self.network, ema=self.ema, rank=self.dist.rank)
 
 
 def train(network: torch.nn.Module, objective: Objective, train_data: Iterable, **kwargs: Any) -> TrainResult:
     """``DiffusionTrainer(network, objective, train_data, **kwargs).run()``: the one-call entry point."""
     return DiffusionTrainer(network, objective, train_data, **kwargs).run()
+
+
+# -------------------------------------------------------------------------------------------- the end of a recipe
+def publish_inference(result: TrainResult, out: str | os.PathLike) -> Path:
+    """On rank 0, copy the run's inference export (``RUN_DIR/inference.pt``) to ``out`` through a temporary file renamed
+    into place (a killed copy never leaves a partial model file); other ranks write nothing. Returns ``out``."""
+    out = Path(out)
+    if result.rank == 0:
+        with atomic_path(out) as tmp:
+            shutil.copyfile(result.inference, tmp)
+    return out
+
+
+def training_summary(what: str, result: TrainResult, out: str | os.PathLike, start: float, **fields: Any) -> dict:
+    """``{"out", "iteration", "last_loss", "resumed_from", **fields, "parameters", "seconds"}`` of a finished recipe
+    (``start``: its ``time.perf_counter()`` at the beginning; ``fields`` may replace the defaults), logged as
+    ``"<what>: <summary>"``."""
+    summary = {"out": str(out), "iteration": result.iteration, "last_loss": result.last_loss,
+               "resumed_from": result.resumed_from, **fields}
+    summary.setdefault("parameters", sum(p.numel() for p in result.network.parameters()))
+    summary.setdefault("seconds", round(time.perf_counter() - start, 2))
+    logger.info("%s: %s", what, summary)
+    return summary

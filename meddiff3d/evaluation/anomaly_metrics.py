@@ -5,7 +5,15 @@ maximum over every threshold), :func:`average_precision` (AUPRC as the step-wise
 :func:`roc_auc` (the Mann-Whitney statistic, ties counted one half). Pooled over many full-size volumes the voxels do
 not fit in memory, so :class:`ScoreHistogram` accumulates positive and negative counts in fixed bins (the calibrated
 threshold is a bin edge, so Dice there is exact) and computes the same metrics from the counts, treating scores
-within one bin as ties.
+within one bin as ties. :func:`dice` is the package's one Dice (the BraTS evaluation,
+:mod:`meddiff3d.evaluation.segmentation`, uses it too): exact integer counts, 1 when both masks are empty.
+
+Why not ``monai.metrics``: pooled over a test set the brain voxels number over 10^8 and MONAI's ``ROCAUCMetric`` /
+``AveragePrecisionMetric`` buffer every score, so the pooled metrics have to stream (:class:`ScoreHistogram`); MONAI
+has no best-Dice sweep. The per-volume functions are the exact references the histogram is tested against; MONAI's
+``compute_roc_auc`` / ``compute_average_precision`` give the same numbers (tests/test_anomaly_metrics.py checks it)
+but walk the voxels in a Python loop (twice as slow on 2M voxels), need tensors, warn on every lesion-free volume and
+return nan for the average precision of an all-lesion one.
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ def _flat(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dice(pred, target) -> float:
-    """``2 |P & T| / (|P| + |T|)``; 1 when both are empty."""
+    """``2 |P & T| / (|P| + |T|)`` of two binary masks of one shape; 1 when both are empty (a correct "nothing")."""
     p, t = np.asarray(pred).astype(bool), np.asarray(target).astype(bool)
+    if p.shape != t.shape:
+        raise ValueError(f"masks differ in shape: {p.shape} vs {t.shape}")
     total = int(p.sum()) + int(t.sum())
     return 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
 

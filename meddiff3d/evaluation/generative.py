@@ -159,7 +159,7 @@ def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, d
             (3D MS-SSIM at 160 x 224 x 160 costs over a minute per pair on a CPU).
     """
     from meddiff3d.data.datalist import read_datalist
-    from meddiff3d.engine.checkpoint import read_file
+    from meddiff3d.engine.checkpoint import kind_of, read_file
     from meddiff3d.pipelines.generation import generate
 
     start = time.perf_counter()
@@ -169,9 +169,11 @@ def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, d
             raise InputError(f"{what} file {path} does not exist")
     if int(n_per_condition) < 2 or int(conditions) < 1:
         raise InputError("need n_per_condition >= 2 (diversity pairs) and conditions >= 1")
-    meta = read_file(diffusion_path).get("meta") or {}
-    if meta.get("kind") != "latent_diffusion":
+    data = read_file(diffusion_path, what="diffusion model file")  # its meta only: generate() loads the model
+    if kind_of(data) != "latent_diffusion":
         raise InputError(f"{diffusion_path} is not a latent diffusion model")
+    meta = data["meta"]
+    del data
     image_meta, cond_meta = meta["image"], meta["conditioning"]
     names = list(cond_meta["covariates"])
     doc = read_datalist(datalist)

@@ -14,7 +14,8 @@ Every file must have the shape and affine (within 1e-3 mm) of the case's ground-
 Metrics per case and region (:func:`region_metrics`), regions from :func:`meddiff3d.data.brats.region_masks`:
 
 ``dice``
-    MONAI ``compute_dice``. Both masks empty -> 1 (a correct "no tumour"); exactly one empty -> 0.
+    :func:`meddiff3d.evaluation.anomaly_metrics.dice` (the package's one Dice, exact integer counts). Both masks
+    empty -> 1 (a correct "no tumour"); exactly one empty -> 0.
 ``hd95`` (mm)
     MONAI ``compute_hausdorff_distance(percentile=95)`` with the voxel spacing of the label's affine: the larger of
     the two directed 95th percentiles of the distances between the masks' surface voxels. Both empty -> 0; exactly
@@ -36,6 +37,11 @@ Metrics per case and region (:func:`region_metrics`), regions from :func:`meddif
 
 The domain is the brain: voxels where any input sequence is non-zero (BraTS volumes are skull-stripped), or the
 whole volume with ``domain="volume"`` (also the fallback when the images are all zero).
+
+The ECE is hand-written rather than MONAI's ``CalibrationErrorMetric`` (MONAI 1.6): MONAI's bin edges are a float32
+``linspace(0, 1 + eps)``, so a probability on an edge, as ensemble means ``k / N`` often are (0.2, 0.5, ...), falls
+into the bin below instead of the ``[left, right)`` bin above (100 voxels at p = 0.15, none positive, and 100 at
+p = 0.2, 40 positive: ECE 0.175 here, 0.025 in MONAI; tests/test_segmentation_eval.py pins it), and it sums in float32.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ from meddiff3d.errors import InputError
 from meddiff3d.models.segdiff import binary_entropy
 from meddiff3d.utils.io import atomic_path, save_json
 
+from .anomaly_metrics import dice
+
 __all__ = ["region_metrics", "case_metrics", "calibration_error", "error_capture", "binary_entropy",
            "evaluate_segmentation_dir", "read_prediction", "summarise", "comparison_table", "UNCERTAINTY_FILES"]
 
@@ -74,23 +82,22 @@ def spacing_of(affine) -> tuple[float, ...]:
 
 def dice_hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
               empty_hd95: str | float = "diagonal") -> tuple[float, float]:
-    """``(dice, hd95 in mm)`` of two binary masks (MONAI metrics); empty masks as in the module docstring."""
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    """``(dice, hd95 in mm)`` of two binary masks (:func:`dice`, MONAI's HD95); empty masks as in the module
+    docstring."""
+    from monai.metrics import compute_hausdorff_distance
 
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-    if pred.shape != truth.shape:
-        raise ValueError(f"masks differ in shape: {pred.shape} vs {truth.shape}")
-    p, t = torch.from_numpy(pred)[None, None].float(), torch.from_numpy(truth)[None, None].float()
-    dice = float(compute_dice(p, t, include_background=True, ignore_empty=False)[0, 0])
+    overlap = dice(pred, truth)  # raises on masks of different shapes
     if not pred.any() and not truth.any():
-        return dice, 0.0
+        return overlap, 0.0
     if not pred.any() or not truth.any():
-        return dice, _empty_hd95(empty_hd95, truth.shape, spacing)
+        return overlap, _empty_hd95(empty_hd95, truth.shape, spacing)
+    p, t = torch.from_numpy(pred)[None, None].float(), torch.from_numpy(truth)[None, None].float()
     with warnings.catch_warnings():  # MONAI 1.6 warns about its own use of a deprecated argument
         warnings.simplefilter("ignore")
         hd = compute_hausdorff_distance(p, t, include_background=True, percentile=95,
                                         spacing=[float(s) for s in spacing])
-    return dice, float(hd[0, 0])
+    return overlap, float(hd[0, 0])
 
 
 def _empty_hd95(rule: str | float, shape: Sequence[int], spacing: Sequence[float]) -> float:

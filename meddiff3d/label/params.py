@@ -9,19 +9,21 @@ to MONAI Label and pass through untouched.
 
 from __future__ import annotations
 
-import ast
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meddiff3d.checks import parse_covariates
+from meddiff3d.diffusion import SAMPLERS
 from meddiff3d.errors import InputError
 
 __all__ = ["ParamSpec", "parse_params", "config_of", "SEGMENTATION_PARAMS", "ANOMALY_PARAMS", "GENERATION_PARAMS",
-           "SAMPLER_CHOICES", "parse_covariates"]
+           "SAMPLER_CHOICES"]
 
-#: samplers offered to clients (meddiff3d.diffusion.SAMPLERS; the deterministic ones first)
-SAMPLER_CHOICES = ("ddim", "dpmpp_2m", "euler", "heun", "ddpm")
+#: samplers offered to clients: meddiff3d.diffusion.SAMPLERS, the deterministic ones first (ddpm, the one stochastic
+#: sampler, last), so the drop-down starts with the default ddim
+SAMPLER_CHOICES = tuple(sorted(SAMPLERS, key=lambda name: (name == "ddpm", name != "ddim")))
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class ParamSpec:
         if self.kind == "choice":
             return self._choice(value)
         if self.kind == "covariates":
-            return parse_covariates(value, self.name)
+            return parse_covariates(value, f"parameter {self.name!r}")
         return self._number(value)
 
     def _choice(self, value: Any) -> str:
@@ -82,39 +84,6 @@ class ParamSpec:
             raise InputError(f"parameter {self.name!r} must be{low}{' and' if low and high else ''}{high}, "
                              f"got {value!r}")
         return number
-
-
-def parse_covariates(value: Any, name: str = "covariates") -> dict[str, float] | None:
-    """``{name: value}`` from a mapping or its text (``{"age": 0.7}`` / ``age=0.7, sex=1``); ``None`` / ``{}`` /
-    ``"none"``: unconditional. Value ranges are checked by the generation pipeline against the model."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lower() in ("", "none", "null", "{}"):
-            return None
-        if text.startswith("{"):
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                raise InputError(f"parameter {name!r}: {text!r} is not a mapping like {{'age': 0.5}}") from None
-        else:
-            pairs = [p.split("=", 1) for p in text.replace(";", ",").split(",") if p.strip()]
-            if any(len(p) != 2 for p in pairs):
-                raise InputError(f"parameter {name!r}: {text!r} is not 'name=value, ...' nor a mapping")
-            value = {k.strip(): v.strip() for k, v in pairs}
-    if not isinstance(value, Mapping):
-        raise InputError(f"parameter {name!r} must map covariate names to numbers in [0, 1], got {value!r}")
-    if not value:
-        return None
-    out = {}
-    for key, raw in value.items():
-        try:
-            number = float(raw)
-        except (TypeError, ValueError):
-            raise InputError(f"parameter {name!r}: covariate {key!r} must be a number, got {raw!r}") from None
-        if not (math.isfinite(number) and 0.0 <= number <= 1.0):
-            raise InputError(f"parameter {name!r}: covariate {key!r} must lie in [0, 1] (model scale), got {raw!r}")
-        out[str(key)] = number
-    return out
 
 
 def parse_params(specs: Sequence[ParamSpec], request: Mapping[str, Any]) -> dict[str, Any]:

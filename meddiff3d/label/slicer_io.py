@@ -3,17 +3,16 @@
 A ``.seg.nrrd`` is a plain 3D NRRD (uint8 label values, LPS geometry) whose key/value header fields name each segment
 (``Segment<N>_Name``, ``_LabelValue``, ``_Color``, ...) the way Slicer's Segmentations module writes them. Slicer's
 "Load data" and ``slicer.util.loadSegmentation`` turn it into a segmentation node with named, coloured segments; any
-NRRD reader (SimpleITK, the MONAI Label Slicer plugin) reads it as an ordinary label volume. The writer is pure
-numpy + gzip, no pynrrd or ITK needed, and writes atomically.
+NRRD reader (SimpleITK, the MONAI Label Slicer plugin) reads it as an ordinary label volume.
 
-Geometry: meddiff3d works with RAS affines (nibabel's convention); NRRD's ``space: left-posterior-superior`` wants
-``space directions`` (one column of the LPS affine per array axis, spacing included) and ``space origin``, i.e.
-``affine_LPS = diag(-1, -1, 1, 1) @ affine_RAS``. The voxel data is written with the first array axis fastest.
+SimpleITK (a core dependency, also in the MONAI Label environment) writes the file: geometry through
+:func:`meddiff3d.data.images.array_to_sitk`, the package's one RAS -> LPS conversion, and the segment fields as
+custom ``key:=value`` metadata, atomically. pynrrd would do the same but is no dependency of the core.
+:func:`read_nrrd_header` reads the header text itself, so tests check what is in the file, not what the writer meant.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,14 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from meddiff3d.data.images import array_to_sitk
 from meddiff3d.utils.io import atomic_path, save_nifti
 
 __all__ = ["Segment", "BRATS_SEGMENTS", "ANOMALY_SEGMENTS", "write_seg_nrrd", "read_nrrd_header",
-           "write_float_volume", "lps_geometry"]
-
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_NRRD_TYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.int16): "short", np.dtype(np.uint16): "ushort",
-               np.dtype(np.int32): "int", np.dtype(np.float32): "float"}
+           "write_float_volume"]
 
 
 @dataclass(frozen=True)
@@ -48,16 +44,11 @@ BRATS_SEGMENTS = (Segment(1, "necrotic tumour core (NCR)", (0.85, 0.35, 0.25)),
 ANOMALY_SEGMENTS = (Segment(1, "anomaly", (0.9, 0.2, 0.15)),)
 
 
-def lps_geometry(affine) -> tuple[np.ndarray, np.ndarray]:
-    """``(directions (3, 3) with one LPS axis vector per row, origin (3,))`` of a RAS affine."""
-    lps = LPS_FROM_RAS @ np.asarray(affine, dtype=np.float64)
-    if lps.shape != (4, 4) or not np.isfinite(lps).all() or abs(np.linalg.det(lps[:3, :3])) < 1e-12:
+def _check_affine(affine) -> np.ndarray:
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.isfinite(a).all() or abs(np.linalg.det(a[:3, :3])) < 1e-12:
         raise ValueError(f"invalid affine (need a finite, non-singular 4x4 matrix):\n{affine}")
-    return lps[:3, :3].T.copy(), lps[:3, 3].copy()
-
-
-def _vector(v) -> str:
-    return "(" + ",".join(repr(float(x)) for x in v) + ")"
+    return a
 
 
 def _extent(labels: np.ndarray, value: int) -> str:
@@ -74,6 +65,8 @@ def write_seg_nrrd(labels, affine, path: str | os.PathLike, segments: Sequence[S
 
     Every value in ``labels`` other than 0 must be one of ``segments``' values (a ``ValueError`` names the others).
     """
+    import SimpleITK as sitk
+
     data = np.asarray(labels)
     if data.ndim != 3:
         raise ValueError(f"a label map must be 3D, got shape {data.shape}")
@@ -84,35 +77,20 @@ def write_seg_nrrd(labels, affine, path: str | os.PathLike, segments: Sequence[S
     if data.min(initial=0) < 0 or data.max(initial=0) > 255:
         raise ValueError("label values must lie in 0..255")
     data = data.astype(np.uint8)
-    directions, origin = lps_geometry(affine)
-    fields = [
-        "NRRD0004",
-        "# written by meddiff3d (Slicer segmentation: one layer, label values per segment)",
-        "type: unsigned char",
-        "dimension: 3",
-        "space: left-posterior-superior",
-        f"sizes: {data.shape[0]} {data.shape[1]} {data.shape[2]}",
-        "space directions: " + " ".join(_vector(d) for d in directions),
-        "kinds: domain domain domain",
-        "endian: little",
-        f"encoding: {'gzip' if compress else 'raw'}",
-        "space origin: " + _vector(origin),
-        "Segmentation_MasterRepresentation:=Binary labelmap",
-        "Segmentation_ContainedRepresentationNames:=Binary labelmap|",
-        "Segmentation_ReferenceImageExtentOffset:=0 0 0",
-    ]
+    image = array_to_sitk(data, _check_affine(affine))
+    fields = {"Segmentation_MasterRepresentation": "Binary labelmap",
+              "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+              "Segmentation_ReferenceImageExtentOffset": "0 0 0"}
     for n, seg in enumerate(segments):
-        fields += [f"Segment{n}_ID:=Segment_{int(seg.value)}", f"Segment{n}_Name:={seg.name}",
-                   f"Segment{n}_NameAutoGenerated:=0", f"Segment{n}_LabelValue:={int(seg.value)}",
-                   f"Segment{n}_Layer:=0", "Segment{}_Color:={:.4f} {:.4f} {:.4f}".format(n, *seg.color),
-                   f"Segment{n}_ColorAutoGenerated:=0", f"Segment{n}_Extent:={_extent(data, seg.value)}",
-                   f"Segment{n}_Tags:=Segmentation.Status:inprogress|"]
-    header = ("\n".join(fields) + "\n\n").encode("ascii", errors="replace")
-    raw = np.ascontiguousarray(data.transpose(2, 1, 0)).tobytes()  # first array axis fastest
+        fields.update({f"Segment{n}_ID": f"Segment_{int(seg.value)}", f"Segment{n}_Name": seg.name,
+                       f"Segment{n}_NameAutoGenerated": "0", f"Segment{n}_LabelValue": str(int(seg.value)),
+                       f"Segment{n}_Layer": "0", f"Segment{n}_Color": "{:.4f} {:.4f} {:.4f}".format(*seg.color),
+                       f"Segment{n}_ColorAutoGenerated": "0", f"Segment{n}_Extent": _extent(data, seg.value),
+                       f"Segment{n}_Tags": "Segmentation.Status:inprogress|"})
+    for key, value in fields.items():
+        image.SetMetaData(key, value)
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(gzip.compress(raw, compresslevel=4) if compress else raw)
+        sitk.WriteImage(image, str(tmp), useCompression=compress, imageIO="NrrdImageIO")
     return Path(path)
 
 

@@ -26,9 +26,11 @@ Decode speed on CPU: ``amp_dtype=torch.bfloat16`` and ``channels_last=True`` (``
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import types
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -38,19 +40,9 @@ from torch import nn
 
 from monai.inferers import sliding_window_inference
 
-from meddiff3d.engine.checkpoint import build_network, check_state_fits, jsonable
-from meddiff3d.errors import InputError
+from meddiff3d.engine.checkpoint import CODEC_FORMAT, jsonable
+from meddiff3d.engine.precision import autocast
 from meddiff3d.utils.io import atomic_path
-
-CODEC_FORMAT = "meddiff3d.codec/1"
-
-
-def autocast_context(device: torch.device | str, dtype: torch.dtype | None):
-    """``torch.autocast`` for ``dtype`` (bf16/fp16) on ``device``, or a no-op for ``None``/fp32."""
-    if dtype is None or dtype == torch.float32:
-        return nullcontext()
-    device_type = torch.device(device).type
-    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def _bounds(size: int, parts: int) -> list[tuple[int, int]]:
@@ -230,7 +222,7 @@ class LatentCodec(nn.Module):
     def _tiled(self, fn, x: torch.Tensor, tile: Sequence[int] | None) -> torch.Tensor:
         if self.channels_last and x.ndim == 5:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        with autocast_context(x.device, self.amp_dtype), split_execution(self.autoencoder, self.split):
+        with autocast(x.device, self.amp_dtype), split_execution(self.autoencoder, self.split):
             if tile is None or all(t >= s for t, s in zip(tile, x.shape[2:])):
                 out = fn(x)
             else:
@@ -276,7 +268,8 @@ class LatentCodec(nn.Module):
 
 # -- the codec file: weights + everything inference needs ----------------------------------------------------------
 def save_codec(codec: LatentCodec, path: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
-    """Write ``{"format", "weights": codec.state_dict() (latent scale/shift included), "meta"}`` atomically.
+    """Write ``{"format", "weights": codec.state_dict() (latent scale/shift included), "meta"}`` atomically; read it
+    back with :func:`meddiff3d.models.loading.load_model` ``(path, "codec")``.
 
     ``meta`` must describe the autoencoder (``{"network": {"class": ..., "args": {...}}}``) and should hold the image
     geometry and intensity normalisation the autoencoder was trained with (``"image": {...}``).
@@ -293,25 +286,15 @@ def save_codec(codec: LatentCodec, path: str | os.PathLike, meta: Mapping[str, A
     return Path(path)
 
 
-def load_codec(path: str | os.PathLike, map_location: str | torch.device = "cpu", **options) -> tuple[LatentCodec, dict]:
-    """Rebuild the codec saved by :func:`save_codec`; ``options`` (tiles, overlap, amp_dtype) are inference settings.
-
-    The latent scale/shift come from the file, never from ``options``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"codec file {path} does not exist")
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input problem
-        raise InputError(f"codec file {path} cannot be read ({type(err).__name__}: {err})") from err
-    if not isinstance(data, dict) or data.get("format") != CODEC_FORMAT:
-        raise InputError(f"codec file {path} is not a meddiff3d codec (format {CODEC_FORMAT!r})")
-    meta = data["meta"]
-    try:
-        codec = LatentCodec(build_network(meta), **options)
-    except InputError as err:
-        raise InputError(f"codec file {path}: {err}") from err
-    check_state_fits(data["weights"], codec, f"codec file {path}")
-    codec.load_state_dict(data["weights"])
-    return codec.eval(), meta
+def codec_fingerprint(weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> str:
+    """SHA-256 of a codec's content (tensor names and bytes, latent scale/shift included, plus its meta as JSON):
+    stable across re-saves, changed by any change of weights, normalisation or description. A latent diffusion model
+    records it to refuse any other codec (:func:`meddiff3d.models.ldm.check_codec_pair`)."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()

@@ -17,7 +17,7 @@ and writes what :func:`meddiff3d.pipelines.generation.generate` reads:
 
 Image geometry. The model-zoo bundle generates 160x224x160 volumes and saves them with an identity affine; the paper
 describes UK Biobank T1 images registered to MNI space at 1 mm. The crop offset within MNI space is not published, so
-the files record 1 mm spacing, RAS labels and the affine of :func:`meddiff3d.pipelines.latents.canonical_affine`: the
+the files record 1 mm spacing, RAS labels and the affine of :func:`meddiff3d.data.images.canonical_affine`: the
 160x224x160 box centred on meddiff3d's MNI-like box centre (``MNI_BOX_CENTRE_MM``). World coordinates of converted
 outputs are therefore approximate (to the unknown crop, a few mm); check against an MNI template before relying on them.
 """
@@ -33,11 +33,13 @@ from typing import Any
 
 import torch
 
-from meddiff3d.engine.checkpoint import INFERENCE_FORMAT, build_network, save_file
+from meddiff3d.data.images import canonical_affine
+from meddiff3d.engine.checkpoint import INFERENCE_FORMAT, build_network, file_sha256, save_file
 from meddiff3d.errors import InputError
 from meddiff3d.models.autoencoder import autoencoder_spec
 from meddiff3d.models.codec import LatentCodec, save_codec
-from meddiff3d.models.ldm import ANCHOR_SCHEDULE, BRAIN_COVARIATES, file_sha256, latent_diffusion_meta, latent_unet_spec
+from meddiff3d.models.ldm import ANCHOR_SCHEDULE, BRAIN_COVARIATES, latent_diffusion_meta, latent_unet_spec
+from meddiff3d.models.loading import load_model
 
 __all__ = ["MODEL_ZOO_BUNDLE", "ANCHOR_IMAGE_SHAPE", "ANCHOR_SPACING", "read_state_dict", "load_model_zoo_weights",
            "convert_model_zoo_ldm"]
@@ -104,7 +106,6 @@ def convert_model_zoo_ldm(
 
     Returns ``(codec_path, diffusion_path)``. Both inputs are read and checked before anything is written.
     """
-    from meddiff3d.pipelines.latents import canonical_affine
 
     ae_state = read_state_dict(autoencoder_pt, "autoencoder")
     unet_state = read_state_dict(diffusion_pt, "diffusion model")
@@ -141,7 +142,7 @@ def convert_model_zoo_ldm(
     meta = latent_diffusion_meta(
         network=unet_spec, schedule={"type": "NoiseSchedule", **ANCHOR_SCHEDULE}, prediction="epsilon",
         covariates=BRAIN_COVARIATES, conditioning="both", latent_shape=latent_shape, image=image,
-        codec_path=codec_path,
+        codec=load_model(codec_path, "codec"),
         scaling={"note": "model-zoo covariates (gender, age, ventricular volume, brain volume), each scaled to "
                          "[0, 1] by the UK Biobank preprocessing; the exact ranges are not published with the bundle"},
         training={"source": source, "cond_dropout": 0.0,

@@ -15,7 +15,7 @@ Input channels, derived, never hard-coded: ``3 (noisy mask) + 4 (sequences) + Co
 File of a trained model (the engine's inference export, read with ``weights_only=True``)::
 
     {"format": "meddiff3d.inference/1", "iteration": int, "ema": state_dict,
-     "meta": {"kind": "segmentation_diffusion",
+     "meta": {"kind": "meddiff3d.segmentation_diffusion/1",
               "network": {"class": "monai.networks.nets.DiffusionModelUNet", "args": {...}},
               "schedule": NoiseSchedule.to_dict(), "prediction": "epsilon" | "v" | "x0",
               "regions": ["WT", "TC", "ET"], "mask_range": [-1, 1],
@@ -47,6 +47,7 @@ from meddiff3d.diffusion import (
     NoiseSchedule,
     SlidingWindowNetwork,
 )
+from meddiff3d.engine.checkpoint import INFERENCE_FORMAT, build_network, kind_tag, save_file
 from meddiff3d.errors import InputError
 
 __all__ = [
@@ -65,7 +66,7 @@ __all__ = [
     "save_untrained_model",
 ]
 
-SEGDIFF_KIND = "segmentation_diffusion"
+SEGDIFF_KIND = kind_tag("segmentation_diffusion")  # "segmentation_diffusion" in files written before that tag
 #: the sequences the model is conditioned on, in channel order (the datalist's ``modalities``)
 #: PatchDDM's schedule: linear betas 1e-4..2e-2 over T = 1000 (sampled with ~20 DDIM / DPM-Solver++ steps)
 SEGDIFF_SCHEDULE = {"type": "NoiseSchedule", "schedule": "linear_beta", "num_train_timesteps": 1000,
@@ -200,8 +201,6 @@ def ensemble_statistics(samples: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def parameter_count(spec: Mapping[str, Any]) -> int:
     """Number of parameters of the network ``spec`` describes (built on the CPU)."""
-    from meddiff3d.engine import build_network
-
     return sum(p.numel() for p in build_network(spec).parameters())
 
 
@@ -212,8 +211,6 @@ def save_untrained_model(path: str | os.PathLike, *, shape: Sequence[int], spaci
 
     MONAI zero-initialises the U-Net's output layers; they are perturbed so the output depends on every input.
     """
-    from meddiff3d.engine.checkpoint import INFERENCE_FORMAT, build_network, save_file
-
     spec = segdiff_unet_spec(preset, coordinates=CoordinateChannels(shape), **overrides)
     meta = segdiff_meta(network=spec, shape=shape, spacing=spacing, prediction=prediction,
                         training={"note": "untrained (random weights)", "seed": int(seed)})

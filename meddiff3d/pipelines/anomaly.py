@@ -30,6 +30,7 @@ from meddiff3d.anomaly.calibration import (Calibration, anomaly_map, fit_residua
                                            residuals, save_calibration, top_mean, volume_score)
 from meddiff3d.anomaly.healing import (AnomalyModels, DetectorSettings, brain_mask, heal, load_anomaly_models,
                                        stage_one)
+from meddiff3d.engine.checkpoint import file_sha256
 from meddiff3d.errors import InputError
 from meddiff3d.utils.io import save_json, save_nifti, save_preview_png
 
@@ -132,8 +133,6 @@ def progress_iter(items: Sequence, desc: str, enabled: bool) -> Iterable:
 
 
 def _model_entry(path: str | os.PathLike | None) -> dict | None:
-    from meddiff3d.models.ldm import file_sha256
-
     return None if path is None else {"file": Path(path).name, "sha256": file_sha256(path)}
 
 
@@ -219,8 +218,6 @@ def _fit(detector: Detector, items: Sequence[Mapping], target_fpr: float, progre
 
 # ------------------------------------------------------------------------------------------------ detect
 def check_calibrated_models(calibration: Calibration, codec_path, diffusion_path, source: str) -> None:
-    from meddiff3d.models.ldm import file_sha256
-
     wanted = calibration.models or {}
     for role, path in (("codec", codec_path), ("diffusion", diffusion_path)):
         entry = wanted.get(role)

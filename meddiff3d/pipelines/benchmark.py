@@ -24,8 +24,9 @@ import torch
 
 from meddiff3d.engine.checkpoint import INFERENCE_FORMAT, build_network, save_file
 from meddiff3d.models.codec import LatentCodec, save_codec
+from meddiff3d.models.loading import load_model
 from meddiff3d.models.ldm import ANCHOR_SCHEDULE, BRAIN_COVARIATES, latent_diffusion_meta, latent_unet_spec
-from meddiff3d.pipelines.latents import canonical_affine
+from meddiff3d.data.images import canonical_affine
 
 __all__ = ["untrained_pair", "peak_rss_mb", "run_child", "main"]
 
@@ -59,7 +60,7 @@ def untrained_pair(out_dir: str | os.PathLike, *, shape: Sequence[int] = (32, 48
             param.add_(0.05 * torch.randn_like(param))
     meta = latent_diffusion_meta(network=net_spec, schedule={"type": "NoiseSchedule", **ANCHOR_SCHEDULE},
                                  prediction="epsilon", covariates=covariates, conditioning=conditioning,
-                                 latent_shape=latent_shape, image=image, codec_path=codec_path,
+                                 latent_shape=latent_shape, image=image, codec=load_model(codec_path, "codec"),
                                  training={"note": "untrained (random weights)"})
     diffusion_path = save_file({"format": INFERENCE_FORMAT, "iteration": 0, "ema": net.state_dict(), "meta": meta},
                                out / "diffusion.pt")

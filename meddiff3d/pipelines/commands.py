@@ -49,7 +49,7 @@ def _lazy(module: str, name: str) -> Callable[..., Any]:
 
 generate = user_command(_lazy("meddiff3d.pipelines.generation", "generate"))
 train_latent_diffusion = user_command(_lazy("meddiff3d.pipelines.training", "train_latent_diffusion"))
-train_autoencoder = user_command(_lazy("meddiff3d.models.autoencoder", "train_autoencoder"))
+train_autoencoder = user_command(_lazy("meddiff3d.pipelines.autoencoder_training", "train_autoencoder"))
 synthetic_datalist = user_command(_lazy("meddiff3d.pipelines.data", "synthetic_datalist"))
 calibrate_anomaly = user_command(_lazy("meddiff3d.pipelines.anomaly", "calibrate_anomaly"))
 detect_anomalies = user_command(_lazy("meddiff3d.pipelines.anomaly", "detect_anomalies"))

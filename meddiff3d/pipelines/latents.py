@@ -29,15 +29,13 @@ import torch
 from meddiff3d.data.datalist import load_datalist, read_datalist
 from meddiff3d.data.transforms import t1_brain_transforms
 from meddiff3d.errors import InputError
-from meddiff3d.models.codec import load_codec
-from meddiff3d.models.ldm import codec_file_fingerprint
+from meddiff3d.data.images import canonical_affine
+from meddiff3d.models.loading import LoadedModel, load_model
 from meddiff3d.utils.io import atomic_path
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
 LATENTS_FORMAT = "meddiff3d.latents/1"
-#: centre (RAS mm) of the MNI-like box every generated volume covers when the training data has no common grid
-MNI_BOX_CENTRE_MM = (-0.5, -16.5, 5.5)
 
 
 @dataclass
@@ -57,14 +55,6 @@ class LatentSet:
         """Training items ``{"image": z, **conditioning(covariates)}`` for the trainer (one dict per volume)."""
         return [{"image": z, **{k: v[0] for k, v in conditioning(c[None]).items()}}
                 for z, c in zip(self.latents, self.covariates)]
-
-
-def canonical_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
-    """A RAS affine with ``spacing`` whose volume is centred on the MNI-like box of the synthetic data."""
-    affine = np.diag([*map(float, spacing), 1.0])
-    centre_index = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
-    affine[:3, 3] = np.asarray(MNI_BOX_CENTRE_MM) - centre_index * np.asarray(spacing, dtype=np.float64)
-    return affine
 
 
 def codec_geometry(codec_meta: dict, spacing=None, shape=None) -> tuple[list[float], list[int]]:
@@ -92,21 +82,24 @@ def _source_key(items: list[dict], names: Sequence[str]) -> list:
     return key
 
 
-def encode_latents(codec_path: str | os.PathLike, datalist: str | os.PathLike, cache_dir: str | os.PathLike, *,
+def encode_latents(codec: str | os.PathLike | LoadedModel, datalist: str | os.PathLike, cache_dir: str | os.PathLike, *,
                    covariates: Sequence[str], section: str = "training", spacing: Sequence[float] | None = None,
                    shape: Sequence[int] | None = None, device: str | torch.device = "cpu",
                    encode_tile: Sequence[int] | None = None, progress: bool = True) -> LatentSet:
-    """Encode (or reuse the cached encoding of) a datalist section; see the module docstring."""
-    codec_path, cache = Path(codec_path), Path(cache_dir) / "latents.pt"
+    """Encode (or reuse the cached encoding of) a datalist section; see the module docstring. ``codec`` is a codec
+    file or one already loaded (:func:`~meddiff3d.models.loading.load_model`; then ``encode_tile`` is its own)."""
+    cache = Path(cache_dir) / "latents.pt"
     names = list(covariates)
-    codec, codec_meta = load_codec(codec_path, encode_tile=encode_tile)
+    if not isinstance(codec, LoadedModel):
+        codec = load_model(codec, "codec", encode_tile=encode_tile)
+    fingerprint, codec_meta, codec = codec.fingerprint, codec.meta, codec.network
     spacing, shape = codec_geometry(codec_meta, spacing, shape)
     codec.latent_shape(shape)  # raises if the shape does not divide
     items = load_datalist(datalist, section, covariates=None, check_images="header")
     missing = [it.get("id") for it in items if any(n not in (it.get("covariates") or {}) for n in names)]
     if names and missing:
         raise InputError(f"datalist {datalist}: items {missing[:5]} lack covariates {names}")
-    key = {"codec": codec_file_fingerprint(codec_path), "section": section, "covariates": names,
+    key = {"codec": fingerprint, "section": section, "covariates": names,
            "spacing": spacing, "shape": shape, "items": _source_key(items, names)}
     key = json.loads(json.dumps(key))
     scaling = {n: (read_datalist(datalist).get("covariates") or {}).get(n, {}) for n in names}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,9 +28,9 @@ import torch
 from meddiff3d.data.datalist import load_datalist
 from meddiff3d.diffusion import AppendCoordinates, CoordinateChannels, DiffusionObjective, schedule_from_dict
 from meddiff3d.engine import build_network, seed_everything, train
+from meddiff3d.engine.trainer import publish_inference, training_summary
 from meddiff3d.errors import InputError
 from meddiff3d.models.segdiff import BRATS_MODALITIES, SEGDIFF_SCHEDULE, segdiff_meta, segdiff_unet_spec
-from meddiff3d.utils.io import atomic_path
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
@@ -54,20 +53,23 @@ class SegmentationObjective:
 
 
 def patch_dataset(items: Sequence[Mapping[str, Any]], *, spacing: Sequence[float], shape: Sequence[int],
-                  patch_size: Sequence[int], foreground_prob: float = 0.5, seed: int = 0,
+                  patch_size: Sequence[int] | None, foreground_prob: float = 0.5, seed: int | None = None,
                   progress: bool = False):
     """A MONAI ``CacheDataset``: the deterministic BraTS transforms run once per volume (cached), a random patch with
-    its corner (``patch_offset``) is cut at every access."""
+    its corner (``patch_offset``) is cut at every access (``patch_size=None``: whole volumes, no crop).
+
+    Patches come from the global torch RNG (:class:`~meddiff3d.data.patches.RandPatchd`), which the trainer seeds
+    with its ``seed`` and restores on resume; ``seed`` here is ignored (kept for existing callers)."""
     from monai.data import CacheDataset
     from monai.transforms import Compose
 
     from meddiff3d.data.patches import RandPatchd
     from meddiff3d.data.transforms import brats_transforms
 
-    volume = brats_transforms(spacing=spacing, shape=shape, train=False)
-    crop = RandPatchd(["image", "label"], patch_size, label_key="label", foreground_prob=foreground_prob)
-    crop.set_random_state(seed)
-    return CacheDataset(list(items), transform=Compose([*volume.transforms, crop]), num_workers=0, progress=progress)
+    steps = list(brats_transforms(spacing=spacing, shape=shape, train=False).transforms)
+    if patch_size is not None:
+        steps.append(RandPatchd(["image", "label"], patch_size, label_key="label", foreground_prob=foreground_prob))
+    return CacheDataset(list(items), transform=Compose(steps), num_workers=0, progress=progress)
 
 
 def train_segmentation_diffusion(
@@ -132,13 +134,7 @@ def train_segmentation_diffusion(
                    batch_size=batch_size, lr=lr, lr_warmup=lr_warmup, ema_decay=ema_decay, amp=amp,
                    grad_clip=grad_clip, checkpoint_every=checkpoint_every, seed=seed, meta=meta, device=device,
                    log_every=log_every, progress=progress)
-    if int(os.environ.get("RANK", 0)) == 0:
-        with atomic_path(out) as tmp:
-            shutil.copyfile(result.inference, tmp)
-    summary = {"out": str(out), "iteration": result.iteration, "last_loss": result.last_loss,
-               "resumed_from": result.resumed_from, "num_volumes": len(items), "image_shape": meta["image"]["shape"],
-               "patch_size": meta["patch"]["size"],
-               "parameters": sum(p.numel() for p in result.network.parameters()),
-               "seconds": round(time.perf_counter() - start, 2)}
-    logger.info("segmentation diffusion: %s", summary)
-    return summary
+
+    publish_inference(result, out)
+    return training_summary("segmentation diffusion", result, out, start, num_volumes=len(items),
+                            image_shape=meta["image"]["shape"], patch_size=meta["patch"]["size"])

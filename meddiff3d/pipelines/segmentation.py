@@ -37,47 +37,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from meddiff3d.checks import check_choice, check_int, check_number, check_sizes
 from meddiff3d.data.brats import BRATS_REGIONS, region_masks, regions_to_labels
 from meddiff3d.data.datalist import load_datalist
-from meddiff3d.diffusion import SAMPLERS, get_sampler, make_denoiser, schedule_from_dict
-from meddiff3d.engine.checkpoint import build_network, load_weights, read_file
-from meddiff3d.engine.precision import resolve_device
-from meddiff3d.errors import InputError
-from meddiff3d.models.ldm import file_sha256
-from meddiff3d.models.segdiff import SEGDIFF_KIND, check_volume_shape, conditioned_network, ensemble_statistics
-from meddiff3d.pipelines.generation import (
-    TIMESTEP_SPACING,
-    Autocast,
-    inference_dtype,
-    initial_noise,
-    prepare_for_inference,
-    sampling_timesteps,
-)
+from meddiff3d.data.transforms import brats_transforms, to_input_grid
+from meddiff3d.diffusion import SAMPLERS, default_spacing, initial_noise, make_denoiser, sample, sampling_timesteps
+from meddiff3d.diffusion import schedule_from_dict
+from meddiff3d.engine.precision import Autocast, resolve_device, resolve_precision
+from meddiff3d.models.loading import load_model
+from meddiff3d.models.segdiff import check_volume_shape, conditioned_network, ensemble_statistics
 from meddiff3d.utils.io import save_json, save_nifti, save_preview_png
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
-__all__ = ["load_segmentation_model", "ClampedDenoiser", "ensemble_statistics", "sample_masks", "segment",
+__all__ = ["ClampedDenoiser", "ensemble_statistics", "sample_masks", "segment",
            "output_paths", "write_case"]
 
 #: label convention of the written label maps (0/1/2/4)
 LABEL_CONVENTION = "brats2021"
 FLAIR_CHANNEL = 3
-
-
-def load_segmentation_model(path: str | os.PathLike,
-                            device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """``(network in eval mode on device, meta)`` of a segmentation diffusion model file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"segmentation diffusion model {path} does not exist")
-    data = read_file(path)
-    meta = data.get("meta") or {}
-    if meta.get("kind") != SEGDIFF_KIND:
-        raise InputError(f"{path} is not a segmentation diffusion model (meta kind {meta.get('kind')!r})")
-    network = build_network(meta)
-    load_weights(data, network, "ema", source=f"segmentation diffusion model {path}")
-    return network.to(device).eval(), meta
 
 
 class ClampedDenoiser:
@@ -95,7 +73,6 @@ def sample_masks(denoiser: Callable[..., torch.Tensor], image: torch.Tensor, met
                  batch_size: int | None = None, callback: Callable | None = None) -> torch.Tensor:
     """``num_samples`` masks ``(N, 3, *shape)`` in [-1, 1] for one case's sequences ``image`` ``(1, 4, *shape)``."""
     schedule = schedule_from_dict(meta["schedule"])
-    timesteps, prev = sampling_timesteps(schedule, steps, spacing or TIMESTEP_SPACING.get(sampler, "linspace"))
     shape = [len(meta["regions"]), *image.shape[2:]]
     batch_size = batch_size or num_samples
     out = []
@@ -103,8 +80,8 @@ def sample_masks(denoiser: Callable[..., torch.Tensor], image: torch.Tensor, met
         seeds = [seed + i for i in range(first, min(first + batch_size, num_samples))]
         noise = initial_noise(seeds, shape, image.device)
         cond = {"image": image.expand(len(seeds), *image.shape[1:])}
-        out.append(get_sampler(sampler)(denoiser, noise, timesteps, schedule, generator=seeds[0], callback=callback,
-                                        cond=cond, prev_timesteps=prev))
+        out.append(sample(denoiser, noise, schedule, sampler=sampler, steps=steps, spacing=spacing, cond=cond,
+                          generator=seeds[0], callback=callback))
     return torch.cat(out)
 
 
@@ -118,28 +95,13 @@ def output_paths(output_dir: str | os.PathLike, case_id: str) -> dict[str, Path]
 
 def _check_request(sampler: str, steps: Any, num_samples: Any, batch_size: Any, seed: Any, roi_size: Any,
                    overlap: Any, sw_batch_size: Any, threshold: Any) -> dict[str, Any]:
-    def integer(name, value, minimum):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        return int(value)
-
-    if sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
-    out = {"steps": integer("steps", steps, 1), "num_samples": integer("num_samples", num_samples, 1),
-           "seed": integer("seed", seed, 0), "sw_batch_size": integer("sw_batch_size", sw_batch_size, 1),
-           "batch_size": None if batch_size is None else integer("batch_size", batch_size, 1)}
-    if roi_size is not None:
-        if isinstance(roi_size, (int, np.integer)):
-            roi_size = [int(roi_size)] * 3
-        if len(roi_size) != 3:
-            raise InputError(f"roi_size must be three sizes (or one), got {roi_size!r}")
-        roi_size = [integer("roi_size", r, 1) for r in roi_size]
-    out["roi_size"] = roi_size
-    if not (isinstance(overlap, (int, float)) and 0.0 <= overlap < 1.0):
-        raise InputError(f"overlap must be a number in [0, 1), got {overlap!r}")
-    if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
-        raise InputError(f"threshold must be a number in (0, 1), got {threshold!r}")
-    return out
+    check_choice("sampler", sampler, list(SAMPLERS))
+    check_number("overlap", overlap, 0.0, 1.0, open_high=True)
+    check_number("threshold", threshold, 0.0, 1.0, open_low=True, open_high=True)
+    return {"steps": check_int("steps", steps, 1), "num_samples": check_int("num_samples", num_samples, 1),
+            "seed": check_int("seed", seed, 0), "sw_batch_size": check_int("sw_batch_size", sw_batch_size, 1),
+            "batch_size": None if batch_size is None else check_int("batch_size", batch_size, 1),
+            "roi_size": check_sizes("roi_size", roi_size)}
 
 
 def segment(
@@ -182,11 +144,11 @@ def segment(
     start = time.perf_counter()
     request = _check_request(sampler, steps, num_samples, batch_size, seed, roi_size, overlap, sw_batch_size, threshold)
     dev = resolve_device(device)
-    dtype = inference_dtype(amp, dev)
-    network, meta = load_segmentation_model(model_path, dev)
-    network = prepare_for_inference(network, dtype)  # bf16 weights, channels-last: ~17 % faster on CPU
+    dtype = resolve_precision(amp, dev, "inference").dtype
+    model = load_model(model_path, "segmentation_diffusion", device=dev, dtype=dtype)  # bf16, channels-last: ~17 %
+    network, meta = model.network, model.meta                                           # faster on CPU
     schedule = schedule_from_dict(meta["schedule"])
-    sampling_timesteps(schedule, request["steps"], TIMESTEP_SPACING.get(sampler, "linspace"))  # validates steps
+    sampling_timesteps(schedule, request["steps"], default_spacing(sampler))  # validates steps
     if request["roi_size"] is not None:
         clamped = [min(r, s) for r, s in zip(request["roi_size"], meta["image"]["shape"])]
         check_volume_shape(clamped, meta["network"], "sliding-window roi_size")
@@ -194,16 +156,14 @@ def segment(
 
     from monai.data import Dataset
 
-    from meddiff3d.data.transforms import brats_transforms, to_input_grid
-
     transform = brats_transforms(spacing=meta["image"]["spacing"], shape=meta["image"]["shape"], train=False,
                                  regions=False)
     net = conditioned_network(network, meta, roi_size=request["roi_size"], overlap=float(overlap),
                               sw_batch_size=request["sw_batch_size"], autocast=lambda n: Autocast(n, dtype))
     denoiser = ClampedDenoiser(make_denoiser(net, schedule, meta["prediction"]), *meta["mask_range"])
-    settings = {"model": {"file": str(model_path), "sha256": file_sha256(model_path)}, "sampler": sampler,
+    settings = {"model": model.provenance(), "sampler": sampler,
                 "steps": request["steps"], "num_samples": request["num_samples"], "seed": request["seed"],
-                "timestep_spacing": TIMESTEP_SPACING.get(sampler, "linspace"),
+                "timestep_spacing": default_spacing(sampler),
                 "inference": "whole volume" if request["roi_size"] is None else
                 {"sliding_window": {"roi_size": request["roi_size"], "overlap": float(overlap),
                                     "sw_batch_size": request["sw_batch_size"], "mode": "gaussian"}},

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -20,6 +19,7 @@ from typing import Any
 
 from meddiff3d.diffusion import DiffusionObjective, schedule_from_dict
 from meddiff3d.engine import build_network, seed_everything, train
+from meddiff3d.engine.trainer import publish_inference, training_summary
 from meddiff3d.errors import InputError
 from meddiff3d.models.ldm import (
     ANCHOR_SCHEDULE,
@@ -30,8 +30,9 @@ from meddiff3d.models.ldm import (
     latent_unet_spec,
     null_condition,
 )
+from meddiff3d.models.loading import load_model
+from meddiff3d.pipelines.generation import preview_sampler
 from meddiff3d.pipelines.latents import encode_latents
-from meddiff3d.utils.io import atomic_path
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
@@ -113,14 +114,15 @@ def train_latent_diffusion(
     if conditioning != "none" and not covariates:
         raise InputError(f"conditioning {conditioning!r} needs covariate names")
     schedule_obj = schedule_from_dict(dict(schedule or ANCHOR_SCHEDULE))
-    latent_set = encode_latents(codec, datalist, run_dir / "latents", covariates=covariates, section=section,
+    codec_file = load_model(codec, "codec")  # read once: encoder for the latents, fingerprint for the meta
+    latent_set = encode_latents(codec_file, datalist, run_dir / "latents", covariates=covariates, section=section,
                                 spacing=spacing, shape=shape, device="cpu", progress=progress)
     latent_channels = int(latent_set.latents.shape[1])
     spec = network_spec(network, latent_channels, covariates, conditioning, network_overrides,
                         coordinates=coordinates)
     meta = latent_diffusion_meta(
         network=spec, schedule=schedule_obj.to_dict(), prediction=prediction, covariates=covariates,
-        conditioning=conditioning, latent_shape=latent_set.latents.shape[1:], image=latent_set.image, codec_path=codec,
+        conditioning=conditioning, latent_shape=latent_set.latents.shape[1:], image=latent_set.image, codec=codec_file,
         scaling=latent_set.covariate_scaling, coordinates=coordinates,
         training={"datalist": str(datalist), "section": section, "num_volumes": len(latent_set.ids),
                   "cond_dropout": cond_dropout, "batch_size": batch_size, "lr": lr, "seed": seed,
@@ -134,21 +136,13 @@ def train_latent_diffusion(
     net = build_network(spec)
     preview_fn = None
     if preview_every:
-        from meddiff3d.pipelines.generation import preview_sampler
-
-        preview_fn = preview_sampler(codec, meta)
+        preview_fn = preview_sampler(codec_file, meta)
     result = train(net, objective, latent_set.items(conditioning_fn), run_dir=run_dir, max_iterations=max_iterations,
                    batch_size=batch_size, lr=lr, lr_warmup=lr_warmup, ema_decay=ema_decay, amp=amp,
                    grad_clip=grad_clip, checkpoint_every=checkpoint_every, seed=seed, meta=meta, device=device,
                    preview_fn=preview_fn, preview_every=preview_every, log_every=log_every, progress=progress)
-    if int(os.environ.get("RANK", 0)) == 0:
-        with atomic_path(out) as tmp:
-            shutil.copyfile(result.inference, tmp)
-    parameters = sum(p.numel() for p in result.network.parameters())
-    summary = {"out": str(out), "iteration": result.iteration, "last_loss": result.last_loss,
-               "resumed_from": result.resumed_from, "num_volumes": len(latent_set.ids),
-               "latent_shape": meta["latent"]["shape"], "latent_cache": str(latent_set.path),
-               "latent_cache_reused": latent_set.reused, "parameters": parameters,
-               "seconds": round(time.perf_counter() - start, 2)}
-    logger.info("latent diffusion: %s", summary)
-    return summary
+
+    publish_inference(result, out)
+    return training_summary("latent diffusion", result, out, start, num_volumes=len(latent_set.ids),
+                            latent_shape=meta["latent"]["shape"], latent_cache=str(latent_set.path),
+                            latent_cache_reused=latent_set.reused)

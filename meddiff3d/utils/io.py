@@ -2,6 +2,10 @@
 
 Every writer goes through :func:`atomic_path`: it writes a temporary file in the destination folder and renames it
 into place, so a killed process never leaves a partial output behind.
+
+PNG previews are drawn with Pillow (a core dependency) straight from numpy: three centre slices side by side, an
+optional overlay, no display needed. matplotlib is no dependency (MONAI's ``matshow3d`` needs it), and MONAI's
+``plot_2d_or_3d_image`` writes to TensorBoard, not to a PNG file.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
+
+from meddiff3d.errors import InputError
 
 
 def _umask() -> int:
@@ -42,6 +48,19 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def read_json(path: str | os.PathLike, *, missing: str, invalid: str, error: type[Exception] = InputError) -> Any:
+    """The parsed JSON file at ``path``; a missing file, or one that is not JSON, raises ``error`` with the message
+    ``missing`` / ``invalid``, format strings naming the file as ``{path}`` (and ``invalid`` the parse error as
+    ``{err}``), e.g. ``missing="datalist {path}: file not found"``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing.format(path=path))
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(invalid.format(path=path, err=err)) from err
 
 
 def save_json(obj, path: str | os.PathLike, indent: int = 2) -> Path:

@@ -1,0 +1,62 @@
+"""One call from a denoiser to samples: timesteps for a sampler, seeded initial noise, and the pure sampler itself.
+
+``sample(denoiser, noise, schedule, sampler="ddim", steps=50)`` is what generation, segmentation ensembles and
+training previews run; the samplers of :mod:`.samplers` stay pure functions of ``(denoiser, x, timesteps, schedule)``.
+
+Reproducibility: :func:`initial_noise` draws one standard-normal tensor per seed on the CPU, so a seed gives the same
+sample on every device and one sample of a batch can be regenerated alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from meddiff3d.errors import InputError
+
+from .samplers import get_sampler
+from .schedules import NoiseSchedule
+
+__all__ = ["TIMESTEP_SPACING", "MONAI_SPACING", "default_spacing", "sampling_timesteps", "initial_noise", "sample"]
+
+#: timestep spacing per sampler (others: ``"linspace"``, MONAI's DDIM); DPM-Solver++ wants uniform log-SNR steps
+TIMESTEP_SPACING = {"dpmpp_2m": "log_snr"}
+#: spacing name for MONAI ``DDIMScheduler`` stepping: ``"linspace"`` timesteps, each step landing on ``t - T // n``
+#: (not on the next timestep), so a DDIM run reproduces a model-zoo ``scheduler.step`` loop exactly
+MONAI_SPACING = "monai"
+
+
+def default_spacing(sampler: str, spacing: str | None = None) -> str:
+    """``spacing`` if given, else the sampler's default (:data:`TIMESTEP_SPACING`, ``"linspace"`` otherwise)."""
+    return spacing or TIMESTEP_SPACING.get(sampler, "linspace")
+
+
+def sampling_timesteps(schedule: Any, steps: int, spacing: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(timesteps, prev_timesteps)`` for a sampler: ``prev_timesteps`` is ``None`` (each step lands on the next
+    timestep) except for :data:`MONAI_SPACING`, where each step lands on ``t - T // steps`` as in MONAI's
+    ``DDIMScheduler.step``."""
+    if spacing == MONAI_SPACING:
+        if not isinstance(schedule, NoiseSchedule):
+            raise InputError(f"spacing {MONAI_SPACING!r} is MONAI's DDIMScheduler stepping, for DDPM-type schedules "
+                             f"only (this model has a {type(schedule).__name__})")
+        timesteps = schedule.timesteps(steps, "linspace")
+        return timesteps, timesteps - schedule.num_train_timesteps // int(steps)
+    return schedule.timesteps(steps, spacing=spacing), None
+
+
+def initial_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One standard-normal tensor of ``shape`` per seed, stacked ``(len(seeds), *shape)``, drawn on the CPU."""
+    draws = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(draws).to(device)
+
+
+def sample(denoiser: Callable[..., torch.Tensor], noise: torch.Tensor, schedule: Any, *, sampler: str = "ddim",
+           steps: int = 50, spacing: str | None = None, cond: Mapping[str, torch.Tensor] | None = None,
+           generator: torch.Generator | int | None = None, callback: Callable | None = None) -> torch.Tensor:
+    """Run the sampler named ``sampler`` from ``noise`` over ``steps`` timesteps of ``schedule`` (spacing: the
+    sampler's default unless given; :data:`MONAI_SPACING` for MONAI ``DDIMScheduler`` stepping)."""
+    timesteps, prev = sampling_timesteps(schedule, steps, default_spacing(sampler, spacing))
+    return get_sampler(sampler)(denoiser, noise, timesteps, schedule, generator=generator, callback=callback,
+                                cond=cond, prev_timesteps=prev)
