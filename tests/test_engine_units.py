@@ -364,3 +364,13 @@ def test_wall_clock_budget_counts_fetching_the_batch(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, max_iterations=100, handlers=[budget])
     trainer.run()
     assert budget.exhausted and 0.5 <= budget.seconds < 0.9 and trainer.state.iteration <= 7
+
+
+def test_recipe_trainer_settings_merge_over_defaults_and_refuse_a_mistyped_name():
+    from meddiff3d.engine.recipes import TRAINER_SETTINGS, trainer_settings
+
+    assert {"batch_size", "lr", "max_iterations", "seed", "amp"} <= set(TRAINER_SETTINGS)
+    assert "meta" not in TRAINER_SETTINGS and "run_dir" not in TRAINER_SETTINGS  # the recipe builds those
+    assert trainer_settings({"lr": 1e-4, "seed": 0}, {"seed": 3}) == {"lr": 1e-4, "seed": 3}
+    with pytest.raises(InputError, match="unknown setting 'max_iteration' \\(did you mean 'max_iterations'\\?\\)"):
+        trainer_settings({"lr": 1e-4}, {"max_iteration": 5}, "latent diffusion training")

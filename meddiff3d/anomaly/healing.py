@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from meddiff3d.diffusion import gaussian_noise, noise_to, sample_ddim, sample_repaint, schedule_from_dict, simplex_noise
+from meddiff3d.checks import check_choice, check_int, check_number
 from meddiff3d.engine.precision import resolve_device, resolve_precision
 from meddiff3d.errors import InputError
 from meddiff3d.models.ldm import build_denoiser, check_guidance_support, load_latent_diffusion, model_conditioning
@@ -81,26 +82,20 @@ class DetectorSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"unknown anomaly detection method {self.method!r}; valid: {', '.join(METHODS)}")
-        if self.noise not in NOISE_KINDS:
-            raise InputError(f"unknown noise {self.noise!r}; valid: {', '.join(NOISE_KINDS)}")
+        check_choice("anomaly detection method", self.method, METHODS, "methods")
+        check_choice("noise", self.noise, NOISE_KINDS, "noise kinds")
         if isinstance(self.start_steps, (int, float)):
             self.start_steps = [self.start_steps]
-        self.start_steps = [int(t) for t in self.start_steps]
         if self.method == "autoencoder":
             self.start_steps = []
-        elif not self.start_steps or any(t < 1 for t in self.start_steps):
-            raise InputError(f"start_steps must be a non-empty list of timesteps >= 1, got {self.start_steps}")
+        elif not self.start_steps:
+            raise InputError("start_steps must be a non-empty list of timesteps >= 1, got []")
+        self.start_steps = [check_int("start_steps", t, 1) for t in self.start_steps]
         for name, low in (("steps", 1), ("resample", 1), ("simplex_octaves", 1), ("mask_dilation", 0)):
-            if int(getattr(self, name)) < low:
-                raise InputError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
-        if not 0.0 < float(self.mask_quantile) < 1.0:
-            raise InputError(f"mask_quantile must be in (0, 1), got {self.mask_quantile}")
-        if not 0.0 < float(self.top_fraction) <= 1.0:
-            raise InputError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
-        if float(self.smoothing_sigma) < 0:
-            raise InputError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
+            setattr(self, name, check_int(name, getattr(self, name), low))
+        self.mask_quantile = check_number("mask_quantile", self.mask_quantile, 0.0, 1.0, open_low=True, open_high=True)
+        self.top_fraction = check_number("top_fraction", self.top_fraction, 0.0, 1.0, open_low=True)
+        self.smoothing_sigma = check_number("smoothing_sigma", self.smoothing_sigma, 0.0)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> DetectorSettings:

@@ -27,9 +27,7 @@ import contextlib
 import logging
 import math
 import random
-import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -44,7 +42,7 @@ from meddiff3d.engine.distributed import DistContext, derived_seed, setup_distri
 from meddiff3d.engine.ema import EMA
 from meddiff3d.engine.monitoring import PreviewFn, TrainingMonitor, ValidateFn
 from meddiff3d.engine.precision import resolve_device, resolve_precision
-from meddiff3d.utils.io import atomic_path, save_json
+from meddiff3d.utils.io import save_json
 
 logger = logging.getLogger("meddiff3d.engine")
 
@@ -375,26 +373,3 @@ class DiffusionTrainer(Engine):
 def train(network: torch.nn.Module, objective: Objective, train_data: Iterable, **kwargs: Any) -> TrainResult:
     """``DiffusionTrainer(network, objective, train_data, **kwargs).run()``: the one-call entry point."""
     return DiffusionTrainer(network, objective, train_data, **kwargs).run()
-
-
-# -------------------------------------------------------------------------------------------- the end of a recipe
-def publish_inference(result: TrainResult, out: str | os.PathLike) -> Path:
-    """On rank 0, copy the run's inference export (``RUN_DIR/inference.pt``) to ``out`` through a temporary file renamed
-    into place (a killed copy never leaves a partial model file); other ranks write nothing. Returns ``out``."""
-    out = Path(out)
-    if result.rank == 0:
-        with atomic_path(out) as tmp:
-            shutil.copyfile(result.inference, tmp)
-    return out
-
-
-def training_summary(what: str, result: TrainResult, out: str | os.PathLike, start: float, **fields: Any) -> dict:
-    """``{"out", "iteration", "last_loss", "resumed_from", **fields, "parameters", "seconds"}`` of a finished recipe
-    (``start``: its ``time.perf_counter()`` at the beginning; ``fields`` may replace the defaults), logged as
-    ``"<what>: <summary>"``."""
-    summary = {"out": str(out), "iteration": result.iteration, "last_loss": result.last_loss,
-               "resumed_from": result.resumed_from, **fields}
-    summary.setdefault("parameters", sum(p.numel() for p in result.network.parameters()))
-    summary.setdefault("seconds", round(time.perf_counter() - start, 2))
-    logger.info("%s: %s", what, summary)
-    return summary

@@ -23,7 +23,8 @@ from torch import nn
 
 from meddiff3d.data.patches import RandPatchd
 from meddiff3d.engine.checkpoint import build_network
-from meddiff3d.engine.trainer import DiffusionTrainer, seed_everything, training_summary
+from meddiff3d.engine.recipes import training_summary
+from meddiff3d.engine.trainer import DiffusionTrainer, seed_everything
 from meddiff3d.models.autoencoder import (
     AutoencoderObjective,
     AutoencoderWithDiscriminator,

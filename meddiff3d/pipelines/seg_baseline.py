@@ -26,7 +26,7 @@ import torch
 
 from meddiff3d.data.brats import regions_to_labels
 from meddiff3d.engine import WallClockBudget, build_network, seed_everything, train
-from meddiff3d.engine.trainer import publish_inference, training_summary
+from meddiff3d.engine.recipes import publish_inference, training_summary
 from meddiff3d.errors import InputError
 from meddiff3d.models.loading import load_model
 from meddiff3d.models.seg_baseline import (RegionDiceBCE, baseline_meta, baseline_spec, downsampling_factor,

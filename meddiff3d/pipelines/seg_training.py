@@ -28,13 +28,18 @@ import torch
 from meddiff3d.data.datalist import load_datalist
 from meddiff3d.diffusion import AppendCoordinates, CoordinateChannels, DiffusionObjective, schedule_from_dict
 from meddiff3d.engine import build_network, seed_everything, train
-from meddiff3d.engine.trainer import publish_inference, training_summary
+from meddiff3d.engine.recipes import publish_inference, trainer_settings, training_summary
 from meddiff3d.errors import InputError
 from meddiff3d.models.segdiff import BRATS_MODALITIES, SEGDIFF_SCHEDULE, segdiff_meta, segdiff_unet_spec
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
-__all__ = ["SegmentationObjective", "patch_dataset", "train_segmentation_diffusion"]
+__all__ = ["TRAINER_DEFAULTS", "SegmentationObjective", "patch_dataset", "train_segmentation_diffusion"]
+
+#: trainer settings of this recipe unless given (any other DiffusionTrainer keyword keeps the trainer's default)
+TRAINER_DEFAULTS = {"batch_size": 1, "max_iterations": 100_000, "lr": 1e-4, "ema_decay": 0.999, "amp": "auto",
+                    "grad_clip": 1.0, "device": "auto", "seed": 0, "checkpoint_every": 1000, "log_every": 10,
+                    "progress": True}
 
 
 class SegmentationObjective:
@@ -53,13 +58,12 @@ class SegmentationObjective:
 
 
 def patch_dataset(items: Sequence[Mapping[str, Any]], *, spacing: Sequence[float], shape: Sequence[int],
-                  patch_size: Sequence[int] | None, foreground_prob: float = 0.5, seed: int | None = None,
-                  progress: bool = False):
+                  patch_size: Sequence[int] | None, foreground_prob: float = 0.5, progress: bool = False):
     """A MONAI ``CacheDataset``: the deterministic BraTS transforms run once per volume (cached), a random patch with
     its corner (``patch_offset``) is cut at every access (``patch_size=None``: whole volumes, no crop).
 
     Patches come from the global torch RNG (:class:`~meddiff3d.data.patches.RandPatchd`), which the trainer seeds
-    with its ``seed`` and restores on resume; ``seed`` here is ignored (kept for existing callers)."""
+    with its ``seed`` and restores on resume."""
     from monai.data import CacheDataset
     from monai.transforms import Compose
 
@@ -85,19 +89,8 @@ def train_segmentation_diffusion(
     foreground_prob: float = 0.5,
     schedule: Mapping[str, Any] | None = None,
     prediction: str = "epsilon",
-    batch_size: int = 1,
-    max_iterations: int = 100_000,
-    lr: float = 1e-4,
-    lr_warmup: int = 0,
-    ema_decay: float = 0.999,
-    amp: str = "auto",
-    grad_clip: float | None = 1.0,
-    device: str = "auto",
-    seed: int = 0,
-    checkpoint_every: int = 1000,
     section: str = "training",
-    log_every: int = 10,
-    progress: bool = True,
+    **trainer: Any,
 ) -> dict[str, Any]:
     """Train a PatchDDM-style segmentation diffusion model; returns a summary dict.
 
@@ -112,9 +105,13 @@ def train_segmentation_diffusion(
         foreground_prob: probability of centring a patch on a tumour voxel.
         schedule: :class:`NoiseSchedule` arguments (default PatchDDM's linear betas, T = 1000).
         prediction: ``"epsilon"``, ``"v"`` or ``"x0"``.
-        Others go to :class:`~meddiff3d.engine.DiffusionTrainer`.
+        trainer: settings of :class:`~meddiff3d.engine.DiffusionTrainer` (``batch_size``, ``max_iterations``, ``lr``,
+            ``ema_decay``, ``amp``, ``device``, ``seed``, ``checkpoint_every``, ...) over :data:`TRAINER_DEFAULTS`;
+            an unknown name is refused.
     """
     start = time.perf_counter()
+    settings = trainer_settings(TRAINER_DEFAULTS, trainer, "segmentation diffusion training")
+    batch_size, lr, seed, progress = (settings[k] for k in ("batch_size", "lr", "seed", "progress"))
     run_dir, out = Path(run_dir), Path(out)
     if prediction not in ("epsilon", "v", "x0"):
         raise InputError(f"prediction must be 'epsilon', 'v' or 'x0' for segmentation diffusion, got {prediction!r}")
@@ -123,17 +120,14 @@ def train_segmentation_diffusion(
                         prediction=prediction, modalities=BRATS_MODALITIES, patch_size=patch_size,
                         foreground_prob=foreground_prob,
                         training={"datalist": str(datalist), "section": section, "batch_size": batch_size, "lr": lr,
-                                  "seed": seed, "max_iterations": max_iterations})
+                                  "seed": seed, "max_iterations": settings["max_iterations"]})
     items = load_datalist(datalist, section, modalities=len(BRATS_MODALITIES), require_label=True)
     meta["training"]["num_volumes"] = len(items)
     data = patch_dataset(items, spacing=spacing, shape=meta["image"]["shape"], patch_size=meta["patch"]["size"],
-                         foreground_prob=foreground_prob, seed=seed, progress=progress)
+                         foreground_prob=foreground_prob, progress=progress)
     seed_everything(seed)  # the initial weights are a function of the seed
     net = build_network(spec)
-    result = train(net, SegmentationObjective(meta), data, run_dir=run_dir, max_iterations=max_iterations,
-                   batch_size=batch_size, lr=lr, lr_warmup=lr_warmup, ema_decay=ema_decay, amp=amp,
-                   grad_clip=grad_clip, checkpoint_every=checkpoint_every, seed=seed, meta=meta, device=device,
-                   log_every=log_every, progress=progress)
+    result = train(net, SegmentationObjective(meta), data, run_dir=run_dir, meta=meta, **settings)
 
     publish_inference(result, out)
     return training_summary("segmentation diffusion", result, out, start, num_volumes=len(items),

@@ -19,7 +19,7 @@ from typing import Any
 
 from meddiff3d.diffusion import DiffusionObjective, schedule_from_dict
 from meddiff3d.engine import build_network, seed_everything, train
-from meddiff3d.engine.trainer import publish_inference, training_summary
+from meddiff3d.engine.recipes import publish_inference, trainer_settings, training_summary
 from meddiff3d.errors import InputError
 from meddiff3d.models.ldm import (
     ANCHOR_SCHEDULE,
@@ -36,7 +36,12 @@ from meddiff3d.pipelines.latents import encode_latents
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
-__all__ = ["train_latent_diffusion", "network_spec"]
+__all__ = ["TRAINER_DEFAULTS", "train_latent_diffusion", "network_spec"]
+
+#: trainer settings of this recipe unless given (any other DiffusionTrainer keyword keeps the trainer's default)
+TRAINER_DEFAULTS = {"batch_size": 2, "max_iterations": 100_000, "lr": 2.5e-5, "ema_decay": 0.9999, "amp": "auto",
+                    "grad_clip": 1.0, "device": "auto", "seed": 0, "checkpoint_every": 1000, "log_every": 10,
+                    "progress": True}
 
 
 def network_spec(network: str | Mapping[str, Any] | None, latent_channels: int, covariates: Sequence[str],
@@ -76,22 +81,10 @@ def train_latent_diffusion(
     cond_dropout: float = 0.15,
     coordinates: bool = False,
     min_snr_gamma: float | None = None,
-    batch_size: int = 2,
-    max_iterations: int = 100_000,
-    lr: float = 2.5e-5,
-    lr_warmup: int = 0,
-    ema_decay: float = 0.9999,
-    amp: str = "auto",
-    grad_clip: float | None = 1.0,
-    device: str = "auto",
-    seed: int = 0,
-    checkpoint_every: int = 1000,
     section: str = "training",
     spacing: Sequence[float] | None = None,
     shape: Sequence[int] | None = None,
-    preview_every: int | None = None,
-    log_every: int = 10,
-    progress: bool = True,
+    **trainer: Any,
 ) -> dict[str, Any]:
     """Train a covariate-conditioned latent diffusion model; returns a summary dict (see module docstring).
 
@@ -106,9 +99,13 @@ def train_latent_diffusion(
         schedule: :class:`NoiseSchedule` arguments (default: the anchor's scaled-linear 0.0015-0.0205, T=1000).
         cond_dropout: probability of training a sample with the null condition (classifier-free guidance).
         coordinates: append coordinate channels to the U-Net input (see :mod:`meddiff3d.models.ldm`).
-        Others go to :class:`~meddiff3d.engine.DiffusionTrainer`.
+        trainer: settings of :class:`~meddiff3d.engine.DiffusionTrainer` (``batch_size``, ``max_iterations``, ``lr``,
+            ``ema_decay``, ``amp``, ``device``, ``seed``, ``checkpoint_every``, ``preview_every``, ...) over
+            :data:`TRAINER_DEFAULTS`; an unknown name is refused.
     """
     start = time.perf_counter()
+    settings = trainer_settings(TRAINER_DEFAULTS, trainer, "latent diffusion training")
+    batch_size, lr, seed, progress = (settings[k] for k in ("batch_size", "lr", "seed", "progress"))
     run_dir, out = Path(run_dir), Path(out)
     covariates = list(covariates) if conditioning != "none" else []
     if conditioning != "none" and not covariates:
@@ -126,7 +123,7 @@ def train_latent_diffusion(
         scaling=latent_set.covariate_scaling, coordinates=coordinates,
         training={"datalist": str(datalist), "section": section, "num_volumes": len(latent_set.ids),
                   "cond_dropout": cond_dropout, "batch_size": batch_size, "lr": lr, "seed": seed,
-                  "min_snr_gamma": min_snr_gamma, "max_iterations": max_iterations})
+                  "min_snr_gamma": min_snr_gamma, "max_iterations": settings["max_iterations"]})
     conditioning_fn = partial(covariate_conditioning, mode=conditioning)
     objective = DiffusionObjective(schedule_obj, prediction, min_snr_gamma=min_snr_gamma,
                                    cond_dropout=cond_dropout if conditioning != "none" else 0.0,
@@ -134,13 +131,9 @@ def train_latent_diffusion(
                                    network_wrapper=coordinate_wrapper(coordinates))
     seed_everything(seed)  # the initial weights are a function of the seed
     net = build_network(spec)
-    preview_fn = None
-    if preview_every:
-        preview_fn = preview_sampler(codec_file, meta)
-    result = train(net, objective, latent_set.items(conditioning_fn), run_dir=run_dir, max_iterations=max_iterations,
-                   batch_size=batch_size, lr=lr, lr_warmup=lr_warmup, ema_decay=ema_decay, amp=amp,
-                   grad_clip=grad_clip, checkpoint_every=checkpoint_every, seed=seed, meta=meta, device=device,
-                   preview_fn=preview_fn, preview_every=preview_every, log_every=log_every, progress=progress)
+    if settings.get("preview_every"):
+        settings["preview_fn"] = preview_sampler(codec_file, meta)
+    result = train(net, objective, latent_set.items(conditioning_fn), run_dir=run_dir, meta=meta, **settings)
 
     publish_inference(result, out)
     return training_summary("latent diffusion", result, out, start, num_volumes=len(latent_set.ids),
