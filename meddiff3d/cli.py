@@ -2,6 +2,8 @@
 
 A sub-command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches, and
 turns :class:`meddiff3d.errors.InputError` (also when wrapped by MONAI's ``Compose``) into a one-line message and exit status 2.
+The models themselves (generation, segmentation, anomaly detection, training) run as MONAI bundles through
+``python -m monai.bundle run``; ``--help`` says so, with a command that works from any bundle folder.
 """
 
 from __future__ import annotations
@@ -10,20 +12,56 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, help)
+from meddiff3d import __version__
+
+# name -> (module, one-line help, what it is for / an example, shown under the command list of --help)
 SUBCOMMANDS = {
-    "synth": ("meddiff3d.data.synthetic.cli", "generate synthetic cohorts with known answers (NIfTI + datalist)"),
-    "datalist": ("meddiff3d.data.preprocess", "convert BraTS / T1 cohort folders to datalists, validate datalists"),
-    "label": ("meddiff3d.label.serve", "serve the bundles to 3D Slicer through MONAI Label (docs/slicer.md)"),
+    "synth": ("meddiff3d.data.synthetic.cli",
+              "generate synthetic cohorts with known answers (NIfTI + datalist)",
+              "healthy T1 brains, BraTS-like tumour cases (4 sequences + labels) or T1 brains with lesions, each\n"
+              "with a datalist.json the bundles read; for trying the bundles without patient data.\n"
+              "  meddiff3d synth brats --n 8 --out data/brats_synth --shape 64 96 64 --source procedural"),
+    "datalist": ("meddiff3d.data.preprocess",
+                 "convert BraTS / T1 cohort folders to datalists, validate datalists",
+                 "index your own data for the bundles: a BraTS 2021/2023 folder, a T1 cohort (converted to 1 mm RAS\n"
+                 "160x224x160, optional N4 and covariates CSV), or check an existing datalist before a long run.\n"
+                 "  meddiff3d datalist brats /data/BraTS2021 --out data/brats.json\n"
+                 "  meddiff3d datalist validate data/brats.json --require-label"),
+    "label": ("meddiff3d.label.serve",
+              "serve the bundles to 3D Slicer through MONAI Label (docs/slicer.md)",
+              "start a MONAI Label server (offline) that 3D Slicer's MONAI Label module connects to: segment a\n"
+              "BraTS case, detect anomalies in a T1, or generate a T1, from inside Slicer.\n"
+              "  meddiff3d label serve --studies data/brats_synth/images"),
 }
+
+DESCRIPTION = f"""\
+meddiff3d {__version__}: 3D diffusion models for brain MRI, shipped as MONAI bundles (bundles/):
+  brain_mri_ldm           generate T1 brain volumes (latent diffusion, optional covariates)
+  brats_mri_segdiff       segment BraTS tumours (WT/TC/ET) with uncertainty maps (diffusion ensemble)
+  brain_mri_anomaly_ldm   detect and localise anomalies in T1 volumes (diffusion healing)
+
+Run, train and evaluate a bundle with MONAI's bundle runner, from the bundle's folder, e.g.
+  cd bundles/brain_mri_ldm
+  python -m monai.bundle run --config_file "['configs/common.yaml','configs/inference.yaml']"
+(each bundle's docs/README.md lists its commands, inputs and outputs). This command prepares data and serves
+the bundles to 3D Slicer."""
+
+
+def _epilog() -> str:
+    blocks = [f"{name}: {text}" for name, (_, _, text) in SUBCOMMANDS.items()]
+    return ("what each command does:\n\n" + "\n\n".join(blocks)
+            + "\n\n'meddiff3d COMMAND --help' lists a command's options.")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meddiff3d", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
+    parser = argparse.ArgumentParser(prog="meddiff3d", description=DESCRIPTION, epilog=_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"meddiff3d {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands")
+    for name, (module_name, help_text, long_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser = sub.add_parser(name, help=help_text, description=f"{help_text}\n\n{long_text}",
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub_parser)
         sub_parser.set_defaults(_run=module.run)
     return parser

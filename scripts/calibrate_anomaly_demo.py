@@ -9,7 +9,7 @@
 3. evaluates both on the test split into ``bundles/brain_mri_anomaly_ldm/models/demo/evaluation/``
    (per_volume.csv, summary.csv, metrics.json) and times one detection (seconds, peak RSS) into ``demo_run.json``.
 
-Models: ``bundles/brain_mri_ldm/models/{autoencoder,diffusion}.pt`` (override with --codec/--diffusion, e.g. the
+Models: ``bundles/brain_mri_anomaly_ldm/models/{autoencoder,model}.pt`` (copies of brain_mri_ldm's) (override with --codec/--diffusion, e.g. the
 older pair in data/brain_demo). Detector settings: the bundle's configs/calibrate.yaml unless --settings JSON.
 Smoke test: ``--shape 160 224 160 --n 4 --max-val 1 --max-test 1``.
 """
@@ -32,8 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1000, help="cohort seed (not the seed of the models' training cohort)")
     p.add_argument("--shape", type=int, nargs=3, default=[160, 224, 160])
     p.add_argument("--data", type=Path, default=ROOT / "data" / "anomaly_demo")
-    p.add_argument("--codec", type=Path, default=ROOT / "bundles" / "brain_mri_ldm" / "models" / "autoencoder.pt")
-    p.add_argument("--diffusion", type=Path, default=ROOT / "bundles" / "brain_mri_ldm" / "models" / "diffusion.pt")
+    p.add_argument("--codec", type=Path, default=BUNDLE / "models" / "autoencoder.pt")
+    p.add_argument("--diffusion", type=Path, default=BUNDLE / "models" / "model.pt")
     p.add_argument("--out", type=Path, default=BUNDLE / "models" / "demo")
     p.add_argument("--settings", type=json.loads, default=None, help="detector settings as JSON (default: calibrate.yaml)")
     p.add_argument("--max-val", type=int, default=None)

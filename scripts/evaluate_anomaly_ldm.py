@@ -1,6 +1,6 @@
 """Evaluate calibrated anomaly detectors side by side on a labelled datalist split (CSV + JSON).
 
-    python scripts/evaluate_anomaly_ldm.py --codec models/autoencoder.pt --diffusion models/diffusion.pt \
+    python scripts/evaluate_anomaly_ldm.py --codec models/autoencoder.pt --diffusion models/model.pt \
         --calibration diffusion=models/calibration.json --calibration autoencoder=models/calibration_autoencoder.json \
         --datalist data/anomaly/datalist.json --out evaluation [--section test] [--max-volumes N]
 

@@ -1,6 +1,6 @@
 """Evaluate a trained brain_mri_ldm generator: conditioning fidelity, diversity, realism, memorisation.
 
-    python scripts/evaluate_brain_ldm.py --codec models/autoencoder.pt --diffusion models/diffusion.pt \
+    python scripts/evaluate_brain_ldm.py --codec models/autoencoder.pt --diffusion models/model.pt \
         --datalist data/datalist.json --out runs/eval [--n-per-condition 4] [--conditions 8] \
         [--steps 20 --sampler dpmpp_2m]
 

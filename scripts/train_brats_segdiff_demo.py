@@ -1,17 +1,17 @@
-"""Train the brats_mri_segdiff demo weights on the synthetic BraTS-like cohort, reproducibly and resumably.
+"""Retrain the brats_mri_segdiff demo weights: the bundle's training command with its demo preset, and a record.
 
-    .venv/bin/python scripts/train_brats_segdiff_demo.py [--stage cohort|train|all] [--work data/brats_segdiff_demo]
-        [--subjects 40] [--iterations 2000] [--threads 2] [--install]
+    .venv/bin/python scripts/train_brats_segdiff_demo.py [--work data/brats_segdiff_demo] [--threads N] [--install]
 
-Stages (a killed stage resumes from its last checkpoint; a finished one is skipped):
-  cohort  `meddiff3d synth brats --n 40 --seed 0 --source procedural` on the coarse 2 mm grid (80x112x80 over the
-          160x224x160 mm box), split 60/20/20 training/validation/test
-  train   the tiny_cpu U-Net (0.73 M parameters, no attention) on 48^3 patches (70 % centred on tumour), batch 2,
-          v-prediction, linear betas T = 1000, EMA 0.995 -> WORK/model.pt
+The recipe is the bundle's, not this script's:
 
-The figures of the run (iterations, wall time, loss) go to WORK/demo_training.json; `--install` copies model.pt and
-that record into bundles/brats_mri_segdiff/models/. Held-out Dice/HD95 come from the bundle's inference + evaluate
-configs on the test split (see the bundle README).
+    python -m monai.bundle run --config_file "['configs/common.yaml','configs/train.yaml',
+        'configs/data/synthetic_brats.yaml','configs/presets/demo.yaml']" --bundle_root WORK
+
+(bundles/brats_mri_segdiff/docs/README.md, "Retrain the demo weights"), run in this process on the bundle's configs
+with WORK as the bundle root, so the cohort (WORK/data/), the run (WORK/runs/, resumed after a kill) and the weights
+(WORK/models/model.pt) stay out of the repository. This script only orchestrates: it keeps the summary in
+WORK/demo_training.json and, with ``--install``, copies model.pt and that record into the bundle's models/. Held-out
+Dice/HD95 come from the bundle's inference + evaluate configs on the test split (see the bundle README).
 """
 
 from __future__ import annotations
@@ -23,38 +23,33 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "bundles" / "brats_mri_segdiff" / "models"
-SHAPE, SPACING = (80, 112, 80), (2.0, 2.0, 2.0)
+BUNDLE = ROOT / "bundles" / "brats_mri_segdiff"
 
 
-def stage_cohort(work: Path, n: int) -> Path:
-    from meddiff3d.pipelines.data import synthetic_datalist
+def run_training(work: Path, **overrides) -> dict:
+    """The bundle's training command with the demo preset, bundle root ``work``: its summary with the wall time."""
+    from monai.bundle import ConfigWorkflow
 
-    return Path(synthetic_datalist(work / "cohort", kind="brats", n=n, seed=0, shape=SHAPE, source="procedural",
-                                   val_fraction=0.2, test_fraction=0.2))
-
-
-def stage_train(work: Path, datalist: Path, iterations: int, checkpoint_every: int) -> dict:
-    from meddiff3d.pipelines.seg_training import train_segmentation_diffusion
-
+    configs = BUNDLE / "configs"
+    files = [configs / "common.yaml", configs / "train.yaml", configs / "data" / "synthetic_brats.yaml",
+             configs / "presets" / "demo.yaml"]
     start = time.perf_counter()
-    summary = train_segmentation_diffusion(
-        datalist, work / "run", out=work / "model.pt", network="tiny_cpu", spacing=SPACING, shape=SHAPE,
-        patch_size=(48, 48, 48), foreground_prob=0.7, prediction="v", batch_size=2, max_iterations=iterations,
-        lr=2e-3, lr_warmup=50, ema_decay=0.995, amp="none", device="cpu", seed=0, checkpoint_every=checkpoint_every,
-        log_every=25,
-    )  # fmt: skip
-    summary["wall_time_s"] = round(time.perf_counter() - start, 1)
-    return summary
+    workflow = ConfigWorkflow(config_file=[str(f) for f in files], workflow_type="train",
+                              meta_file=str(configs / "metadata.json"), logging_file=str(configs / "logging.conf"),
+                              bundle_root=str(work), **overrides)
+    workflow.initialize()
+    datalist = workflow.parser.get_parsed_content("datalist")
+    (summary,) = workflow.run()
+    workflow.finalize()
+    cohort = {key: workflow.parser.get_parsed_content(key) for key in ("synthetic_n", "synthetic_seed", "image_shape",
+                                                                         "spacing")}
+    return {"cohort": {"datalist": str(datalist), **cohort},
+            "train": {**summary, "wall_time_s": round(time.perf_counter() - start, 1)}}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=["cohort", "train", "all"], default="all")
     parser.add_argument("--work", type=Path, default=ROOT / "data" / "brats_segdiff_demo")
-    parser.add_argument("--subjects", type=int, default=40)
-    parser.add_argument("--iterations", type=int, default=2000)
-    parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--install", action="store_true", help="copy the trained model into the bundle's models/")
     args = parser.parse_args(argv)
@@ -62,20 +57,14 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    work = args.work
+    work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    record = run_training(work)
     record_path = work / "demo_training.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    datalist = stage_cohort(work, args.subjects)
-    record["cohort"] = {"datalist": str(datalist), "subjects": args.subjects, "shape": list(SHAPE),
-                        "spacing_mm": list(SPACING), "source": "procedural", "seed": 0}
-    if args.stage in ("train", "all"):
-        record["train"] = stage_train(work, datalist, args.iterations, args.checkpoint_every)
     record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     if args.install:
-        MODELS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(work / "model.pt", MODELS / "model.pt")
-        shutil.copyfile(record_path, MODELS / "demo_training.json")
+        shutil.copyfile(work / "models" / "model.pt", BUNDLE / "models" / "model.pt")
+        shutil.copyfile(record_path, BUNDLE / "models" / "demo_training.json")
     print(json.dumps(record, indent=2, default=str))
 
 

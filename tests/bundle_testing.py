@@ -1,4 +1,5 @@
-"""What every bundle test needs: parse a bundle's configs, read its README's commands, run them, verify metadata."""
+"""What every bundle test needs: parse a bundle's configs, read its README's commands, run them in a copy of the
+bundle folder (as a user who copied the folder elsewhere would), verify metadata."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +25,12 @@ class Bundle:
         self.name, self.path = name, ROOT / "bundles" / name
 
     def parse(self, *files: str, **overrides):
-        """A MONAI ``ConfigParser`` over ``files`` (bare names are the bundle's configs, paths are repo-relative)."""
+        """A MONAI ``ConfigParser`` over ``files`` (bare names are the bundle's ``configs/``, paths are relative to the
+        bundle folder, e.g. ``configs/presets/tiny_cpu.yaml``)."""
         from monai.bundle import ConfigParser
 
         parser = ConfigParser()
-        parser.read_config([str(self.path / "configs" / f) if "/" not in f else str(ROOT / f) for f in files])
+        parser.read_config([str(self.path / "configs" / f) if "/" not in f else str(self.path / f) for f in files])
         parser.update(overrides)
         return parser
 
@@ -38,13 +41,34 @@ class Bundle:
         blocks = re.findall(r"```bash\n(.*?)```", body, re.S)
         return [line.strip() for block in blocks for line in block.splitlines() if "monai.bundle run" in line]
 
+    def copy_to(self, folder) -> Path:
+        """Copy the bundle folder into ``folder`` (created if needed) without the contents of ``models/`` but its
+        README (the tests train or bring their own models) and without replacing a file already there (a test's
+        models, an earlier run's data)."""
+        folder = Path(folder)
+
+        def copy(src: str, dst: str) -> None:
+            if not os.path.exists(dst):
+                shutil.copy2(src, dst)
+
+        def ignore(directory: str, names: list[str]) -> list[str]:
+            if Path(directory) == self.path / "models":
+                return [n for n in names if n != "README.md"]
+            skip = ("runs", "outputs", "data", "evaluation") if Path(directory) == self.path else ()
+            return [n for n in names if n in skip or n == "__pycache__"]
+
+        shutil.copytree(self.path, folder, dirs_exist_ok=True, copy_function=copy, ignore=ignore)
+        return folder
+
     def run(self, cmd: str, bundle_root, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-        """Run a README command in a subprocess (one thread, from the bundle folder) with ``--bundle_root``."""
+        """Run a README command in a subprocess (one thread) in ``bundle_root``, a copy of the bundle folder made by
+        :meth:`copy_to` (the folder must stand alone: its configs, no ``../``), with ``--bundle_root`` set to it."""
         argv = shlex.split(cmd)
         assert argv[:4] == ["python", "-m", "monai.bundle", "run"], cmd
-        argv = [sys.executable, *argv[1:], "--bundle_root", str(bundle_root), *extra]
+        root = self.copy_to(bundle_root)
+        argv = [sys.executable, *argv[1:], "--bundle_root", str(root), *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        return subprocess.run(argv, cwd=self.path, capture_output=True, text=True, encoding="utf-8",
+        return subprocess.run(argv, cwd=root, capture_output=True, text=True, encoding="utf-8",
                               errors="replace", timeout=timeout, env=env)
 
     def verified_metadata(self) -> dict:

@@ -21,13 +21,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch.nn.functional as F
+from PIL import Image
 
 from anomaly_models import DETECTOR, tiny_anomaly_models
 from meddiff3d.anomaly import DetectorSettings, heal, load_anomaly_models, load_calibration
+from meddiff3d.anomaly.healing import healing_steps
 from meddiff3d.data.datalist import load_datalist
 from meddiff3d.evaluation.anomaly import evaluate_anomaly
 from meddiff3d.evaluation.anomaly_metrics import roc_auc
 from meddiff3d.pipelines.anomaly import Detector, calibrate_anomaly, detect_anomalies
+from meddiff3d.utils.io import PREVIEW_INFO_KEY
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 RUN = dict(device="cpu", amp="none", progress=False)
@@ -96,6 +99,24 @@ def test_healing_keeps_voxels_far_from_the_mask(models, calibrated):
         assert float(change[inside].mean()) > 4 * float(far_change.mean())  # the healing happened in the mask
 
 
+def test_healing_reports_every_denoiser_step_and_detection_shows_them(models, calibrated, tmp_path, capsys):
+    """heal's callback runs healing_steps times (DDIM back from each start, then RePaint); the detection bar counts
+    those steps over all volumes, not volumes."""
+    out, _ = calibrated
+    calibration = load_calibration(out / "calibration.json")
+    loaded = load_anomaly_models(models["codec"], models["diffusion"], device="cpu", amp="none")
+    calls = []
+    _, x = Detector(loaded, calibration.settings, calibration).load(tumour_items(models)[0])
+    heal(loaded, x, calibration.settings, calibration.mask_thresholds, callback=lambda *a: calls.append(a[0]))
+    expected = healing_steps(loaded, calibration.settings)
+    assert len(calls) == expected > len(calibration.settings.start_steps) * 2
+    items = [str(it["image"]) for it in tumour_items(models)[:2]]
+    detect_anomalies(models["codec"], models["diffusion"], out / "calibration.json", items, tmp_path / "out",
+                     device="cpu", amp="none", progress=True)
+    err = capsys.readouterr().err
+    assert f"{2 * expected}/{2 * expected}" in err and "step" in err
+
+
 def test_calibration_is_saved_reloaded_and_applied(models, calibrated, tmp_path):
     out, summary = calibrated
     raw = json.loads((out / "calibration.json").read_text())
@@ -148,6 +169,11 @@ def test_outputs_keep_the_input_grid_and_affine(models, calibrated, tmp_path):
         assert volumes[key, "mask"].dtype == np.uint8 and set(np.unique(volumes[key, "mask"])) <= {0, 1}
         assert volumes[key, "anomaly_map"].dtype == np.float32
         assert (tmp_path / "out" / case["preview"]).stat().st_size > 1000
+        preview = Image.open(tmp_path / "out" / case["preview"])
+        layout = json.loads(preview.text[PREVIEW_INFO_KEY])
+        assert all(min(r - left, b - t) >= 256 for left, t, r, b in layout["views"].values())
+        threshold = load_calibration(out / "calibration.json").threshold
+        assert layout["convention"] == "radiological" and f"{threshold:.3g}" in layout["legend"][0]
     for name in ("healed", "anomaly_map", "mask"):
         np.testing.assert_allclose(volumes["las", name][::-1], volumes["ras", name], atol=1e-4)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -70,7 +70,7 @@ def test_overlays_multi_gpu_and_demo_models(monkeypatch):
     assert parser.get_parsed_content("device") == "cuda:2" and parser["run"]["device"] == "@device"
     demo = parse("common.yaml", "inference.yaml", "demo_models.yaml")
     codec = Path(demo.get_parsed_content("codec_path"))
-    assert (BUNDLE / codec).parent.resolve() == (BUNDLE.parent / "brain_mri_ldm" / "models").resolve()
+    assert (BUNDLE / codec).parent.resolve() == (BUNDLE / "models").resolve()
     assert demo.get_parsed_content("calibration_path") == "./models/demo/calibration.json"
 
 
@@ -91,7 +91,7 @@ def tiny_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("anomaly_bundle")
     (root / "models").mkdir()
     shutil.copy(models["codec"], root / "models" / "autoencoder.pt")
-    shutil.copy(models["diffusion"], root / "models" / "diffusion.pt")
+    shutil.copy(models["diffusion"], root / "models" / "model.pt")
     return root, models
 
 
@@ -146,5 +146,5 @@ def test_readme_training_commands_run_one_iteration(tmp_path):
     assert codec["meta"]["network"]["class"] == "monai.networks.nets.VQVAE"
     result = run_bundle(train_ldm, tmp_path, *data, "--diffusion_max_iterations", "1", "--diffusion_batch_size", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    meta = torch.load(tmp_path / "models" / "diffusion.pt", weights_only=True)["meta"]
+    meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
     assert meta["conditioning"]["mode"] == "none" and meta["network"]["args"]["in_channels"] == 3

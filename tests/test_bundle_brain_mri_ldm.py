@@ -107,7 +107,7 @@ def test_readme_tiny_cpu_commands_run_end_to_end(tmp_path):
     assert (tmp_path / "models" / "autoencoder.pt").is_file()
     result = run_bundle(train_ldm, tmp_path, *data, "--diffusion_max_iterations", "1", "--diffusion_batch_size", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    meta = torch.load(tmp_path / "models" / "diffusion.pt", weights_only=True)["meta"]
+    meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
     assert meta["network"]["args"]["channels"] == [32, 64, 64]  # the tiny_cpu U-Net
     result = run_bundle(infer, tmp_path, "--steps", "2", "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -125,6 +125,7 @@ def test_readme_tiny_cpu_commands_run_end_to_end(tmp_path):
 def test_bad_overrides_fail_cleanly_and_write_nothing(tmp_path):
     untrained_pair(tmp_path / "models")
     (tmp_path / "models" / "codec.pt").rename(tmp_path / "models" / "autoencoder.pt")
+    (tmp_path / "models" / "diffusion.pt").rename(tmp_path / "models" / "model.pt")
     infer = readme_commands("Generate")[0]
     out = tmp_path / "out"
     cases = [

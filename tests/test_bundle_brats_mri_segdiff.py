@@ -68,7 +68,7 @@ def test_multi_gpu_overlay_takes_the_device_from_local_rank(monkeypatch):
 
 def test_tiny_preset_and_data_config_merge():
     parser = parse("common.yaml", "train.yaml", "configs/data/synthetic_brats.yaml",
-                   "configs/presets/segdiff_tiny_cpu.yaml")
+                   "configs/presets/tiny_cpu.yaml")
     assert parser.get_parsed_content("image_shape") == [80, 112, 80]
     assert parser.get_parsed_content("spacing") == [2.0, 2.0, 2.0]
     assert parser["datalist"]["_target_"] == "meddiff3d.pipelines.commands.synthetic_datalist"
@@ -94,7 +94,8 @@ def check_outputs(out_dir, datalist, section="test"):
         ref = nib.load(str(Path(datalist).parent / item["image"][0]))
         seg = nib.load(str(Path(out_dir) / item["id"] / f"{item['id']}_seg.nii.gz"))
         prob = nib.load(str(Path(out_dir) / item["id"] / f"{item['id']}_prob.nii.gz"))
-        assert seg.shape == ref.shape and prob.shape == (*ref.shape, 3)
+        assert seg.shape == ref.shape and prob.shape == (*ref.shape, 1, 3)  # a WT/TC/ET vector per voxel
+        assert int(prob.header["intent_code"]) == 1007  # NIFTI_INTENT_VECTOR
         np.testing.assert_allclose(seg.affine, ref.affine, atol=1e-5)
         assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 4}
 

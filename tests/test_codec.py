@@ -3,7 +3,7 @@ import torch
 
 from meddiff3d.engine.checkpoint import build_network
 from meddiff3d.errors import InputError
-from meddiff3d.models.codec import LatentCodec, save_codec
+from meddiff3d.models.codec import LatentCodec, decode_progress, decode_steps, save_codec
 from meddiff3d.models.loading import load_model
 
 
@@ -34,6 +34,27 @@ def test_latent_scale_travels_with_the_codec_file(tmp_path):
     assert meta["image"]["spacing"] == [1, 1, 1]
     torch.testing.assert_close(loaded.decode(z[:1]), codec.decode(z[:1]))
     assert codec.latent_shape((16, 16, 16)) == (3, 4, 4, 4)
+
+
+@pytest.mark.parametrize("tile", [None, (2, 6, 4), (4, 2, 8), (9, 9, 9)])
+def test_decode_progress_reports_every_decoder_block_of_every_tile(tile):
+    """decode_progress calls back once per top-level decoder block (per tile when tiled), decode_steps counts them
+    beforehand, and the hooks are gone afterwards (the decode itself is unchanged)."""
+    torch.manual_seed(0)
+    codec = LatentCodec(build_network({"network": KL_SPEC}), decode_tile=tile, overlap=0.5).eval()
+    z = torch.randn(2, 3, 4, 6, 4)
+    plain = codec.decode(z)
+    calls = []
+    with decode_progress(codec, lambda: calls.append(1) or True):  # a callback's return value is ignored
+        reported = codec.decode(z)
+    blocks = len(codec.autoencoder.decoder.blocks)
+    assert len(calls) == decode_steps(codec, z.shape, tile) and blocks > 3
+    assert len(calls) == blocks if tile in (None, (9, 9, 9)) else len(calls) > blocks
+    torch.testing.assert_close(reported, plain)
+    codec.decode(z)
+    assert len(calls) == decode_steps(codec, z.shape, tile)  # hooks removed
+    with decode_progress(codec, None):
+        codec.decode(z)
 
 
 def test_codec_file_errors(tmp_path):

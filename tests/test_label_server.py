@@ -61,7 +61,8 @@ def build_bundles(base: Path) -> dict[str, Path]:
     from meddiff3d.pipelines.anomaly import calibrate_anomaly
     from meddiff3d.pipelines.benchmark import untrained_pair
 
-    overlay = "codec_path: \"$@model_dir + '/codec.pt'\"\namp: none\n"  # untrained_pair names its codec codec.pt
+    overlay = ("codec_path: \"$@model_dir + '/codec.pt'\"\ndiffusion_path: \"$@model_dir + '/diffusion.pt'\"\n"
+               "amp: none\n")  # untrained_pair's file names
     seg = copy_bundle("brats_mri_segdiff", base, "amp: none\n")
     save_untrained_model(seg / "models" / "model.pt", shape=SHAPE, spacing=(5.0, 5.0, 5.0))
     gen = copy_bundle("brain_mri_ldm", base, overlay)

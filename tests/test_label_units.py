@@ -104,6 +104,46 @@ def test_float_volume_is_float32_nifti_on_the_given_affine(tmp_path):
         write_float_volume(data, OBLIQUE, tmp_path / "f.nrrd")
 
 
+def test_a_4d_float_volume_is_written_as_a_vector_volume_not_a_sequence(tmp_path):
+    data = np.random.default_rng(3).random((4, 5, 6, 3)).astype(np.float32)
+    path = write_float_volume(data, OBLIQUE, tmp_path / "v.nii.gz", "three maps")
+    img = nib.load(str(path))
+    assert img.shape == (4, 5, 6, 1, 3) and int(img.header["intent_code"]) == 1007
+    image = sitk.ReadImage(str(path))
+    assert image.GetSize() == (4, 5, 6) and image.GetNumberOfComponentsPerPixel() == 3
+
+
+@pytest.mark.parametrize("result", ["prob", "variance", "entropy"])
+@pytest.mark.parametrize("region", ["WT", "TC", "ET"])
+def test_segmentation_result_is_the_requested_region_of_the_vector_maps(tmp_path, monkeypatch, result, region):
+    """run_segmentation reads the pipeline's vector files (X, Y, Z, 1, 3) and returns one region's 3D volume."""
+    from meddiff3d.label import bundles
+    from meddiff3d.pipelines.segmentation import output_paths
+    from meddiff3d.utils.io import save_vector_nifti
+
+    maps = {key: np.stack([np.full((5, 6, 7), 10 * k + c, np.float32) for c in range(3)])
+            for k, key in enumerate(("prob", "variance", "entropy"))}
+
+    def fake_segment_case(model, datalist, output_dir, params):
+        paths = output_paths(output_dir, "case")
+        for key, channels in maps.items():
+            save_vector_nifti(channels, OBLIQUE, paths[key], names=["WT", "TC", "ET"])
+        return paths
+
+    monkeypatch.setattr(bundles, "segment_case", fake_segment_case)
+    model = bundles.BundleModel("seg", "segmentation", tmp_path, {})
+    sequences = [tmp_path / f"s{i}.nii.gz" for i in range(4)]
+    out, info = bundles.run_segmentation(model, sequences, {"result": result, "region": region}, tmp_path)
+    try:
+        array, affine = read_image(out)
+        c = ["WT", "TC", "ET"].index(region)
+        assert array.shape == (5, 6, 7) and np.all(array == maps[result][c])
+        np.testing.assert_allclose(affine, OBLIQUE, atol=1e-5)
+        assert info == {"result": result, "region": region}
+    finally:
+        out.unlink()
+
+
 def test_resampling_onto_the_same_grid_is_the_identity_and_follows_world_coordinates():
     vol = np.random.default_rng(2).random((6, 7, 8)).astype(np.float32)
     np.testing.assert_allclose(resample_to_reference(vol, OBLIQUE, vol.shape, OBLIQUE), vol, atol=1e-5)

@@ -30,6 +30,7 @@ from meddiff3d.models.ldm import (
 from meddiff3d.models.loading import load_model
 from meddiff3d.pipelines.benchmark import untrained_pair
 from meddiff3d.pipelines.generation import generate
+from meddiff3d.utils.io import PREVIEW_INFO_KEY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,6 +115,9 @@ def test_generate_writes_nifti_preview_and_sidecar(pair, tmp_path):
     assert np.isfinite(img.get_fdata()).all()
     png = Image.open(paths[0].with_suffix("").with_suffix(".png"))
     assert png.size[0] > 32 * 2 and png.mode == "RGB"
+    layout = json.loads(png.text[PREVIEW_INFO_KEY])  # views >= 256 px, one mm scale, the convention on the image
+    assert all(min(r - left, b - t) >= 256 for left, t, r, b in layout["views"].values())
+    assert layout["convention"] == "radiological"
     side = json.loads(paths[0].with_suffix("").with_suffix(".json").read_text())
     assert side["covariates"] == COV and side["seed"] == 3 and side["sampler"] == "ddim" and side["steps"] == 3
     assert side["models"]["diffusion"]["sha256"] and side["models"]["codec"]["sha256"]
@@ -122,6 +126,19 @@ def test_generate_writes_nifti_preview_and_sidecar(pair, tmp_path):
     # sample i of a batch is reproducible alone from seed + i
     (again,) = _gen(pair, tmp_path / "again", seed=4)
     np.testing.assert_allclose(_load(again), _load(paths[1]), atol=1e-5)
+
+
+def test_generation_shows_sampling_and_decoding_progress(pair, tmp_path, capsys):
+    """Two bars: denoising steps (2 samples x 3 steps) and decoder blocks of each decode (tiled: per tile)."""
+    from meddiff3d.models.codec import decode_steps
+
+    _gen(pair, tmp_path / "out", num_samples=2, progress=True, decode_tile=(4, 6, 4))
+    err = capsys.readouterr().err
+    codec = load_model(pair[0], "codec").network
+    latent = torch.load(pair[1], weights_only=True)["meta"]["latent"]["shape"]
+    blocks = 2 * decode_steps(codec, (1, *latent), (4, 6, 4))  # two decodes of one latent each
+    assert "6/6" in err and "decoding 2 volume(s)" in err and f"{blocks}/{blocks}" in err
+    assert blocks > 2 * len(codec.autoencoder.decoder.blocks)  # tiled: every tile counts
 
 
 def test_conditional_unconditional_and_guidance_from_one_model(pair, tmp_path):

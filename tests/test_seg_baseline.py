@@ -20,6 +20,7 @@ from meddiff3d.engine.checkpoint import INFERENCE_FORMAT, save_file
 from meddiff3d.errors import DatalistError, InputError
 from meddiff3d.evaluation.segmentation import evaluate_segmentation_dir
 from meddiff3d.models.loading import load_model
+from meddiff3d.utils.io import read_channels
 from meddiff3d.models.seg_baseline import baseline_meta, baseline_spec, grid_shape
 
 
@@ -101,9 +102,8 @@ def test_outputs_on_the_input_grid_follow_the_file_geometry(cohort, tmp_path):
     flip_label = nib.load(flipped_dir / f"{original_id}_seg.nii.gz")
     assert flip_seg.shape == flip_label.shape and np.allclose(flip_seg.affine, flip_label.affine, atol=1e-4)
     assert orig_seg.get_data_dtype() == np.uint8
-    prob = np.asarray(nib.load(tmp_path / "pred" / original_id / f"{original_id}_prob.nii.gz").dataobj)
-    flip_prob = np.asarray(nib.load(tmp_path / "pred" / f"{original_id}-flipped" /
-                                    f"{original_id}-flipped_prob.nii.gz").dataobj)
+    prob = read_channels(tmp_path / "pred" / original_id / f"{original_id}_prob.nii.gz")[0]
+    flip_prob = read_channels(tmp_path / "pred" / f"{original_id}-flipped" / f"{original_id}-flipped_prob.nii.gz")[0]
     assert prob.shape == (*orig_seg.shape, 3) and 0.0 <= prob.min() and prob.max() <= 1.0
     assert prob.std() > 0  # not a constant field: the comparison below means something
     np.testing.assert_allclose(flip_prob, prob[::-1], atol=1e-5)

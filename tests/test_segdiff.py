@@ -25,7 +25,17 @@ from meddiff3d.models.segdiff import (
 )
 from meddiff3d.models.loading import load_model
 from meddiff3d.models.segdiff import ensemble_statistics
-from meddiff3d.pipelines.segmentation import output_paths, segment
+from meddiff3d.pipelines.segmentation import LABEL_LEGEND, output_paths, segment
+from meddiff3d.utils.io import PREVIEW_INFO_KEY, read_channels
+
+
+def preview_views(path):
+    from PIL import Image
+
+    img = Image.open(path)
+    info = json.loads(img.text[PREVIEW_INFO_KEY])
+    rgb = np.asarray(img.convert("RGB"))
+    return {k: rgb[t:b, left:r] for k, (left, t, r, b) in info["views"].items()}, info
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,9 +188,12 @@ def check_case(out_dir, case_id, image_file, n_samples):
     maps = {}
     for key in ("prob", "variance", "entropy"):
         img = nib.load(str(paths[key]))
-        assert img.get_data_dtype() == np.float32 and img.shape == (*ref.shape, 3), key
+        # a NIfTI vector per voxel (dim[5] = 3, intent VECTOR), not three time points
+        assert img.get_data_dtype() == np.float32 and img.shape == (*ref.shape, 1, 3), key
+        assert int(img.header["intent_code"]) == 1007 and img.header.get_intent()[2] == "WT,TC,ET", key
         np.testing.assert_allclose(img.affine, ref.affine, atol=1e-5)
-        maps[key] = np.asarray(img.dataobj)
+        maps[key], _ = read_channels(paths[key])
+        assert maps[key].shape == (*ref.shape, 3), key
         assert np.isfinite(maps[key]).all() and maps[key].min() >= 0
     assert maps["prob"].max() <= 1 and maps["variance"].max() <= 0.25 + 1e-6
     assert maps["entropy"].max() <= np.log(2) + 1e-6
@@ -191,8 +204,15 @@ def check_case(out_dir, case_id, image_file, n_samples):
     if n_samples == 1:
         assert maps["variance"].max() == 0
     assert paths["preview"].stat().st_size > 0
+    views, preview = preview_views(paths["preview"])
+    assert all(min(v.shape[:2]) >= 256 for v in views.values()) and preview["convention"] == "radiological"
+    assert preview["legend"] == [name for name, _ in LABEL_LEGEND.values()]
     info = json.loads(paths["info"].read_text())
     assert info["num_samples"] == n_samples and info["files"]["seg"] == paths["seg"].name
+    # the sidecar's mean entropy is in nats (the unit of the entropy file): at most ln 2 per region
+    assert "mean_entropy_bits" not in info and set(info["mean_entropy_nats"]) == {"WT", "TC", "ET"}
+    for c, region in enumerate(("WT", "TC", "ET")):
+        assert info["mean_entropy_nats"][region] == pytest.approx(float(maps["entropy"][..., c].mean()), abs=1e-5)
     return labels, maps
 
 
@@ -204,6 +224,17 @@ def test_segment_writes_the_output_contract_on_the_input_grid(cohort, model, tmp
     assert [f.name for f in folders] == [item["id"] for item in doc["test"]]
     for item in doc["test"]:
         check_case(out, item["id"], Path(cohort).parent / item["image"][0], 3)
+
+
+def test_progress_counts_every_denoising_step_of_the_ensemble(cohort, model, tmp_path, capsys):
+    """The bar ticks once per sample and step (2 cases x N=3 x 2 steps, batches of 2), not once per case."""
+    segment(model, cohort, section="test", output_dir=tmp_path / "out", num_samples=3, steps=2, batch_size=2,
+            device="cpu", amp="none", progress=True)
+    err = capsys.readouterr().err
+    assert "12/12" in err and "step" in err
+    segment(model, cohort, section="test", output_dir=tmp_path / "quiet", num_samples=1, steps=2, device="cpu",
+            amp="none", progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_outputs_follow_an_input_grid_other_than_the_models(model, tmp_path):

@@ -14,7 +14,7 @@ from meddiff3d.data.datalist import write_datalist
 from meddiff3d.errors import InputError
 from meddiff3d.evaluation.segmentation import (binary_entropy, calibration_error, dice_hd95, error_capture,
                                                evaluate_segmentation_dir, region_metrics)
-from meddiff3d.utils.io import save_nifti
+from meddiff3d.utils.io import save_nifti, save_vector_nifti
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -130,13 +130,19 @@ def make_case(root: Path, case_id: str, truth: np.ndarray) -> dict:
     return {"id": case_id, "image": images, "label": label}
 
 
-def write_prediction(pred_dir: Path, case_id: str, seg, prob=None, variance=None, affine=AFFINE):
+def write_prediction(pred_dir: Path, case_id: str, seg, prob=None, variance=None, affine=AFFINE, vector=False):
+    """The prediction files; region maps channel-last (X, Y, Z, 3), or as NIfTI vectors (X, Y, Z, 1, 3) as the
+    segmentation pipeline writes them (``vector``)."""
     folder = pred_dir / case_id
     save_nifti(seg, affine, folder / f"{case_id}_seg.nii.gz", dtype=np.uint8)
-    if prob is not None:
-        save_nifti(prob, affine, folder / f"{case_id}_prob.nii.gz")
-    if variance is not None:
-        save_nifti(variance, affine, folder / f"{case_id}_variance.nii.gz")
+    for suffix, maps in (("prob", prob), ("variance", variance)):
+        if maps is None:
+            continue
+        path = folder / f"{case_id}_{suffix}.nii.gz"
+        if vector:
+            save_vector_nifti(np.moveaxis(maps, -1, 0), affine, path, names=["WT", "TC", "ET"][:maps.shape[-1]])
+        else:
+            save_nifti(maps, affine, path)
 
 
 @pytest.fixture
@@ -175,6 +181,29 @@ def test_directory_evaluation_writes_csv_and_json(dataset, tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["summary"]["WT_hd95"]["median"] == pytest.approx(result["summary"]["WT_hd95"]["median"])
     assert summary["settings"]["empty_hd95"] == "diagonal"
+
+
+def test_vector_maps_score_as_channel_last_ones_and_the_summary_is_logged(dataset, tmp_path, caplog):
+    datalist, truths = dataset
+    results = {}
+    for vector in (False, True):
+        pred_dir = tmp_path / f"pred_{vector}"
+        for cid, truth in truths.items():
+            seg = np.roll(truth, 2, axis=0)
+            prob = np.stack([(seg > 0) * 0.9, np.isin(seg, (1, 4)) * 0.9, (seg == 4) * 0.9], axis=-1) + 0.05
+            variance = np.stack([(seg != truth) * 1.0] * 3, axis=-1)
+            write_prediction(pred_dir, cid, seg, prob.astype(np.float32), variance.astype(np.float32), vector=vector)
+        with caplog.at_level("INFO", logger="meddiff3d.evaluation"):
+            results[vector] = evaluate_segmentation_dir(pred_dir, datalist, "test", tmp_path / f"{vector}.csv",
+                                                        tmp_path / f"{vector}.json")
+    same = [json.dumps(results[v]["cases"], sort_keys=True) for v in (False, True)]  # NaN-aware comparison
+    assert same[0] == same[1] and "WT_ece" in results[True]["cases"][0]
+    logged = [r.getMessage() for r in caplog.records if "segmentation evaluation" in r.getMessage()]
+    assert len(logged) == 2 and "WT_dice 0.800" in logged[1] and str(tmp_path / "True.json") in logged[1]
+    write_prediction(tmp_path / "bad", "c0", truths["c0"], np.zeros((*SHAPE, 2), np.float32), vector=True)
+    write_prediction(tmp_path / "bad", "c1", truths["c1"])
+    with pytest.raises(InputError, match=r"c0_prob.nii.gz: shape"):
+        evaluate_segmentation_dir(tmp_path / "bad", datalist, "test")
 
 
 @pytest.mark.parametrize("problem, message", [

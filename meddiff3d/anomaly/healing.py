@@ -41,7 +41,7 @@ from meddiff3d.models.ldm import build_denoiser, check_guidance_support, load_la
 from meddiff3d.models.loading import load_model
 
 __all__ = ["METHODS", "NOISE_KINDS", "DetectorSettings", "AnomalyModels", "load_anomaly_models", "partial_timesteps",
-           "start_noise", "stage_one", "heal", "brain_mask", "smooth", "dilate"]
+           "start_noise", "stage_one", "heal", "healing_steps", "brain_mask", "smooth", "dilate"]
 
 METHODS = ("latent_inpainting", "image_resample", "autoencoder")
 NOISE_KINDS = ("gaussian", "simplex")
@@ -231,19 +231,31 @@ def _step_seed(settings: DetectorSettings, k: int) -> int:
 
 
 def _denoise_from(models: AnomalyModels, z: torch.Tensor, start: int, noise: torch.Tensor,
-                  settings: DetectorSettings) -> torch.Tensor:
+                  settings: DetectorSettings, callback: Callable | None = None) -> torch.Tensor:
     ts = partial_timesteps(models.schedule, start, settings.steps)
     z_t = noise_to(z, start, models.schedule, noise)
-    return sample_ddim(models.denoiser, z_t, ts, models.schedule, cond=models.cond)
+    return sample_ddim(models.denoiser, z_t, ts, models.schedule, cond=models.cond, callback=callback)
+
+
+def healing_steps(models: AnomalyModels, settings: DetectorSettings, stage: str = "heal") -> int:
+    """Denoiser steps one volume takes (the calls of ``callback`` in :func:`heal`, or in :func:`stage_one` with
+    ``stage="stage_one"``): per starting step, one DDIM run back from it for the discrepancy, then the RePaint run
+    (``latent_inpainting``) or a second DDIM run and the RePaint run (``image_resample``). 0 for the autoencoder."""
+    if not settings.uses_diffusion:
+        return 0
+    one_pass = sum(len(partial_timesteps(models.schedule, t, settings.steps)) for t in settings.start_steps)
+    if stage == "stage_one":
+        return one_pass
+    return one_pass * (2 if settings.method == "latent_inpainting" else 3)
 
 
 # ------------------------------------------------------------------------------------------------ the methods
 @torch.no_grad()
 def stage_one(models: AnomalyModels, x: torch.Tensor, settings: DetectorSettings,
-              z: torch.Tensor | None = None) -> list[torch.Tensor]:
+              z: torch.Tensor | None = None, callback: Callable | None = None) -> list[torch.Tensor]:
     """The discrepancy that decides what gets healed, per starting step: ``mean_c |z - z_rec|`` on the latent grid
     (``latent_inpainting``) or ``smooth|x - decode(z_rec)|`` on the image grid (``image_resample``), 0 outside the
-    brain. Empty for the autoencoder baseline."""
+    brain. Empty for the autoencoder baseline. ``callback(i, t, z, z0)``: after each denoiser step (progress)."""
     if not settings.uses_diffusion:
         return []
     z = models.codec.encode(x) if z is None else z
@@ -251,7 +263,7 @@ def stage_one(models: AnomalyModels, x: torch.Tensor, settings: DetectorSettings
     out = []
     for k, start in enumerate(settings.start_steps):
         noise = start_noise(z.shape, settings, _step_seed(settings, k), z.device)
-        z_rec = _denoise_from(models, z, start, noise, settings)
+        z_rec = _denoise_from(models, z, start, noise, settings, callback)
         if settings.method == "latent_inpainting":
             factor = x.shape[-1] // z.shape[-1]
             out.append((z - z_rec).abs().mean(1, keepdim=True) * _latent_cells(brain, factor))
@@ -263,10 +275,12 @@ def stage_one(models: AnomalyModels, x: torch.Tensor, settings: DetectorSettings
 
 @torch.no_grad()
 def heal(models: AnomalyModels, x: torch.Tensor, settings: DetectorSettings,
-         mask_thresholds: Sequence[float] | None = None) -> dict[str, list[torch.Tensor]]:
+         mask_thresholds: Sequence[float] | None = None,
+         callback: Callable | None = None) -> dict[str, list[torch.Tensor]]:
     """``{"healed": [volume per starting step], "masks": [heal mask per step, on its grid]}`` for ``x`` (1, 1, ...).
 
     ``mask_thresholds`` (one per starting step, from the calibration) are required by the diffusion methods.
+    ``callback(i, t, z, z0)`` runs after every denoiser step (:func:`healing_steps` of them), e.g. a progress bar.
     """
     if not settings.uses_diffusion:
         return {"healed": [models.codec.decode(models.codec.encode(x))], "masks": []}
@@ -275,7 +289,7 @@ def heal(models: AnomalyModels, x: torch.Tensor, settings: DetectorSettings,
                          f"got {mask_thresholds}")
     z = models.codec.encode(x)
     factor = x.shape[-1] // z.shape[-1]
-    discrepancies = stage_one(models, x, settings, z)
+    discrepancies = stage_one(models, x, settings, z, callback)
     healed, masks = [], []
     for k, (start, d, threshold) in enumerate(zip(settings.start_steps, discrepancies, mask_thresholds)):
         mask = dilate((d > float(threshold)).float(), settings.mask_dilation)
@@ -285,15 +299,17 @@ def heal(models: AnomalyModels, x: torch.Tensor, settings: DetectorSettings,
         if settings.method == "latent_inpainting":
             z_init = noise_to(z, start, models.schedule, noise)
             z_healed = sample_repaint(models.denoiser, z_init, ts, models.schedule, known=z, mask=1 - mask,
-                                      resample=settings.resample, generator=generator, cond=models.cond)
+                                      resample=settings.resample, generator=generator, cond=models.cond,
+                                      callback=callback)
             healed.append(models.codec.decode(z_healed))
         else:
-            x_rec = models.codec.decode(_denoise_from(models, z, start, noise, settings))
+            x_rec = models.codec.decode(_denoise_from(models, z, start, noise, settings, callback))
             stitched = mask * x_rec + (1 - mask) * x
             latent_mask = _latent_cells(mask, factor)
             z_init = noise_to(models.codec.encode(stitched), start, models.schedule, noise)
             z_healed = sample_repaint(models.denoiser, z_init, ts, models.schedule, known=z, mask=1 - latent_mask,
-                                      resample=settings.resample, generator=generator, cond=models.cond)
+                                      resample=settings.resample, generator=generator, cond=models.cond,
+                                      callback=callback)
             healed.append(mask * models.codec.decode(z_healed) + (1 - mask) * x)
         masks.append(mask)
     return {"healed": healed, "masks": masks}

@@ -90,6 +90,10 @@ def _round(value: Any) -> Any:
     return round(value, 6) if isinstance(value, float) else value
 
 
+def _fmt(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{float(value):.3f}"
+
+
 def _nanmean(values: Sequence[float]) -> float:
     finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
@@ -113,7 +117,7 @@ def evaluate_anomaly(codec_path: str | os.PathLike, diffusion_path: str | os.Pat
     calibration file (a list uses each file's detection method as the name)."""
     from meddiff3d.anomaly.calibration import load_calibration
     from meddiff3d.anomaly.healing import load_anomaly_models
-    from meddiff3d.pipelines.anomaly import Detector, check_calibrated_models, progress_iter, resolve_inputs
+    from meddiff3d.pipelines.anomaly import Detector, check_calibrated_models, progress_steps, resolve_inputs
 
     start = time.perf_counter()
     if not isinstance(calibrations, Mapping):
@@ -135,9 +139,10 @@ def evaluate_anomaly(codec_path: str | os.PathLike, diffusion_path: str | os.Pat
 
     rows: list[dict[str, Any]] = []
     histograms: dict[tuple[str, str], ScoreHistogram] = {}
-    for item in progress_iter(items, "evaluating", progress):
+    steps = sum(d.steps for d in detectors.values())  # one bar over every denoiser step of every detector
+    for item, callback in progress_steps(items, f"evaluating {len(detectors)} detector(s)", progress, steps):
         for name, detector in detectors.items():
-            result = detector(item)
+            result = detector(item, callback)
             label = result.data.get("label")
             lesion = (np.asarray(label[0]) > 0.5) if label is not None else np.zeros(result.x.shape[2:], bool)
             region = (result.brain[0, 0].cpu().numpy() > 0) | lesion
@@ -182,5 +187,11 @@ def evaluate_anomaly(codec_path: str | os.PathLike, diffusion_path: str | os.Pat
                "methods": by_method, "per_volume": rows, "seconds": round(time.perf_counter() - start, 2)}
     metrics = _clean(metrics)
     save_json(metrics, out / "metrics.json")
-    logger.info("anomaly evaluation of %d volume(s) x %d detector(s) -> %s", len(items), len(detectors), out)
+    headline = "; ".join(
+        f"{name}: Dice {_fmt(entry['dice'])}, best Dice {_fmt(entry['best_dice'])}, AUPRC {_fmt(entry['auprc'])}, "
+        f"AUROC {_fmt(entry['auroc'])}, volume AUROC {_fmt(entry['volume_auroc'])}"
+        for name, kinds_of in by_method.items() for kind, entry in kinds_of.items() if kind == "all")
+    logger.info("anomaly evaluation of %d volume(s) x %d detector(s) in %.1f s: %s; wrote %s, %s, %s", len(items),
+                len(detectors), metrics["seconds"], headline, out / "metrics.json", out / "summary.csv",
+                out / "per_volume.csv")
     return metrics

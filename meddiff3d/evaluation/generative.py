@@ -319,6 +319,8 @@ def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, d
     out.mkdir(parents=True, exist_ok=True)
     save_json(result, out / "evaluation.json")
     _write_csv(samples, names, out / "samples.csv")
+    logger.info("generative evaluation of %d sample(s) in %.1f s:\n%s\nwrote %s, %s", len(samples), result["seconds"],
+                summary_table(result), out / "evaluation.json", out / "samples.csv")
     return result
 
 

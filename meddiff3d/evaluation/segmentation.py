@@ -4,7 +4,8 @@ uncertainty points at its errors.
 Prediction folder contract (what every BraTS segmentation inference in meddiff3d writes), for a case ``<id>``::
 
     PRED_DIR/<id>/<id>_seg.nii.gz        uint8 BraTS label map (0/1/2/4, or 0/1/2/3 for brats2023) on the input grid
-    PRED_DIR/<id>/<id>_prob.nii.gz       optional, float32 (X, Y, Z, 3): per-region probability, last axis WT, TC, ET
+    PRED_DIR/<id>/<id>_prob.nii.gz       optional, float32 probability per region WT, TC, ET: NIfTI vectors
+                                         (X, Y, Z, 1, 3) (utils.io.save_vector_nifti) or channel-last (X, Y, Z, 3)
     PRED_DIR/<id>/<id>_variance.nii.gz   optional, same layout: per-region variance across an ensemble
     PRED_DIR/<id>/<id>_entropy.nii.gz    optional, same layout: per-region entropy
 
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import os
 import warnings
@@ -61,7 +63,7 @@ import torch
 from meddiff3d.data.brats import BRATS_LABELS, BRATS_REGIONS, region_masks
 from meddiff3d.errors import InputError
 from meddiff3d.models.segdiff import binary_entropy
-from meddiff3d.utils.io import atomic_path, save_json
+from meddiff3d.utils.io import atomic_path, read_channels, save_json
 
 from .anomaly_metrics import dice
 
@@ -70,6 +72,7 @@ __all__ = ["region_metrics", "case_metrics", "calibration_error", "error_capture
 
 #: optional per-region maps of the contract: file suffix -> uncertainty source name
 UNCERTAINTY_FILES = {"variance": "variance", "entropy": "entropy"}
+logger = logging.getLogger("meddiff3d.evaluation")
 GRID_ATOL_MM = 1e-3
 
 
@@ -189,18 +192,16 @@ def _read_3d(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_regions(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    import nibabel as nib
-
     try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as err:
-        raise InputError(f"{path}: unreadable NIfTI ({type(err).__name__}: {err})") from err
+        data, found_affine = read_channels(path)
+    except Exception as err:  # unreadable, or neither vectors nor channel-last (read_channels' "<path>: shape")
+        raise InputError(str(err) if str(err).startswith(f"{path}: shape") else
+                         f"{path}: unreadable NIfTI ({type(err).__name__}: {err})") from err
     expected = (*shape, len(BRATS_REGIONS))
     if data.shape != expected:
-        raise InputError(f"{path}: shape {data.shape}, expected {expected} (the label's grid, last axis "
-                         f"{', '.join(BRATS_REGIONS)})")
-    _check_affine(path, img.affine, affine)
+        raise InputError(f"{path}: shape {data.shape}, expected {expected} (the label's grid, a vector per voxel "
+                         f"{', '.join(BRATS_REGIONS)}: (X, Y, Z, 1, 3), or channel-last)")
+    _check_affine(path, found_affine, affine)
     if not np.isfinite(data).all():
         raise InputError(f"{path}: holds NaN or Inf values")
     return data
@@ -326,6 +327,9 @@ def evaluate_segmentation_dir(pred_dir: str | os.PathLike, datalist: str | os.Pa
         write_csv(rows, out_csv)
     if out_json is not None:
         save_json(_json_safe(result), out_json)
+    means = {k: v["mean"] for k, v in result["summary"].items() if k.endswith(("_dice", "_hd95"))}
+    logger.info("segmentation evaluation of %d case(s) in %s, mean over cases: %s -> %s", len(rows), pred_dir,
+                ", ".join(f"{k} {v:.3f}" for k, v in means.items()), [str(f) for f in (out_csv, out_json) if f])
     return result
 
 

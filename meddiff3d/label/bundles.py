@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from meddiff3d.errors import InputError
+from meddiff3d.utils.io import read_channels
 from meddiff3d.label.params import ANOMALY_PARAMS, GENERATION_PARAMS, SEGMENTATION_PARAMS, ParamSpec
 from meddiff3d.label.slicer_io import (ANOMALY_SEGMENTS, BRATS_SEGMENTS, Segment, segments_info, write_float_volume,
                                        write_seg_nrrd)
@@ -128,7 +129,7 @@ def run_segmentation(model: BundleModel, sequences: Sequence[Path], params: Mapp
         labels, affine = _read(outputs["seg"])
         out = write_seg_nrrd(labels, affine, result_path(".seg.nrrd"), BRATS_SEGMENTS)
         return out, {"result": "label", "labels": model.labels}
-    maps, affine = _read(outputs[params["result"]])  # (X, Y, Z, 3): WT, TC, ET
+    maps, affine = read_channels(outputs[params["result"]])  # vectors (X, Y, Z, 1, 3) -> (X, Y, Z, 3): WT, TC, ET
     channel = list(BRATS_REGIONS).index(params["region"])
     out = write_float_volume(maps[..., channel], affine, result_path(".nii.gz"),
                              f"meddiff3d segdiff {params['result']} {params['region']}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from meddiff3d.data.images import array_to_sitk
-from meddiff3d.utils.io import atomic_path, save_nifti
+from meddiff3d.utils.io import atomic_path, save_nifti, save_vector_nifti
 
 __all__ = ["Segment", "BRATS_SEGMENTS", "ANOMALY_SEGMENTS", "write_seg_nrrd", "read_nrrd_header",
            "write_float_volume"]
@@ -118,13 +118,16 @@ def read_nrrd_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str,
 
 def write_float_volume(array, affine, path: str | os.PathLike, description: str = "") -> Path:
     """A float32 volume Slicer loads as a scalar volume: NIfTI (``.nii``/``.nii.gz``); a 4D ``(i, j, k, c)`` array is
-    written channel last (Slicer loads it as a sequence / vector volume)."""
+    written as a NIfTI vector image (``dim[5] = c``, Slicer loads a vector volume, not a sequence;
+    :func:`meddiff3d.utils.io.save_vector_nifti`)."""
     data = np.asarray(array, dtype=np.float32)
     if data.ndim not in (3, 4):
         raise ValueError(f"a float volume must be 3D or 4D (channel last), got shape {data.shape}")
     name = str(path).lower()
     if not name.endswith((".nii", ".nii.gz")):
         raise ValueError(f"{path}: float volumes are written as NIfTI (.nii.gz)")
+    if data.ndim == 4:
+        return save_vector_nifti(np.moveaxis(data, -1, 0), affine, path, descrip=description or None)
     return save_nifti(data, affine, path, dtype=np.float32, header_extra={"descrip": description} if description
                       else None)
 

@@ -266,6 +266,47 @@ class LatentCodec(nn.Module):
         return 1.0 / std, shift
 
 
+# -- decode progress -------------------------------------------------------------------------------------------------
+def _decoder_blocks(codec: LatentCodec) -> list[nn.Module]:
+    decoder = codec.autoencoder.decoder
+    blocks = getattr(decoder, "blocks", None)  # MONAI AutoencoderKL / VQVAE decoders: an nn.ModuleList of stages
+    return list(blocks) if blocks is not None and len(blocks) else [decoder]
+
+
+def decode_steps(codec: LatentCodec, latent_shape: Sequence[int], tile: Sequence[int] | None = None) -> int:
+    """How often :func:`decode_progress` reports during one ``codec.decode`` of latents ``(B, C, *spatial)`` with
+    latent tile size ``tile`` (the ``decode_tile`` in use; ``None``: one pass): once per top-level decoder block, per
+    tile and batch item when tiled (windows as MONAI's ``sliding_window_inference`` lays them out)."""
+    blocks = len(_decoder_blocks(codec))
+    batch, shape = int(latent_shape[0]), [int(s) for s in latent_shape[2:]]
+    if tile is None or all(t >= s for t, s in zip(tile, shape)):
+        return blocks
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    size = [max(s, t) for s, t in zip(shape, tile)]  # sliding_window_inference pads a volume smaller than the tile
+    interval = _get_scan_interval(size, list(tile), len(size), [codec.overlap] * len(size))
+    return blocks * batch * len(dense_patch_slices(size, list(tile), interval))
+
+
+@contextmanager
+def decode_progress(codec: LatentCodec, callback):
+    """Within the context, ``callback()`` runs after every top-level block of ``codec``'s decoder (whatever calls
+    ``codec.decode``: an inferer, healing): :func:`decode_steps` calls per decode. ``None`` does nothing."""
+    if callback is None:
+        yield
+        return
+    def hook(*_: Any) -> None:  # a forward hook returning a value would replace the block's output
+        callback()
+
+    handles = [block.register_forward_hook(hook) for block in _decoder_blocks(codec)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 # -- the codec file: weights + everything inference needs ----------------------------------------------------------
 def save_codec(codec: LatentCodec, path: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
     """Write ``{"format", "weights": codec.state_dict() (latent scale/shift included), "meta"}`` atomically; read it

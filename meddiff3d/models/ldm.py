@@ -24,7 +24,7 @@ covariate vector. Zero is a real value here (sex 0 = female, age 0 = 40 years), 
 :data:`NULL_COVARIATE` (-1) in every entry, outside the [0, 1] range of real covariates. The value is saved in the
 model's meta (``conditioning.null_value``) and read back at inference, never assumed.
 
-File of a trained model (``models/diffusion.pt``, the engine's inference export, read with ``weights_only=True``)::
+File of a trained model (``models/model.pt``, the engine's inference export, read with ``weights_only=True``)::
 
     {"format": "meddiff3d.inference/1", "iteration": int, "ema": state_dict,
      "meta": {"kind": "meddiff3d.latent_diffusion/1",     # "latent_diffusion" in files written before that tag

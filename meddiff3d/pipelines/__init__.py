@@ -7,6 +7,11 @@
 * :mod:`.seg_training` -- :func:`~.seg_training.train_segmentation_diffusion` (PatchDDM patches, BraTS regions);
 * :mod:`.segmentation` -- :func:`~.segmentation.segment` (ensembles -> labels, probability, uncertainty on the input
   grid);
+* :mod:`.inferers` -- MONAI inferers over :func:`meddiff3d.diffusion.sample` (latent generation, segmentation
+  ensembles): the bundles' ``inferer``;
+* :mod:`.components` -- the other MONAI components of the inference configs (model files, ``network``, datasets,
+  postprocessing, TorchScript exports of the decoder and the segmentation U-Net); the evaluators live beside their
+  pipeline (``GenerationEvaluator``, ``SegmentationEvaluator``, ``AnomalyEvaluator``);
 * :mod:`.commands` -- the same calls for ``python -m monai.bundle run``: a user error ends the process with one line
   and exit status 2 instead of a MONAI traceback.
 """

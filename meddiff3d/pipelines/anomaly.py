@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,54 +28,22 @@ import torch
 
 from meddiff3d.anomaly.calibration import (Calibration, anomaly_map, fit_residual_stats, load_calibration, quantile,
                                            residuals, save_calibration, top_mean, volume_score)
-from meddiff3d.anomaly.healing import (AnomalyModels, DetectorSettings, brain_mask, heal, load_anomaly_models,
-                                       stage_one)
+from meddiff3d.anomaly.healing import (AnomalyModels, DetectorSettings, brain_mask, heal, healing_steps,
+                                       load_anomaly_models, stage_one)
 from meddiff3d.engine.checkpoint import file_sha256
 from meddiff3d.errors import InputError
+from meddiff3d.pipelines.components import resolve_inputs
 from meddiff3d.utils.io import save_json, save_nifti, save_preview_png
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
-__all__ = ["resolve_inputs", "Detector", "CaseResult", "calibrate_anomaly", "detect_anomalies", "write_case",
-           "check_calibrated_models", "progress_iter", "OUTPUT_SUFFIXES"]
+__all__ = ["resolve_inputs", "Detector", "AnomalyEvaluator", "CaseResult", "calibrate_anomaly", "detect_anomalies",
+           "write_case",
+           "check_calibrated_models", "progress_iter", "progress_steps", "OUTPUT_SUFFIXES"]
 
 #: the files written per case ``<id>`` in the output folder
 OUTPUT_SUFFIXES = {"healed": "_healed.nii.gz", "anomaly_map": "_anomaly_map.nii.gz", "mask": "_mask.nii.gz",
                    "preview": "_preview.png"}
-
-
-# ------------------------------------------------------------------------------------------------ inputs
-def _case_id(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], section: str = "test") -> list[dict]:
-    """Items ``{"id", "image", ...}`` from a datalist JSON (its ``section``) or from image files, every voxel of every
-    file read and checked (:func:`~meddiff3d.data.datalist.load_datalist`, :func:`~meddiff3d.data.images.check_image`).
-    """
-    from meddiff3d.data.datalist import load_datalist
-    from meddiff3d.data.images import check_image
-
-    if isinstance(inputs, (str, os.PathLike)) and str(inputs).lower().endswith(".json"):
-        items = load_datalist(inputs, section, modalities=1, check_images=True)
-        return [dict(it, id=str(it.get("id", _case_id(Path(it["image"]))))) for it in items]
-    files = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs or [])
-    if not files:
-        raise InputError("no input images given (pass a datalist JSON or a list of image files)")
-    items, seen = [], {}
-    for file in files:
-        path = Path(file).expanduser().absolute()
-        check_image(path, read_data=True)
-        case = _case_id(path)
-        if case in seen:
-            raise InputError(f"input images {seen[case]} and {path} give the same case id {case!r}")
-        seen[case] = path
-        items.append({"id": case, "image": str(path)})
-    return items
 
 
 # ------------------------------------------------------------------------------------------------ one detector
@@ -94,30 +62,39 @@ class CaseResult:
 
 
 class Detector:
-    """Settings + models + calibration (when known) + the input transform, applied one case at a time."""
+    """Settings + models + calibration (when known) + the input transform, applied one case at a time: the anomaly
+    bundle's ``inferer`` (``transform``: its ``preprocessing``; default ``anomaly_transforms`` on the models' grid)."""
 
-    def __init__(self, models: AnomalyModels, settings: DetectorSettings, calibration: Calibration | None = None):
+    def __init__(self, models: AnomalyModels, settings: DetectorSettings, calibration: Calibration | None = None,
+                 transform: Any = None):
         from meddiff3d.data.transforms import anomaly_transforms
 
         self.models, self.settings, self.calibration = models, settings, calibration
-        self.transform = anomaly_transforms(models.image_spacing, models.image_shape, train=False)
+        self.transform = transform or anomaly_transforms(models.image_spacing, models.image_shape, train=False)
 
     def load(self, item: Mapping[str, Any]) -> tuple[dict, torch.Tensor]:
         data = self.transform(dict(item))
         image = data["image"]
         return data, image.as_tensor()[None].float().to(self.models.device)
 
-    def residuals(self, x: torch.Tensor, mask_thresholds: Sequence[float] | None) -> tuple[torch.Tensor, list]:
-        healing = heal(self.models, x, self.settings, mask_thresholds)
+    def residuals(self, x: torch.Tensor, mask_thresholds: Sequence[float] | None,
+                  callback: Callable | None = None) -> tuple[torch.Tensor, list]:
+        healing = heal(self.models, x, self.settings, mask_thresholds, callback)
         healed = torch.stack(healing["healed"]).mean(0)
         return healed, residuals(x, healing["healed"], self.settings)
 
-    def __call__(self, item: Mapping[str, Any]) -> CaseResult:
+    @property
+    def steps(self) -> int:
+        """Denoiser steps per volume (:func:`~meddiff3d.anomaly.healing.healing_steps`; 0 for the autoencoder)."""
+        return healing_steps(self.models, self.settings)
+
+    def __call__(self, item: Mapping[str, Any], callback: Callable | None = None) -> CaseResult:
+        """Score one item; ``callback(i, t, z, z0)`` after every denoiser step of its healing (progress)."""
         if self.calibration is None:
             raise RuntimeError("Detector needs a calibration to score volumes")
         start = time.perf_counter()
         data, x = self.load(item)
-        healed, maps = self.residuals(x, self.calibration.mask_thresholds)
+        healed, maps = self.residuals(x, self.calibration.mask_thresholds, callback)
         score = anomaly_map(x, maps, self.calibration.residual_stats, self.settings)
         brain = brain_mask(x, self.settings.brain_threshold)
         return CaseResult(x, healed, score, brain, volume_score(score, brain, self.settings.top_fraction), data,
@@ -130,6 +107,26 @@ def progress_iter(items: Sequence, desc: str, enabled: bool) -> Iterable:
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, unit="volume")
+
+
+def progress_steps(items: Sequence, desc: str, enabled: bool, steps_per_item: int) -> Iterator[tuple[Any, Any]]:
+    """``(item, callback)`` for each of ``items``, with one tqdm bar over every denoiser step of their healing
+    (``steps_per_item`` each, :attr:`Detector.steps`; one tick per item when 0); ``callback`` goes to
+    :func:`~meddiff3d.anomaly.healing.heal` / ``stage_one`` / :class:`Detector` (``None`` when disabled)."""
+    if not enabled:
+        for item in items:
+            yield item, None
+        return
+    from tqdm import tqdm
+
+    per_item = max(int(steps_per_item), 0)
+    with tqdm(total=len(items) * max(per_item, 1), desc=desc, unit="step" if per_item else "volume") as bar:
+        callback = (lambda *_: bar.update()) if per_item else None
+        for k, item in enumerate(items):
+            bar.set_postfix_str(f"volume {k + 1}/{len(items)}")
+            yield item, callback
+            if not per_item:
+                bar.update()
 
 
 def _model_entry(path: str | os.PathLike | None) -> dict | None:
@@ -187,14 +184,16 @@ def _fit(detector: Detector, items: Sequence[Mapping], target_fpr: float, progre
     mask_thresholds: list[float] = []
     if settings.uses_diffusion:  # pass 1: what the healthy discrepancies look like, for the heal masks
         per_step: list[list[np.ndarray]] = [[] for _ in settings.start_steps]
-        for _, x in progress_iter(loaded, "calibration: discrepancies", progress):
-            for k, d in enumerate(stage_one(models, x, settings)):
+        steps = healing_steps(models, settings, "stage_one")
+        for (_, x), callback in progress_steps(loaded, "calibration: discrepancies", progress, steps):
+            for k, d in enumerate(stage_one(models, x, settings, callback=callback)):
                 per_step[k].append(d[d > 0].cpu().numpy())
         mask_thresholds = [quantile(np.concatenate(v), settings.mask_quantile) if sum(map(len, v)) else 0.0
                            for v in per_step]
     per_volume = []  # brain-voxel residuals per volume and step (the map is a per-voxel combination of them)
-    for _, x in progress_iter(loaded, f"calibration: healing ({settings.method})", progress):
-        _, maps = detector.residuals(x, mask_thresholds or None)
+    for (_, x), callback in progress_steps(loaded, f"calibration: healing ({settings.method})", progress,
+                                           detector.steps):
+        _, maps = detector.residuals(x, mask_thresholds or None, callback)
         brain = brain_mask(x, settings.brain_threshold) > 0
         per_volume.append([m[brain].cpu().numpy() for m in maps])
     stats = fit_residual_stats(per_volume, settings.step_names)
@@ -242,12 +241,59 @@ def write_case(result: CaseResult, case_id: str, output_dir: Path, calibration: 
     save_nifti(on_input["healed"][0].numpy(), affine, paths["healed"], header_extra={"descrip": "meddiff3d healed"})
     save_nifti(score, affine, paths["anomaly_map"], header_extra={"descrip": "meddiff3d anomaly z-score"})
     save_nifti(mask, affine, paths["mask"], dtype=np.uint8, header_extra={"descrip": "meddiff3d anomaly mask"})
-    model_grid_mask = (result.score[0, 0] > calibration.threshold).cpu().numpy()
-    save_preview_png(result.x[0, 0].cpu().numpy(), paths["preview"], overlay=model_grid_mask,
-                     title=f"{case_id} score {result.volume_score:.2f}")
     flagged = result.volume_score > float(calibration.volume_scores["threshold"])
+    model_grid_mask = (result.score[0, 0] > calibration.threshold).cpu().numpy()
+    model_affine = getattr(result.data.get("image"), "affine", None)  # the model grid (RAS, model spacing)
+    save_preview_png(result.x[0, 0].cpu().numpy(), paths["preview"], overlay=model_grid_mask,
+                     affine=None if model_affine is None else np.asarray(model_affine, dtype=np.float64),
+                     legend={1: (f"anomaly z-score > {calibration.threshold:.3g} (voxel threshold)", (0.9, 0.2, 0.15))},
+                     title=f"{case_id}: {'ANOMALOUS' if flagged else 'normal'} ({calibration.settings.method})",
+                     notes=[f"voxel threshold z > {calibration.threshold:.3g}: {calibration.target_fpr:.1%} of healthy "
+                            f"brain voxels exceed it (calibration)",
+                            f"volume score {result.volume_score:.3g} vs volume threshold "
+                            f"{float(calibration.volume_scores['threshold']):.3g}"])
     return {"id": case_id, **{k: p.name for k, p in paths.items()}, "volume_score": round(result.volume_score, 6),
             "anomalous": bool(flagged), "mask_voxels": int(mask.sum()), "seconds": round(result.seconds, 3)}
+
+
+class AnomalyEvaluator:
+    """A bundle's anomaly ``evaluator``: ``run()`` scores every item of ``dataset`` (``{"id", "image", ...}``) with
+    ``inferer`` (a calibrated :class:`Detector`: its ``preprocessing``, healing and z-scoring), writes the four files
+    per case (:func:`write_case`) and ``summary.json``; returns the case summaries.
+
+    ``model_paths`` (``{"codec": path, "diffusion": path}``): refuse model files other than those the calibration was
+    made with (sha256), before anything is written.
+    """
+
+    def __init__(self, inferer: Detector, dataset: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, *,
+                 calibration_path: str | os.PathLike | None = None, model_paths: Mapping[str, Any] | None = None,
+                 progress: bool = True) -> None:
+        if inferer.calibration is None:
+            raise InputError("anomaly detection needs a calibrated detector (run configs/calibrate.yaml first)")
+        self.inferer, self.dataset, self.output_dir = inferer, dataset, Path(output_dir)
+        self.calibration_path, self.model_paths, self.progress = calibration_path, model_paths, progress
+
+    def run(self) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        items = [self.dataset[i] for i in range(len(self.dataset))]
+        calibration, settings, models = self.inferer.calibration, self.inferer.settings, self.inferer.models
+        source = str(self.calibration_path or "in use")
+        if self.model_paths is not None:
+            check_calibrated_models(calibration, self.model_paths.get("codec"),
+                                    self.model_paths.get("diffusion") if settings.uses_diffusion else None, source)
+        if list(models.image_shape) != list(calibration.image["shape"]):
+            raise InputError(f"the models work at {models.image_shape}, the calibration {source} at "
+                             f"{calibration.image['shape']}")
+        cases = []
+        for item, callback in progress_steps(items, f"detecting ({settings.method})", self.progress,
+                                             self.inferer.steps):
+            cases.append(write_case(self.inferer(item, callback), str(item["id"]), self.output_dir, calibration))
+        save_json({"calibration": str(self.calibration_path), "settings": settings.to_dict(),
+                   "threshold": calibration.threshold, "volume_threshold": calibration.volume_scores["threshold"],
+                   "cases": cases, "seconds": round(time.perf_counter() - start, 2)}, self.output_dir / "summary.json")
+        logger.info("anomaly detection: %d case(s) in %.1f s -> %s", len(cases), time.perf_counter() - start,
+                    self.output_dir)
+        return cases
 
 
 def detect_anomalies(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike | None,
@@ -259,9 +305,9 @@ def detect_anomalies(codec_path: str | os.PathLike, diffusion_path: str | os.Pat
     per case (:data:`OUTPUT_SUFFIXES`) and ``summary.json`` into ``output_dir``; returns the case summaries.
 
     The detector settings and thresholds come from the calibration file only. ``check_models`` refuses model files
-    other than those the calibration was made with (sha256).
+    other than those the calibration was made with (sha256). Built from the bundle's components: the models, a
+    calibrated :class:`Detector` (the inferer) and :class:`AnomalyEvaluator`, which runs it.
     """
-    start = time.perf_counter()
     calibration = load_calibration(calibration_path)
     settings = calibration.settings
     items = resolve_inputs(inputs, section)
@@ -270,16 +316,5 @@ def detect_anomalies(codec_path: str | os.PathLike, diffusion_path: str | os.Pat
     if check_models:
         check_calibrated_models(calibration, codec_path, diffusion_path, str(calibration_path))
     models = load_anomaly_models(codec_path, diffusion_path, device=device, amp=amp, decode_split=decode_split)
-    if list(models.image_shape) != list(calibration.image["shape"]):
-        raise InputError(f"the models work at {models.image_shape}, the calibration {calibration_path} at "
-                         f"{calibration.image['shape']}")
-    detector = Detector(models, settings, calibration)
-    out = Path(output_dir)
-    cases = []
-    for item in progress_iter(items, f"detecting ({settings.method})", progress):
-        cases.append(write_case(detector(item), str(item["id"]), out, calibration))
-    save_json({"calibration": str(calibration_path), "settings": settings.to_dict(),
-               "threshold": calibration.threshold, "volume_threshold": calibration.volume_scores["threshold"],
-               "cases": cases, "seconds": round(time.perf_counter() - start, 2)}, out / "summary.json")
-    logger.info("anomaly detection: %d case(s) in %.1f s -> %s", len(cases), time.perf_counter() - start, out)
-    return cases
+    return AnomalyEvaluator(Detector(models, settings, calibration), items, output_dir,
+                            calibration_path=calibration_path, progress=progress).run()

@@ -12,6 +12,11 @@ Everything the chain needs comes from the two files: the diffusion model's meta 
 covariate names and null value, conditioning mode, image geometry, the codec fingerprint it was trained with) and the
 codec file (autoencoder, latent scale and shift). Nothing is recomputed.
 
+The bundle's MONAI components are what :func:`generate` is built from: ``network`` (the U-Net),
+``autoencoder`` (the codec), :class:`~meddiff3d.pipelines.inferers.LatentDiffusionInferer` (sampler, steps,
+guidance, decode strategy), :class:`~meddiff3d.pipelines.components.GenerationRequests` (the ``dataset``: seeds x
+covariates) and :class:`GenerationEvaluator`, whose ``run()`` samples, decodes and writes.
+
 Reproducibility: sample ``i`` starts from noise drawn with seed ``seed + i`` and is written as
 ``sample_seed{seed + i}.nii.gz``, so one sample of a batch can be regenerated alone (``seed=seed + i,
 num_samples=1``); with ``batch_size=1`` (the default) this holds for the stochastic ``ddpm`` sampler too.
@@ -28,19 +33,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from meddiff3d.checks import check_choice, check_int, check_number, check_sizes, parse_covariates
-from meddiff3d.diffusion import SAMPLERS, default_spacing, initial_noise, sample, sampling_timesteps, schedule_from_dict
+from meddiff3d.checks import check_choice, check_int, check_number, check_sizes
+from meddiff3d.diffusion import SAMPLERS, initial_noise, sample, schedule_from_dict
 from meddiff3d.engine.precision import AMP_CHOICES, resolve_device, resolve_precision
 from meddiff3d.errors import InputError
-from meddiff3d.models.ldm import (build_denoiser, check_guidance_support, covariate_vector, load_latent_diffusion,
-                                  model_conditioning)
+from meddiff3d.models.ldm import (build_denoiser, check_codec_pair, check_guidance_support, covariate_vector,
+                                  load_latent_diffusion, model_conditioning)
+from meddiff3d.models.codec import LatentCodec, decode_progress, decode_steps
 from meddiff3d.models.loading import LoadedModel, load_model
+from meddiff3d.pipelines.components import GenerationRequests
+from meddiff3d.pipelines.inferers import LatentDiffusionInferer, autocast_dtype
 from meddiff3d.utils.io import save_json, save_nifti, save_preview_png
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
-__all__ = ["generate", "check_request", "write_sample", "preview_sampler"]
+__all__ = ["generate", "GenerationEvaluator", "check_request", "write_sample", "preview_sampler"]
 
 
 def check_request(*, sampler: str, steps: Any, num_samples: Any, guidance_scale: Any, seed: Any, amp: str,
@@ -67,6 +76,122 @@ def raw_covariates(values: Mapping[str, float], scaling: Mapping[str, Any]) -> d
 
 
 # ------------------------------------------------------------------------------------------------ generate
+class GenerationEvaluator:
+    """A bundle's generation ``evaluator``: ``run()`` samples every request of ``dataset`` (``{"seed", "covariates"}``
+    items, :class:`~meddiff3d.pipelines.components.GenerationRequests`) with ``inferer`` over ``network``, decodes
+    with ``autoencoder`` and writes each volume (:func:`write_sample`); returns the NIfTI paths.
+
+    Args:
+        network: the latent U-Net, on its device (readied for autocast or float32).
+        autoencoder: the :class:`~meddiff3d.models.codec.LatentCodec` that decodes its latents.
+        inferer: a :class:`~meddiff3d.pipelines.inferers.LatentDiffusionInferer` (sampler, steps, guidance, decode).
+        model, codec: the loaded model files (:class:`~meddiff3d.models.loading.LoadedModel`), for the codec pairing
+            check and the sidecars' provenance; optional.
+        batch_size: samples denoised together.
+        release_network: drop the evaluator's reference to the U-Net once every latent is sampled (peak memory is
+            then the larger of sampling and decoding, not their sum); the evaluator runs once then.
+    """
+
+    def __init__(self, network: torch.nn.Module, autoencoder: torch.nn.Module, inferer: LatentDiffusionInferer,
+                 dataset: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, *,
+                 model: LoadedModel | None = None, codec: LoadedModel | None = None, batch_size: int = 1,
+                 check_pair: bool = True, release_network: bool = False, progress: bool = True) -> None:
+        self.network, self.autoencoder, self.inferer, self.dataset = network, autoencoder, inferer, dataset
+        self.output_dir, self.model, self.codec = Path(output_dir), model, codec
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.check_pair, self.release_network, self.progress = bool(check_pair), release_network, progress
+
+    def _check(self, requests: Sequence[Mapping[str, Any]]) -> None:
+        meta, source = self.inferer.meta, self.model.path if self.model is not None else "the diffusion model"
+        if self.model is not None and self.codec is not None:
+            check_codec_pair(self.codec, self.model, check_fingerprint=self.check_pair)
+        for request in requests:
+            conditional = request["covariates"] is not None
+            if conditional and meta["conditioning"]["mode"] == "none":
+                raise InputError(f"diffusion model {source} is unconditional; set covariates to None")
+            check_guidance_support(meta, source, conditional=conditional, guidance_scale=self.inferer.guidance_scale)
+
+    def _settings(self, covariates: Mapping[str, float] | None) -> dict[str, Any]:
+        inferer, meta = self.inferer, self.inferer.meta
+        conditional, dtype = covariates is not None, autocast_dtype(self.network)
+        hashes = {}
+        if self.model is not None:
+            hashes["diffusion"] = self.model.provenance()
+        if self.codec is not None:
+            hashes["codec"] = {**self.codec.provenance(), "fingerprint": meta["codec"]["fingerprint"],
+                               "pair_checked": self.check_pair}
+        return {"covariates": covariates,
+                "covariates_raw": None if covariates is None else
+                raw_covariates(covariates, meta["conditioning"].get("scaling") or {}),
+                "conditional": conditional, "sampler": inferer.sampler, "steps": inferer.steps,
+                "denoiser_evaluations": inferer.steps * (2 if inferer.sampler == "heun" else 1),
+                "timestep_spacing": inferer.spacing,
+                "guidance_scale": inferer.guidance_scale if conditional else None,
+                "amp": str(dtype).replace("torch.", "") if dtype else "float32",
+                "device": str(next(self.network.parameters()).device), "models": hashes}
+
+    def _batches(self, requests: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+        """Consecutive requests with the same covariates, at most ``batch_size`` at a time."""
+        batches: list[list[Mapping[str, Any]]] = []
+        for request in requests:
+            last = batches[-1] if batches else None
+            if last is not None and len(last) < self.batch_size and last[0]["covariates"] == request["covariates"]:
+                last.append(request)
+            else:
+                batches.append([request])
+        return batches
+
+    def _decode_bar(self, latents: Sequence[tuple]) -> tqdm:
+        """A tqdm bar over the decoder blocks of every decode (:func:`~meddiff3d.models.codec.decode_steps`)."""
+        shown = self.progress and bool(latents) and isinstance(self.autoencoder, LatentCodec)
+        tile = getattr(self.inferer, "decode_tile", getattr(self.autoencoder, "decode_tile", None))
+        total = sum(decode_steps(self.autoencoder, job[1].shape, tile) for job in latents) if shown else 0
+        return tqdm(total=total, unit="block", disable=not shown,
+                    desc=f"decoding {sum(len(job[0]) for job in latents)} volume(s)")
+
+    def run(self) -> list[Path]:
+        start = time.perf_counter()
+        requests = [self.dataset[i] for i in range(len(self.dataset))]
+        self._check(requests)
+        names = list(self.inferer.meta["conditioning"]["covariates"])
+        network, device = self.network, next(self.network.parameters()).device
+        jobs = []
+        for batch in self._batches(requests):
+            given = batch[0]["covariates"]
+            cov = None if given is None else covariate_vector(given, names)
+            given = None if given is None else {n: float(given[n]) for n in names}
+            jobs.append(([int(r["seed"]) for r in batch], cov, self._settings(given)))
+        if self.release_network:  # the provenance is in the settings: the U-Net goes with the last latent
+            self.network = self.model = None
+        # Two phases: sample every latent (small: 3x20x28x20 floats each), release the U-Net, then decode. Peak memory
+        # is then the larger of the two phases, not their sum (anchor architecture: the U-Net's 1.1 GB of bf16 weights
+        # are gone before the decoder's full-resolution activations are made).
+        latents = []
+        with tqdm(total=len(requests) * self.inferer.steps, unit="step", disable=not self.progress,
+                  desc=f"generating ({self.inferer.sampler}, {self.inferer.steps} steps)") as bar:
+            for seeds, cov, settings in jobs:
+                noise = self.inferer.initial_noise(seeds, device)
+                t0 = time.perf_counter()
+                z = self.inferer.sample_latents(noise, network, cov, generator=seeds[0],
+                                                callback=lambda *_, n=len(seeds): bar.update(n))
+                latents.append((seeds, z, settings, time.perf_counter() - t0))
+        del network
+        image_meta, written = self.inferer.meta["image"], []
+        with self._decode_bar(latents) as decode_bar:
+            for seeds, z, settings, sampling_seconds in latents:
+                t1 = time.perf_counter()
+                with decode_progress(self.autoencoder, None if decode_bar.disable else decode_bar.update):
+                    images = self.inferer.decode(self.autoencoder, z).float().cpu().numpy()
+                timing = {"sampling": round(sampling_seconds / len(seeds), 3),
+                          "decoding": round((time.perf_counter() - t1) / len(seeds), 3)}
+                for s, image in zip(seeds, images):
+                    written.append(write_sample(image[0], self.output_dir / f"sample_seed{s}", image_meta,
+                                                {**settings, "seed": s, "seconds": timing}))
+        logger.info("generated %d volume(s) in %.1f s -> %s", len(written), time.perf_counter() - start,
+                    self.output_dir)
+        return written
+
+
 def generate(
     codec_path: str | os.PathLike,
     diffusion_path: str | os.PathLike,
@@ -78,7 +203,7 @@ def generate(
     guidance_scale: float = 1.0,
     seed: int = 0,
     output_dir: str | os.PathLike = "outputs",
-    device: str = "auto",
+    device: str | torch.device = "auto",
     amp: str = "auto",
     decode_tile: Sequence[int] | int | None = None,
     decode_split: int | None = None,
@@ -102,7 +227,7 @@ def generate(
         guidance_scale: classifier-free guidance ``w`` (1 = the conditional model, 0 = unconditional); ignored when
             unconditional.
         output_dir: where ``sample_seed{S}.nii.gz`` / ``.png`` / ``.json`` go (created).
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (or a ``torch.device``).
         amp: ``"auto"`` (bf16 on CPUs with native bf16 and on GPUs), ``"bf16"``, ``"fp16"`` (CUDA), ``"none"``.
         decode_tile: latent tile size for tiled decoding (bounded memory), ``None`` decodes whole volumes.
         decode_split: decode in this many slabs with whole-volume GroupNorm statistics (same result as one pass up to
@@ -112,87 +237,30 @@ def generate(
             (:data:`meddiff3d.diffusion.MONAI_SPACING`) steps as MONAI's ``DDIMScheduler`` does, for exact parity with a MONAI loop.
         check_pair: refuse a codec other than the one the model was trained with (fingerprint).
 
+    The bundle's components, built from the two files: ``network`` (the U-Net), ``autoencoder`` (the codec),
+    :class:`~meddiff3d.pipelines.inferers.LatentDiffusionInferer`,
+    :class:`~meddiff3d.pipelines.components.GenerationRequests` and :class:`GenerationEvaluator`, which runs them.
     Every setting is validated, and both files are read, before anything is written; an :class:`InputError` names
     the bad value.
     """
-    start = time.perf_counter()
     request = check_request(sampler=sampler, steps=steps, num_samples=num_samples, guidance_scale=guidance_scale,
                             seed=seed, amp=amp, batch_size=batch_size, decode_tile=decode_tile)
-    covariates = parse_covariates(covariates)
+    requests = GenerationRequests(covariates, request["num_samples"], request["seed"])
     dev = resolve_device(device)
     dtype = resolve_precision(amp, dev, "inference").dtype
-    if decode_split is not None:
-        decode_split = check_int("decode_split", decode_split, 1)
     codec_file, diffusion = load_latent_diffusion(codec_path, diffusion_path, check_pair=check_pair, device=dev,
-                                                  dtype=dtype, decode_tile=request["decode_tile"],
-                                                  decode_split=decode_split)
-    network, meta, codec = diffusion.network, diffusion.meta, codec_file.network
-    cond_meta = meta["conditioning"]
-    names = list(cond_meta["covariates"])
-    if covariates is not None and cond_meta["mode"] == "none":
-        raise InputError(f"diffusion model {diffusion_path} is unconditional; set covariates to None")
-    cov = None if covariates is None else covariate_vector(covariates, names)
-    spacing = default_spacing(sampler, spacing)
-    sampling_timesteps(schedule_from_dict(meta["schedule"]), request["steps"], spacing)  # validates steps, spacing
-    conditional = cov is not None
-    check_guidance_support(meta, diffusion_path, conditional=conditional, guidance_scale=request["guidance_scale"])
-    given = None if cov is None else {n: float(covariates[n]) for n in names}
-    denoiser = build_denoiser(network, meta, guidance_scale=request["guidance_scale"], conditional=conditional,
-                              amp_dtype=dtype)
-
-    out_dir, image_meta = Path(output_dir), meta["image"]
-    hashes = {"diffusion": diffusion.provenance(),
-              "codec": {**codec_file.provenance(), "fingerprint": meta["codec"]["fingerprint"],
-                        "pair_checked": bool(check_pair)}}
-    settings = {
-        "covariates": given,
-        "covariates_raw": None if given is None else raw_covariates(given, cond_meta.get("scaling") or {}),
-        "conditional": conditional, "sampler": sampler, "steps": request["steps"],
-        "denoiser_evaluations": request["steps"] * (2 if sampler == "heun" else 1),
-        "timestep_spacing": spacing,
-        "guidance_scale": request["guidance_scale"] if conditional else None,
-        "amp": str(dtype).replace("torch.", "") if dtype else "float32", "device": str(dev), "models": hashes,
-    }
-    seeds = [request["seed"] + i for i in range(request["num_samples"])]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(seeds) * request["steps"], desc=f"generating ({sampler}, {request['steps']} steps)",
-                   unit="step")
-    # Two phases: sample every latent (small: 3x20x28x20 floats each), release the U-Net, then decode. Peak memory
-    # is then the larger of the two phases, not their sum (anchor architecture: the U-Net's 1.1 GB of bf16 weights
-    # are gone before the decoder's full-resolution activations are made).
-    latents: list[tuple[list[int], torch.Tensor, float]] = []
-    try:
-        for first in range(0, len(seeds), request["batch_size"]):
-            batch_seeds = seeds[first:first + request["batch_size"]]
-            noise = initial_noise(batch_seeds, meta["latent"]["shape"], dev)
-            cond = model_conditioning(meta, cov, len(batch_seeds), dev)
-            callback = (lambda *_: bar.update(len(batch_seeds))) if bar is not None else None
-            t0 = time.perf_counter()
-            z = sample(denoiser, noise, schedule_from_dict(meta["schedule"]), sampler=sampler, steps=request["steps"],
-                       spacing=spacing, cond=cond, generator=batch_seeds[0], callback=callback)
-            latents.append((batch_seeds, z, time.perf_counter() - t0))
-    finally:
-        if bar is not None:
-            bar.close()
-    del denoiser, network, diffusion
-    written: list[Path] = []
-    for batch_seeds, z, sampling_seconds in latents:
-        t1 = time.perf_counter()
-        images = codec.decode(z).float().cpu().numpy()
-        timing = {"sampling": round(sampling_seconds / len(batch_seeds), 3),
-                  "decoding": round((time.perf_counter() - t1) / len(batch_seeds), 3)}
-        for s, image in zip(batch_seeds, images):
-            written.append(write_sample(image[0], out_dir / f"sample_seed{s}", image_meta,
-                                        {**settings, "seed": s, "seconds": timing}))
-    logger.info("generated %d volume(s) in %.1f s -> %s", len(written), time.perf_counter() - start, out_dir)
-    return written
-
+                                                  dtype=dtype)
+    inferer = LatentDiffusionInferer(diffusion.meta, sampler, request["steps"], request["guidance_scale"],
+                                     spacing=spacing, decode_tile=request["decode_tile"], decode_split=decode_split)
+    evaluator = GenerationEvaluator(diffusion.network, codec_file.network, inferer, requests, output_dir,
+                                    model=diffusion, codec=codec_file, batch_size=request["batch_size"],
+                                    check_pair=check_pair, release_network=True, progress=progress)
+    del diffusion
+    return evaluator.run()
 
 def write_sample(volume: np.ndarray, stem: Path, image_meta: Mapping[str, Any], sidecar: Mapping[str, Any]) -> Path:
-    """``STEM.nii.gz`` (float32, the model's RAS affine), ``STEM.png`` (three orthogonal slices), ``STEM.json``."""
+    """``STEM.nii.gz`` (float32, the model's RAS affine), ``STEM.png`` (three orthogonal slices, radiological view,
+    :func:`~meddiff3d.utils.io.save_preview_png`), ``STEM.json``."""
     if list(volume.shape) != list(image_meta["shape"]):
         raise RuntimeError(f"decoded shape {volume.shape} != the model's image shape {image_meta['shape']}")
     affine = np.asarray(image_meta["affine"], dtype=np.float64)
@@ -200,7 +268,10 @@ def write_sample(volume: np.ndarray, stem: Path, image_meta: Mapping[str, Any], 
                        header_extra={"descrip": f"meddiff3d brain_mri_ldm seed {sidecar.get('seed')}"})
     cov = sidecar.get("covariates")
     title = "unconditional" if cov is None else " ".join(f"{k[:3]}={v:.2f}" for k, v in cov.items())
-    save_preview_png(volume, stem.with_suffix(".png"), title=f"seed {sidecar.get('seed')} {title}")
+    save_preview_png(volume, stem.with_suffix(".png"), affine=affine, title=f"seed {sidecar.get('seed')}: {title}",
+                     notes=[f"{sidecar.get('sampler')}, {sidecar.get('steps')} steps"
+                            + ("" if sidecar.get("guidance_scale") is None else
+                               f", guidance {sidecar['guidance_scale']:g}")])
     geometry = {k: image_meta[k] for k in ("shape", "spacing", "affine")}
     save_json({"file": nifti.name, **sidecar, "image": {**geometry, "orientation": image_meta.get("orientation", "RAS")}},
               stem.with_suffix(".json"))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from meddiff3d.data.brats import regions_to_labels
+from meddiff3d.data.brats import BRATS_REGIONS, regions_to_labels
 from meddiff3d.engine import WallClockBudget, build_network, seed_everything, train
 from meddiff3d.engine.recipes import publish_inference, training_summary
 from meddiff3d.errors import InputError
@@ -32,7 +32,7 @@ from meddiff3d.models.loading import load_model
 from meddiff3d.models.seg_baseline import (RegionDiceBCE, baseline_meta, baseline_spec, downsampling_factor,
                                            grid_shape)
 from meddiff3d.pipelines.seg_training import patch_dataset
-from meddiff3d.utils.io import save_nifti
+from meddiff3d.utils.io import save_nifti, save_vector_nifti
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
@@ -147,7 +147,7 @@ def segment(model: str | os.PathLike, datalist: str | os.PathLike, out_dir: str 
         labels = regions_to_labels(prob, item.get("convention") or "brats2021", threshold)
         folder = Path(out_dir) / case_id
         save_nifti(labels, affine, folder / f"{case_id}_seg.nii.gz", dtype=np.uint8)
-        save_nifti(np.moveaxis(prob, 0, -1), affine, folder / f"{case_id}_prob.nii.gz", dtype=np.float32)
+        save_vector_nifti(prob, affine, folder / f"{case_id}_prob.nii.gz", names=BRATS_REGIONS)
         logger.info("%s: segmented in %.1f s -> %s", case_id, time.perf_counter() - start, folder)
         folders.append(folder)
     return folders

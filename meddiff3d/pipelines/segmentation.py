@@ -15,11 +15,15 @@ Output contract (for case ``<id>`` under ``output_dir`` ``OUT``; every file writ
 file's grid with its affine)::
 
     OUT/<id>/<id>_seg.nii.gz        uint8 BraTS labels 0/1/2/4 (derived from the nested WT/TC/ET decisions)
-    OUT/<id>/<id>_prob.nii.gz       float32 (X, Y, Z, 3): mean probability per region, last axis WT, TC, ET
-    OUT/<id>/<id>_variance.nii.gz   float32 (X, Y, Z, 3): variance of the samples' soft masks across the ensemble
-    OUT/<id>/<id>_entropy.nii.gz    float32 (X, Y, Z, 3): binary entropy (nats) of the mean probability
-    OUT/<id>/<id>_preview.png       FLAIR centre slices with the label map overlaid
-    OUT/<id>/<id>_segdiff.json      settings, model hash, seconds, tumour volumes
+    OUT/<id>/<id>_prob.nii.gz       float32 vectors (X, Y, Z, 1, 3): mean probability per region WT, TC, ET
+    OUT/<id>/<id>_variance.nii.gz   float32 vectors (X, Y, Z, 1, 3): variance of the samples' soft masks
+    OUT/<id>/<id>_entropy.nii.gz    float32 vectors (X, Y, Z, 1, 3): binary entropy (nats) of the mean probability
+    OUT/<id>/<id>_preview.png       FLAIR centre slices (radiological view) with the label map coloured per label
+    OUT/<id>/<id>_segdiff.json      settings, model hash, seconds, tumour volumes, mean entropy per region (nats)
+
+The three maps are NIfTI vector images (``dim[5] = 3``, intent VECTOR, ``intent_name`` "WT,TC,ET";
+:func:`meddiff3d.utils.io.save_vector_nifti`), not 4D files whose 4th axis readers take for time: ITK, SimpleITK
+and 3D Slicer read a 3D image of 3-component pixels; :func:`meddiff3d.utils.io.read_channels` gives ``(X, Y, Z, 3)``.
 
 A sample's soft mask is ``clip((x0 + 1) / 2, 0, 1)`` of its final denoised mask ``x0``; the probability is the ensemble
 mean, so with N = 1 it is that sample's soft mask and the variance is 0.
@@ -36,53 +40,30 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from meddiff3d.checks import check_choice, check_int, check_number, check_sizes
 from meddiff3d.data.brats import BRATS_REGIONS, region_masks, regions_to_labels
-from meddiff3d.data.datalist import load_datalist
-from meddiff3d.data.transforms import brats_transforms, to_input_grid
-from meddiff3d.diffusion import SAMPLERS, default_spacing, initial_noise, make_denoiser, sample, sampling_timesteps
-from meddiff3d.diffusion import schedule_from_dict
-from meddiff3d.engine.precision import Autocast, resolve_device, resolve_precision
-from meddiff3d.models.loading import load_model
-from meddiff3d.models.segdiff import check_volume_shape, conditioned_network, ensemble_statistics
-from meddiff3d.utils.io import save_json, save_nifti, save_preview_png
+from meddiff3d.data.transforms import brats_transforms
+from meddiff3d.diffusion import SAMPLERS
+from meddiff3d.engine.precision import resolve_device, resolve_precision
+from meddiff3d.models.loading import LoadedModel, load_model
+from meddiff3d.models.segdiff import ensemble_statistics
+from meddiff3d.pipelines.components import DatalistDataset, segmentation_postprocessing
+from meddiff3d.pipelines.inferers import ClampedDenoiser, DiffusionSegmentationInferer, autocast_dtype, sample_masks
+from meddiff3d.utils.io import save_json, save_nifti, save_preview_png, save_vector_nifti
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
-__all__ = ["ClampedDenoiser", "ensemble_statistics", "sample_masks", "segment",
+__all__ = ["ClampedDenoiser", "ensemble_statistics", "sample_masks", "segment", "SegmentationEvaluator",
            "output_paths", "write_case"]
 
 #: label convention of the written label maps (0/1/2/4)
 LABEL_CONVENTION = "brats2021"
+#: preview colours of the written labels (those of the Slicer segments, meddiff3d.label.slicer_io.BRATS_SEGMENTS)
+LABEL_LEGEND = {1: ("NCR necrotic core (label 1)", (0.85, 0.35, 0.25)), 2: ("ED oedema (2)", (0.35, 0.75, 0.35)),
+                4: ("ET enhancing tumour (4)", (0.95, 0.85, 0.2))}
 FLAIR_CHANNEL = 3
-
-
-class ClampedDenoiser:
-    """Denoiser wrapper clamping ``x0_hat`` to the mask range ``[lo, hi]`` (the data never leaves it)."""
-
-    def __init__(self, denoiser: Callable[..., torch.Tensor], lo: float = -1.0, hi: float = 1.0) -> None:
-        self.denoiser, self.lo, self.hi = denoiser, float(lo), float(hi)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-        return self.denoiser(x, t, **cond).clamp(self.lo, self.hi)
-
-
-def sample_masks(denoiser: Callable[..., torch.Tensor], image: torch.Tensor, meta: Mapping[str, Any], *,
-                 num_samples: int, sampler: str = "ddim", steps: int = 20, spacing: str | None = None, seed: int = 0,
-                 batch_size: int | None = None, callback: Callable | None = None) -> torch.Tensor:
-    """``num_samples`` masks ``(N, 3, *shape)`` in [-1, 1] for one case's sequences ``image`` ``(1, 4, *shape)``."""
-    schedule = schedule_from_dict(meta["schedule"])
-    shape = [len(meta["regions"]), *image.shape[2:]]
-    batch_size = batch_size or num_samples
-    out = []
-    for first in range(0, num_samples, batch_size):
-        seeds = [seed + i for i in range(first, min(first + batch_size, num_samples))]
-        noise = initial_noise(seeds, shape, image.device)
-        cond = {"image": image.expand(len(seeds), *image.shape[1:])}
-        out.append(sample(denoiser, noise, schedule, sampler=sampler, steps=steps, spacing=spacing, cond=cond,
-                          generator=seeds[0], callback=callback))
-    return torch.cat(out)
 
 
 def output_paths(output_dir: str | os.PathLike, case_id: str) -> dict[str, Path]:
@@ -104,6 +85,57 @@ def _check_request(sampler: str, steps: Any, num_samples: Any, batch_size: Any, 
             "roi_size": check_sizes("roi_size", roi_size)}
 
 
+class SegmentationEvaluator:
+    """A bundle's segmentation ``evaluator``: ``run()`` segments every case of ``dataset`` (transformed items
+    ``{"id", "image"}``, the sequences on the model grid) with ``inferer`` (the ensemble) over ``network``, maps the
+    ensemble statistics back onto each input grid with ``postprocessing`` and writes the case (:func:`write_case`);
+    returns the case folders.
+
+    Args:
+        network: the segmentation U-Net on its device.
+        inferer: a :class:`~meddiff3d.pipelines.inferers.DiffusionSegmentationInferer`.
+        dataset: e.g. :class:`~meddiff3d.pipelines.components.DatalistDataset` with ``brats_transforms(train=False)``;
+            its length is taken first, so every image is read and checked before anything is written.
+        postprocessing: ``{"pred": samples, "image": sequences}`` -> ``prob``, ``variance``, ``entropy``, ``flair``
+            on the input grid (:func:`~meddiff3d.pipelines.components.segmentation_postprocessing`).
+        threshold: probability above which a voxel belongs to a region.
+        model: the loaded model file, for the sidecars' provenance.
+    """
+
+    def __init__(self, network: torch.nn.Module, inferer: DiffusionSegmentationInferer, dataset: Any,
+                 postprocessing: Callable[[dict], dict], output_dir: str | os.PathLike, *, threshold: float = 0.5,
+                 model: LoadedModel | None = None, progress: bool = True) -> None:
+        self.network, self.inferer, self.dataset, self.postprocessing = network, inferer, dataset, postprocessing
+        self.output_dir, self.model, self.progress = Path(output_dir), model, progress
+        self.threshold = check_number("threshold", threshold, 0.0, 1.0, open_low=True, open_high=True)
+
+    def run(self) -> list[Path]:
+        start = time.perf_counter()
+        cases = len(self.dataset)
+        dev, dtype = next(self.network.parameters()).device, autocast_dtype(self.network)
+        settings = {"model": self.model.provenance() if self.model is not None else None, **self.inferer.settings,
+                    "threshold": self.threshold, "regions": list(BRATS_REGIONS),
+                    "amp": str(dtype).replace("torch.", "") if dtype else "float32", "device": str(dev)}
+        written = []
+        # one tick per sample and denoising step (a case is N x steps of them), not one per case
+        with tqdm(total=cases * self.inferer.num_samples * self.inferer.steps, unit="step", disable=not self.progress,
+                  desc=f"segmenting {cases} case(s) (N={self.inferer.num_samples}, {self.inferer.sampler} "
+                       f"{self.inferer.steps} steps)") as bar:
+            for index in range(cases):
+                item = self.dataset[index]
+                bar.set_postfix_str(f"case {item['id']} ({index + 1}/{cases})")
+                t0 = time.perf_counter()
+                samples = self.inferer(item["image"].as_tensor()[None].to(dev), self.network,
+                                       callback=lambda i, t, x, x0: bar.update(x.shape[0]))
+                seconds = time.perf_counter() - t0
+                maps = self.postprocessing({"pred": samples.cpu(), "image": item["image"]})
+                written.append(write_case(item["id"], maps, self.output_dir, self.threshold,
+                                          {**settings, "seconds_sampling": round(seconds, 3)}))
+        logger.info("segmented %d case(s) in %.1f s -> %s", len(written), time.perf_counter() - start,
+                    self.output_dir)
+        return written
+
+
 def segment(
     model_path: str | os.PathLike,
     datalist: str | os.PathLike,
@@ -119,7 +151,7 @@ def segment(
     sw_batch_size: int = 1,
     threshold: float = 0.5,
     seed: int = 0,
-    device: str = "auto",
+    device: str | torch.device = "auto",
     amp: str = "auto",
     progress: bool = True,
 ) -> list[Path]:
@@ -138,86 +170,48 @@ def segment(
         threshold: probability above which a voxel belongs to a region.
         device, amp: as in generation (``amp="auto"``: bf16 on CPUs with native bf16 and on GPUs).
 
-    The request, the model and every image of the section (4 sequences, one grid, no NaN) are checked before
-    anything is written; an :class:`InputError` names the bad value or file.
+    The bundle's components, built from the model file: ``network`` (the U-Net), ``preprocessing``
+    (:func:`~meddiff3d.data.transforms.brats_transforms`), ``dataset``
+    (:class:`~meddiff3d.pipelines.components.DatalistDataset`),
+    :class:`~meddiff3d.pipelines.inferers.DiffusionSegmentationInferer`, ``postprocessing``
+    (:func:`~meddiff3d.pipelines.components.segmentation_postprocessing`) and :class:`SegmentationEvaluator`, which
+    runs them. The request, the model and every image of the section (4 sequences, one grid, no NaN) are checked
+    before anything is written; an :class:`InputError` names the bad value or file.
     """
-    start = time.perf_counter()
-    request = _check_request(sampler, steps, num_samples, batch_size, seed, roi_size, overlap, sw_batch_size, threshold)
+    _check_request(sampler, steps, num_samples, batch_size, seed, roi_size, overlap, sw_batch_size, threshold)
     dev = resolve_device(device)
     dtype = resolve_precision(amp, dev, "inference").dtype
     model = load_model(model_path, "segmentation_diffusion", device=dev, dtype=dtype)  # bf16, channels-last: ~17 %
-    network, meta = model.network, model.meta                                           # faster on CPU
-    schedule = schedule_from_dict(meta["schedule"])
-    sampling_timesteps(schedule, request["steps"], default_spacing(sampler))  # validates steps
-    if request["roi_size"] is not None:
-        clamped = [min(r, s) for r, s in zip(request["roi_size"], meta["image"]["shape"])]
-        check_volume_shape(clamped, meta["network"], "sliding-window roi_size")
-    items = load_datalist(datalist, section, modalities=len(meta["modalities"]))
-
-    from monai.data import Dataset
-
+    meta = model.meta                                                                   # faster on CPU
+    inferer = DiffusionSegmentationInferer(meta, num_samples, sampler, steps, seed, batch_size, roi_size,
+                                           float(overlap), sw_batch_size)
     transform = brats_transforms(spacing=meta["image"]["spacing"], shape=meta["image"]["shape"], train=False,
                                  regions=False)
-    net = conditioned_network(network, meta, roi_size=request["roi_size"], overlap=float(overlap),
-                              sw_batch_size=request["sw_batch_size"], autocast=lambda n: Autocast(n, dtype))
-    denoiser = ClampedDenoiser(make_denoiser(net, schedule, meta["prediction"]), *meta["mask_range"])
-    settings = {"model": model.provenance(), "sampler": sampler,
-                "steps": request["steps"], "num_samples": request["num_samples"], "seed": request["seed"],
-                "timestep_spacing": default_spacing(sampler),
-                "inference": "whole volume" if request["roi_size"] is None else
-                {"sliding_window": {"roi_size": request["roi_size"], "overlap": float(overlap),
-                                    "sw_batch_size": request["sw_batch_size"], "mode": "gaussian"}},
-                "threshold": float(threshold), "regions": list(BRATS_REGIONS),
-                "amp": str(dtype).replace("torch.", "") if dtype else "float32", "device": str(dev)}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(items), desc=f"segmenting (N={request['num_samples']}, {sampler} {request['steps']})",
-                   unit="case")
-    written = []
-    try:
-        for item in Dataset([{"id": it["id"], "image": it["image"]} for it in items], transform):
-            t0 = time.perf_counter()
-            image = item["image"]
-            samples = sample_masks(denoiser, image.as_tensor()[None].to(dev), meta,
-                                   num_samples=request["num_samples"], sampler=sampler, steps=request["steps"],
-                                   seed=request["seed"], batch_size=request["batch_size"])
-            seconds = time.perf_counter() - t0
-            stats = ensemble_statistics(samples.cpu())
-            stats["flair"] = image.as_tensor()[FLAIR_CHANNEL:FLAIR_CHANNEL + 1]
-            on_input = to_input_grid(stats, item, key="image", mode="bilinear")
-            written.append(write_case(item["id"], on_input, output_dir, float(threshold),
-                                      {**settings, "seconds_sampling": round(seconds, 3)}))
-            if bar is not None:
-                bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
-    logger.info("segmented %d case(s) in %.1f s -> %s", len(written), time.perf_counter() - start, output_dir)
-    return written
-
+    dataset = DatalistDataset(datalist, section, transform, modalities=len(meta["modalities"]), keys=["id", "image"])
+    return SegmentationEvaluator(model.network, inferer, dataset, segmentation_postprocessing(), output_dir,
+                                 threshold=threshold, model=model, progress=progress).run()
 
 def write_case(case_id: str, maps: Mapping[str, Any], output_dir: str | os.PathLike, threshold: float,
                info: Mapping[str, Any]) -> Path:
     """Write one case's files (module docstring); ``maps`` are MetaTensors ``(C, *input_shape)`` on the input grid."""
     paths = output_paths(output_dir, case_id)
     affine = np.asarray(maps["prob"].affine, dtype=np.float64)
-    channel_last = {k: np.moveaxis(np.asarray(maps[k], dtype=np.float32), 0, -1) for k in ("prob", "variance",
-                                                                                              "entropy")}
-    label = regions_to_labels(np.asarray(maps["prob"], dtype=np.float32), LABEL_CONVENTION, threshold)
-    for key, array in channel_last.items():
-        save_nifti(array, affine, paths[key], header_extra={"descrip": f"meddiff3d segdiff {key} WT,TC,ET"})
+    channels = {k: np.asarray(maps[k], dtype=np.float32) for k in ("prob", "variance", "entropy")}
+    label = regions_to_labels(channels["prob"], LABEL_CONVENTION, threshold)
+    for key, array in channels.items():
+        save_vector_nifti(array, affine, paths[key], names=BRATS_REGIONS,
+                          descrip=f"meddiff3d segdiff {key} per region WT,TC,ET")
     save_nifti(label, affine, paths["seg"], dtype=np.uint8, header_extra={"descrip": "meddiff3d segdiff BraTS labels"})
-    save_preview_png(np.asarray(maps["flair"][0], dtype=np.float32), paths["preview"], overlay=label,
-                     title=f"{case_id} WT/TC/ET")
+    save_preview_png(np.asarray(maps["flair"][0], dtype=np.float32), paths["preview"], overlay=label, affine=affine,
+                     legend=LABEL_LEGEND, title=f"{case_id}: FLAIR with the BraTS label map",
+                     notes=[f"region probability > {threshold:g}: WT = NCR + ED + ET, TC = NCR + ET "
+                            f"(N = {info.get('num_samples', '?')} samples)"])
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     volumes = {region: round(float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0, 3)
                for region, mask in region_masks(label, LABEL_CONVENTION).items()}
-    mean_entropy = {region: round(float(channel_last["entropy"][..., i].mean()), 5)
-                    for i, region in enumerate(BRATS_REGIONS)}
+    mean_entropy = {region: round(float(channels["entropy"][i].mean()), 5) for i, region in enumerate(BRATS_REGIONS)}
     save_json({"id": case_id, "files": {k: p.name for k, p in paths.items() if k != "info"}, **info,
-               "tumour_volumes_ml": volumes, "mean_entropy_bits": mean_entropy,
+               "tumour_volumes_ml": volumes, "mean_entropy_nats": mean_entropy,
                "shape": list(label.shape), "affine": affine.tolist()}, paths["info"])
     return paths["seg"].parent
 

@@ -92,7 +92,7 @@ def train_latent_diffusion(
         codec: the codec file (``meddiff3d.models.codec.save_codec``) whose latents the model learns.
         datalist: datalist JSON; ``section`` items are encoded (each needs every name of ``covariates``).
         run_dir: checkpoints, logs, the latent cache (``RUN_DIR/latents/``); a checkpoint there is resumed.
-        out: where the trained model goes (EMA weights + meta), e.g. ``models/diffusion.pt``.
+        out: where the trained model goes (EMA weights + meta), e.g. ``models/model.pt``.
         covariates: names, in the order the network sees them (values in [0, 1]).
         conditioning: ``"both"``, ``"concat"``, ``"crossattn"`` or ``"none"`` (see :mod:`meddiff3d.models.ldm`).
         network: a U-Net preset name or a full spec; ``network_overrides`` replace preset arguments.

@@ -1,10 +1,22 @@
-"""Atomic output writing: NIfTI volumes, JSON, PNG previews.
+"""Atomic output writing: NIfTI volumes (scalar and per-voxel vector), JSON, PNG previews.
 
 Every writer goes through :func:`atomic_path`: it writes a temporary file in the destination folder and renames it
 into place, so a killed process never leaves a partial output behind.
 
-PNG previews are drawn with Pillow (a core dependency) straight from numpy: three centre slices side by side, an
-optional overlay, no display needed. matplotlib is no dependency (MONAI's ``matshow3d`` needs it), and MONAI's
+Multi-channel maps (e.g. a probability per tumour region) are written by :func:`save_vector_nifti` as one NIfTI
+*vector* image: shape ``(X, Y, Z, 1, C)``, ``dim[5] = C``, intent ``NIFTI_INTENT_VECTOR`` (1007), the channel names
+in ``intent_name``. Why one vector file rather than ``(X, Y, Z, C)`` or one file per channel: the 4th NIfTI axis is
+time, so readers show a ``(X, Y, Z, C)`` file as a C-frame movie (Slicer as a sequence, ITK as a 4D image); the 5th
+axis is the one the standard reserves for values per voxel, and ITK / SimpleITK / 3D Slicer read it as a 3D image of
+C-component pixels (``sitk.ReadImage`` -> size ``(X, Y, Z)``, ``GetNumberOfComponentsPerPixel() == C``), nibabel as
+an array ``(X, Y, Z, 1, C)``. One file per channel would triple the files of every case and split what belongs
+together; a viewer that wants one channel takes it out of the vector (Slicer: "Vector to Scalar Volume", MONAI Label:
+meddiff3d.label sends one region). :func:`read_channels` reads both this layout and the older channel-last one.
+
+PNG previews (:func:`save_preview_png`) are drawn with Pillow (a core dependency) straight from numpy: three
+orthogonal centre slices in the patient's RAS axes, at least 256 px a view, orientation letters on every view, the
+display convention written on the image, an optional overlay coloured per label value with a legend, and free-text
+notes (e.g. the threshold that made a mask). matplotlib is no dependency (MONAI's ``matshow3d`` needs it), and MONAI's
 ``plot_2d_or_3d_image`` writes to TensorBoard, not to a PNG file.
 """
 
@@ -12,14 +24,27 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from meddiff3d.errors import InputError
+
+__all__ = ["atomic_path", "read_json", "save_json", "save_nifti", "save_vector_nifti", "read_channels",
+           "save_preview_png", "CONVENTIONS", "PREVIEW_MIN_VIEW"]
+
+#: where the preview draws the patient's right, per display convention
+CONVENTIONS = {"radiological": "patient's right on image left (as 3D Slicer and ITK-SNAP show it)",
+               "neurological": "patient's left on image left"}
+#: smallest side of a preview view, in pixels
+PREVIEW_MIN_VIEW = 256
+#: PNG text key holding the preview's layout (views, convention, legend) as JSON
+PREVIEW_INFO_KEY = "meddiff3d-preview"
 
 
 def _umask() -> int:
@@ -69,65 +94,226 @@ def save_json(obj, path: str | os.PathLike, indent: int = 2) -> Path:
     return Path(path)
 
 
-def save_nifti(array, affine, path: str | os.PathLike, dtype=np.float32, header_extra: dict | None = None) -> Path:
-    """Write a 3D (or 4D, channel last) array as NIfTI with ``affine`` as both qform and sform (code 1, scanner).
-
-    Spacing in the header is taken from the affine so nibabel, ITK and Slicer agree on the geometry.
-    """
+def _nifti_image(data: np.ndarray, affine, descrip: str | None):
     import nibabel as nib
 
-    data = np.asarray(array)
-    if data.dtype != dtype:
-        data = data.astype(dtype)
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    if header_extra and "descrip" in header_extra:
-        img.header["descrip"] = str(header_extra["descrip"])[:79].encode()
+    if descrip:
+        img.header["descrip"] = str(descrip)[:79].encode()
+    return img
+
+
+def _save_image(img, path: str | os.PathLike) -> Path:
+    import nibabel as nib
+
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
 
 
-def save_preview_png(volume, path: str | os.PathLike, overlay=None, title: str | None = None) -> Path:
-    """Save the three orthogonal centre slices (axial, coronal, sagittal) of a 3D RAS volume side by side as PNG.
+def save_nifti(array, affine, path: str | os.PathLike, dtype=np.float32, header_extra: dict | None = None) -> Path:
+    """Write a 3D (or 4D) array as NIfTI with ``affine`` as both qform and sform (code 1, scanner).
 
-    ``overlay`` (same shape, e.g. a label or anomaly map) is drawn in colour on top where it is non-zero.
-    Uses Pillow only (no display needed). Slices are shown in radiological-free neurological view: superior up.
+    Spacing in the header is taken from the affine so nibabel, ITK and Slicer agree on the geometry. A 4th axis is
+    NIfTI's time axis; write values per voxel (channels) with :func:`save_vector_nifti` instead.
+    """
+    data = np.asarray(array)
+    if data.dtype != dtype:
+        data = data.astype(dtype)
+    img = _nifti_image(data, affine, (header_extra or {}).get("descrip"))
+    img.header.set_xyzt_units("mm", "sec")
+    return _save_image(img, path)
+
+
+def save_vector_nifti(channels, affine, path: str | os.PathLike, *, names: Sequence[str] | None = None,
+                      dtype=np.float32, descrip: str | None = None) -> Path:
+    """Write ``channels`` ``(C, X, Y, Z)`` as one NIfTI vector image (module docstring): data ``(X, Y, Z, 1, C)``,
+    ``dim[5] = C``, intent code ``NIFTI_INTENT_VECTOR``, ``intent_name`` the comma-joined ``names`` (at most 15
+    characters, NIfTI's limit), qform = sform = ``affine`` (code 1)."""
+    data = np.asarray(channels)
+    if data.ndim != 4:
+        raise ValueError(f"save_vector_nifti needs channels (C, X, Y, Z), got shape {data.shape}")
+    if names is not None and len(names) != data.shape[0]:
+        raise ValueError(f"{len(names)} channel names for {data.shape[0]} channels")
+    data = np.moveaxis(data.astype(dtype, copy=False), 0, -1)[:, :, :, None, :]
+    img = _nifti_image(np.ascontiguousarray(data), affine, descrip)
+    img.header.set_intent("vector", (), name=",".join(names)[:15] if names else "")
+    img.header.set_xyzt_units("mm")
+    return _save_image(img, path)
+
+
+def read_channels(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """``(array (X, Y, Z, C), affine)`` of a per-voxel vector NIfTI (:func:`save_vector_nifti`, ``(X, Y, Z, 1, C)``)
+    or of a channel-last 4D file ``(X, Y, Z, C)`` (the layout meddiff3d wrote before vectors); a 3D file gives C = 1.
+    Raises ``ValueError`` for other layouts (e.g. a 5D file with more than one time point)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=dtype)
+    if data.ndim == 5 and data.shape[3] == 1:
+        data = data[:, :, :, 0, :]
+    elif data.ndim == 3:
+        data = data[..., None]
+    elif data.ndim != 4:
+        raise ValueError(f"{path}: shape {data.shape} is neither (X, Y, Z, 1, C) vectors nor (X, Y, Z, C)")
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------------------------ previews
+def _to_ras(volume: np.ndarray, affine) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """``volume`` with its axes permuted / flipped to the closest RAS axes, and the voxel size (mm) along each."""
+    if affine is None:
+        return volume, (1.0, 1.0, 1.0)
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    affine = np.asarray(affine, dtype=np.float64)
+    ornt = io_orientation(affine)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    spacing = [1.0, 1.0, 1.0]
+    for axis, (out_axis, _) in enumerate(ornt):
+        spacing[int(out_axis)] = float(zooms[axis])
+    return apply_orientation(volume, ornt), tuple(spacing)
+
+
+def _views(vol: np.ndarray, spacing: Sequence[float], convention: str) -> list[dict[str, Any]]:
+    """The three centre slices of a RAS volume as display arrays (row 0 = top), with their letters and mm sizes."""
+    cx, cy, cz = (s // 2 for s in vol.shape)
+    sx, sy, sz = spacing
+    lr = ("R", "L") if convention == "radiological" else ("L", "R")
+    flip = (lambda a: a[:, ::-1]) if convention == "radiological" else (lambda a: a)
+    return [  # left / right / top / bottom letters; sagittal: anterior on the left, as radiology shows it
+        {"name": "axial", "index": (cz, vol.shape[2]), "slice": lambda v: flip(v[:, :, cz].T[::-1]),
+         "letters": (*lr, "A", "P"), "mm": (vol.shape[0] * sx, vol.shape[1] * sy)},
+        {"name": "coronal", "index": (cy, vol.shape[1]), "slice": lambda v: flip(v[:, cy, :].T[::-1]),
+         "letters": (*lr, "S", "I"), "mm": (vol.shape[0] * sx, vol.shape[2] * sz)},
+        {"name": "sagittal", "index": (cx, vol.shape[0]), "slice": lambda v: v[cx, :, :].T[::-1, ::-1],
+         "letters": ("A", "P", "S", "I"), "mm": (vol.shape[1] * sy, vol.shape[2] * sz)},
+    ]
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or no FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def _rgb(colour: Sequence[float]) -> tuple[int, int, int]:
+    values = [float(c) for c in colour]
+    scale = 255.0 if max(values) <= 1.0 else 1.0
+    return tuple(int(round(min(255.0, c * scale))) for c in values[:3])  # type: ignore[return-value]
+
+
+def save_preview_png(volume, path: str | os.PathLike, overlay=None, title: str | None = None, *, affine=None,
+                     legend: Mapping[int, tuple[str, Sequence[float]]] | None = None, notes: Sequence[str] = (),
+                     convention: str = "radiological", min_view: int = PREVIEW_MIN_VIEW) -> Path:
+    """Save the axial, coronal and sagittal centre slices of a 3D volume side by side as PNG.
+
+    Args:
+        volume: ``(X, Y, Z)`` (or ``(1, X, Y, Z)``) intensities, windowed to their 0.5-99.5th percentiles.
+        overlay: same shape; values drawn in colour where non-zero: each value of ``legend`` in its colour (integer
+            label maps), or, without a legend, every non-zero voxel in red.
+        title: first line of the header.
+        affine: the volume's voxel-to-RAS affine: views are cut along the closest RAS axes and scaled to square
+            millimetres. ``None`` means the array axes already are RAS at equal spacing.
+        legend: ``{value: (name, (r, g, b))}`` (colour in [0, 1] or 0-255), drawn as a legend under the views.
+        notes: extra lines under the legend (e.g. the threshold that made the overlay).
+        convention: ``"radiological"`` (patient's right on image left, default, as 3D Slicer shows it) or
+            ``"neurological"``; written on the image. Sagittal views show anterior on the left.
+        min_view: smallest side of every view in pixels (all views share one scale in pixels per mm).
+
+    Every view carries its orientation letters (R/L, A/P, S/I) at its edges. The PNG's text chunk
+    ``meddiff3d-preview`` holds the layout as JSON: convention, scale and each view's box ``[left, top, right,
+    bottom]`` (pixels).
     """
     from PIL import Image, ImageDraw
+    from PIL.PngImagePlugin import PngInfo
 
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
     vol = np.asarray(volume, dtype=np.float32)
     if vol.ndim == 4:
         vol = vol[0]
     if vol.ndim != 3:
         raise ValueError(f"preview needs a 3D volume, got shape {vol.shape}")
+    ov = None
+    if overlay is not None:
+        ov = np.asarray(overlay)
+        ov = ov[0] if ov.ndim == 4 else ov
+        if ov.shape != vol.shape:
+            raise ValueError(f"overlay shape {ov.shape} differs from the volume's {vol.shape}")
+        ov, _ = _to_ras(np.rint(ov.astype(np.float32)).astype(np.int32), affine)
+        if not legend:
+            ov, legend = (ov != 0).astype(np.int32), {1: ("overlay", (1.0, 0.2, 0.1))}
+    vol, spacing = _to_ras(vol, affine)
     finite = vol[np.isfinite(vol)]
     lo, hi = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))
     scale = max(float(hi - lo), 1e-8)
-    cx, cy, cz = (s // 2 for s in vol.shape)
-    # RAS array axes: x = left->right, y = posterior->anterior, z = inferior->superior; put superior/anterior up.
-    slices = [vol[:, :, cz].T[::-1], vol[:, cy, :].T[::-1], vol[cx, :, :].T[::-1]]
-    over = None
-    if overlay is not None:
-        ov = np.asarray(overlay, dtype=np.float32)
-        if ov.ndim == 4:
-            ov = ov[0]
-        over = [ov[:, :, cz].T[::-1], ov[:, cy, :].T[::-1], ov[cx, :, :].T[::-1]]
+    views = _views(vol, spacing, convention)
+    px_per_mm = min_view / min(min(v["mm"]) for v in views)
+    font, small = _font(max(14, min_view // 18)), _font(max(12, min_view // 22))
+    gap, margin, line = 12, 10, max(14, min_view // 18) + 6
+
     panels = []
-    for i, sl in enumerate(slices):
-        grey = np.clip((sl - lo) / scale, 0, 1)
-        rgb = np.stack([grey] * 3, axis=-1)
-        if over is not None:
-            mask = over[i] > 0
-            rgb[mask] = 0.5 * rgb[mask] + 0.5 * np.array([1.0, 0.2, 0.1])
-        panels.append((rgb * 255).astype(np.uint8))
-    height = max(p.shape[0] for p in panels)
-    padded = [np.pad(p, ((0, height - p.shape[0]), (0, 2), (0, 0))) for p in panels]
-    canvas = Image.fromarray(np.concatenate(padded, axis=1))
-    if title:
-        ImageDraw.Draw(canvas).text((2, 2), title, fill=(255, 255, 0))
+    for view in views:
+        width, height = (max(min_view, math.ceil(mm * px_per_mm - 1e-6)) for mm in view["mm"])
+        grey = np.nan_to_num(np.clip((view["slice"](vol) - lo) / scale, 0, 1)) * 255
+        image = Image.fromarray(grey.astype(np.uint8)).resize((width, height), Image.BILINEAR).convert("RGB")
+        if ov is not None:
+            labels = Image.fromarray(view["slice"](ov).astype(np.int32)).resize((width, height), Image.NEAREST)
+            labels, rgb = np.asarray(labels), np.asarray(image, dtype=np.float32)
+            for value, (_, colour) in legend.items():
+                mask = labels == int(value)
+                rgb[mask] = 0.45 * rgb[mask] + 0.55 * np.asarray(_rgb(colour), np.float32)
+            image = Image.fromarray(rgb.astype(np.uint8))
+        panels.append(image)
+
+    header = [t for t in (title, f"{convention} view: {CONVENTIONS[convention]}") if t]
+    entries = [(name, _rgb(colour)) for _, (name, colour) in sorted((legend or {}).items())]
+    footer = (1 if entries else 0) + len(notes)
+    top = margin + line * len(header)
+    views_height = max(p.height for p in panels)
+    width = 2 * margin + sum(p.width for p in panels) + gap * (len(panels) - 1)
+    height = top + views_height + line + line * footer + margin
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(header):
+        draw.text((margin, margin + i * line), text, fill=(255, 255, 0) if i == 0 and title else (200, 200, 200),
+                  font=font if i == 0 else small)
+    boxes, x = {}, margin
+    for view, panel in zip(views, panels):
+        canvas.paste(panel, (x, top))
+        box = (x, top, x + panel.width, top + panel.height)
+        boxes[view["name"]] = list(box)
+        left, right, up, down = view["letters"]
+        cy, cx = top + panel.height // 2, x + panel.width // 2
+        style = dict(fill=(255, 255, 0), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+        draw.text((box[0] + 4, cy), left, anchor="lm", **style)
+        draw.text((box[2] - 4, cy), right, anchor="rm", **style)
+        draw.text((cx, box[1] + 4), up, anchor="mt", **style)
+        draw.text((cx, box[3] - 4), down, anchor="mb", **style)
+        index, count = view["index"]
+        draw.text((box[0], top + views_height + 3), f"{view['name']} (slice {index + 1} of {count})",
+                  fill=(200, 200, 200), font=small)
+        x += panel.width + gap
+    y = top + views_height + line
+    if entries:
+        x = margin
+        for name, colour in entries:
+            draw.rectangle((x, y + 2, x + line - 6, y + line - 4), fill=colour)
+            draw.text((x + line, y), name, fill=(230, 230, 230), font=small)
+            x += line + int(draw.textlength(name, font=small)) + 2 * gap
+        y += line
+    for note in notes:
+        draw.text((margin, y), str(note), fill=(230, 230, 230), font=small)
+        y += line
+    info = PngInfo()
+    info.add_text(PREVIEW_INFO_KEY, json.dumps({"convention": convention, "px_per_mm": round(px_per_mm, 4),
+                                                "views": boxes, "legend": [name for name, _ in entries]}))
     with atomic_path(path, suffix=".png") as tmp:
-        canvas.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG", pnginfo=info)
     return Path(path)

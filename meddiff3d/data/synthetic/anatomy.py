@@ -13,7 +13,7 @@ into the parenchyma, 0 at and outside the surface; cortical thinning eats GM wit
 ``ventricle_field`` (a unit-peak velocity on the control lattice pointing into the ventricles; age scales it).
 
 The template stands for a 40-year-old: age effects are added on top of it by :mod:`.subjects`.
-Sources: ``"mni"`` = MNI152 2009c symmetric T1/GM/WM shipped with nilearn (loaded offline; CSF = intracranial mask
+Sources: ``"mni"`` = MNI152 (ICBM152 2009a, asymmetric) T1/GM/WM shipped with nilearn (loaded offline; CSF = intracranial mask
 minus GM and WM; ventricles = dark CSF components in the lateral-ventricle region); ``"procedural"`` = nested
 ellipsoids with a noise-folded cortical ribbon, deep grey nuclei and two curved lateral ventricles (no nilearn, fast).
 """
