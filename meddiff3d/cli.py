@@ -27,6 +27,12 @@ SUBCOMMANDS = {
                  "160x224x160, optional N4 and covariates CSV), or check an existing datalist before a long run.\n"
                  "  meddiff3d datalist brats /data/BraTS2021 --out data/brats.json\n"
                  "  meddiff3d datalist validate data/brats.json --require-label"),
+    "convert-model-zoo": ("meddiff3d.models.model_zoo",
+                          "convert the MONAI model-zoo brain LDM weights into meddiff3d model files",
+                          "run the official brain_image_synthesis_latent_diffusion_model weights in bundles/brain_mri_ldm\n"
+                          "(configs/inference_anchor.yaml reads models/model_zoo/ there).\n"
+                          "  meddiff3d convert-model-zoo <zoo>/models/autoencoder.pt <zoo>/models/model.pt "
+                          "models/model_zoo"),
     "label": ("meddiff3d.label.serve",
               "serve the bundles to 3D Slicer through MONAI Label (docs/slicer.md)",
               "start a MONAI Label server (offline) that 3D Slicer's MONAI Label module connects to: segment a\n"

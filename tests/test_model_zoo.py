@@ -156,10 +156,11 @@ def test_wrong_architecture(zoo, tmp_path):
 
 
 def test_convert_cli(zoo, tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/convert_model_zoo_ldm.py"),
+    out = subprocess.run([sys.executable, "-m", "meddiff3d", "convert-model-zoo",
                           str(zoo["root"] / "autoencoder.pt"), str(tmp_path / "missing.pt"), str(tmp_path / "o")],
                          capture_output=True, text=True, encoding="utf-8", errors="replace")
-    assert out.returncode == 2 and out.stderr.strip().startswith("error: diffusion model checkpoint")
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("meddiff3d convert-model-zoo: error: diffusion model checkpoint")
 
 
 def readme_section_commands(section: str) -> list[str]:
@@ -176,8 +177,8 @@ def test_readme_model_zoo_commands(zoo, tmp_path):
     conversion placed where that config looks (models/model_zoo)."""
     convert, run = readme_section_commands("Official model-zoo weights")
     argv = shlex.split(convert)
-    assert argv[:2] == ["python", "../../scripts/convert_model_zoo_ldm.py"] and argv[-1] == "models/model_zoo"
-    out = subprocess.run([sys.executable, argv[1], str(zoo["root"] / "autoencoder.pt"), str(zoo["root"] / "model.pt"),
+    assert argv[:4] == ["python", "-m", "meddiff3d", "convert-model-zoo"] and argv[-1] == "models/model_zoo"
+    out = subprocess.run([sys.executable, *argv[1:4], str(zoo["root"] / "autoencoder.pt"), str(zoo["root"] / "model.pt"),
                           str(tmp_path / "models" / "model_zoo")], cwd=BUNDLE, capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert out.returncode == 2 and "does not fit AutoencoderKL" in out.stderr and "Traceback" not in out.stderr
     (tmp_path / "models" / "model_zoo").mkdir(parents=True, exist_ok=True)

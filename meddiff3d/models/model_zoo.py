@@ -24,6 +24,7 @@ outputs are therefore approximate (to the unknown crop, a few mm); check against
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -152,3 +153,17 @@ def convert_model_zoo_ldm(
                                 "ema": {k: v.detach().cpu() for k, v in unet.state_dict().items()}, "meta": meta},
                                out / DIFFUSION_NAME)
     return codec_path, diffusion_path
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``meddiff3d convert-model-zoo AUTOENCODER_PT MODEL_PT OUT_DIR``."""
+    parser.add_argument("autoencoder_pt", type=Path, help="the model-zoo bundle's models/autoencoder.pt")
+    parser.add_argument("diffusion_pt", type=Path, help="the model-zoo bundle's models/model.pt")
+    parser.add_argument("out_dir", type=Path, help=f"folder for {CODEC_NAME} (codec) and {DIFFUSION_NAME}")
+
+
+def run(args: argparse.Namespace) -> int:
+    codec, diffusion = convert_model_zoo_ldm(args.autoencoder_pt, args.diffusion_pt, args.out_dir)
+    print(f"wrote {codec} and {diffusion}")
+    return 0
