@@ -24,6 +24,7 @@ Being an ignite ``Engine``, the trainer accepts MONAI / ignite handlers (``handl
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import random
@@ -364,6 +365,10 @@ class DiffusionTrainer(Engine):
             self.dist.barrier()
         finally:
             self.monitor.close()
+            # the DDP wrapper goes before its process group: destroyed after it (at interpreter exit), its reducer
+            # can abort the process ("terminate called without an active exception", seen once in CI)
+            self.model = self.network
+            gc.collect()
             self.dist.shutdown()
         return TrainResult(run_dir=self.run_dir, iteration=max(start, self.state.iteration), resumed_from=resumed_from,
                            last_loss=last_loss, checkpoint=self.last_checkpoint, inference=self.inference_export,
