@@ -79,3 +79,32 @@ class Bundle:
 
         verify_metadata(meta_file=str(self.path / "configs" / "metadata.json"), filepath=str(SCHEMA))
         return json.loads((self.path / "configs" / "metadata.json").read_text())
+
+
+def references(config) -> set[str]:
+    """Every ``@id`` a parsed config's values name (in ``@id`` values and inside ``$`` expressions)."""
+    found: set[str] = set()
+    stack = [config]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            found.update(re.findall(r"@([A-Za-z_][\w#:]*)", value))
+    return found
+
+
+def assert_run_drives_the_components(parser, evaluator: str, keys=()) -> None:
+    """An inference config whose ``run`` is its ``evaluator`` (a MONAI component of class ``evaluator``), whose
+    ``initialize`` makes user errors one line, and whose top-level ``keys`` each reach a component."""
+    from pydoc import locate
+
+    assert parser["run"] == "$@evaluator.run()"
+    assert parser["evaluator"]["_target_"] == evaluator and callable(locate(evaluator))
+    assert parser["initialize"]["_target_"] == "meddiff3d.pipelines.commands.report_user_errors"
+    components = {k: v for k, v in parser.get().items() if isinstance(v, dict) and "_target_" in v}
+    named = references(components) | references([parser[k] for k in parser.get() if k not in components])
+    for key in keys:  # top-level keys, overridable on the command line, used by a component
+        assert key in parser.get() and key in named, key

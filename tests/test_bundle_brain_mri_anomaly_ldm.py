@@ -10,10 +10,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from anomaly_models import tiny_anomaly_models
 
-from bundle_testing import Bundle
+from bundle_testing import Bundle, assert_run_drives_the_components
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_UNDER_TEST = Bundle("brain_mri_anomaly_ldm")
@@ -22,7 +23,7 @@ parse, readme_commands, run_bundle = (BUNDLE_UNDER_TEST.parse, BUNDLE_UNDER_TEST
                                        BUNDLE_UNDER_TEST.run)
 pytestmark = pytest.mark.usefixtures("one_thread")
 TASKS = {"train_autoencoder.yaml": "train_autoencoder", "train_diffusion.yaml": "train_latent_diffusion",
-         "calibrate.yaml": "calibrate_anomaly", "inference.yaml": "detect_anomalies", "evaluate.yaml": "evaluate_anomaly"}
+         "calibrate.yaml": "calibrate_anomaly", "evaluate.yaml": "evaluate_anomaly"}
 
 
 # ------------------------------------------------------------------------------------------------ static
@@ -32,7 +33,7 @@ def test_metadata_verifies_against_the_schema_offline():
 
 
 def test_bundle_files():
-    for name in ("common.yaml", *TASKS, "multi_gpu.yaml", "demo_models.yaml", "tiny_cpu.yaml", "logging.conf",
+    for name in ("common.yaml", *TASKS, "inference.yaml", "multi_gpu.yaml", "demo_models.yaml", "tiny_cpu.yaml", "logging.conf",
                  "metadata.json"):
         assert (BUNDLE / "configs" / name).is_file(), name
     licence = (BUNDLE / "LICENSE").read_text()
@@ -52,6 +53,13 @@ def test_configs_name_factories_with_references(task, target):
     assert parser.get_parsed_content("calibration_path") == "./models/calibration.json"
 
 
+def test_inference_run_drives_its_components():
+    parser = parse("common.yaml", "inference.yaml")
+    assert_run_drives_the_components(parser, "meddiff3d.pipelines.anomaly.AnomalyEvaluator",
+                                     ("inputs", "section", "output_dir", "check_models", "calibration_path", "device",
+                                      "amp"))
+
+
 def test_defaults_vq_autoencoder_unconditional_diffusion_and_detector():
     assert parse("common.yaml", "train_autoencoder.yaml")["autoencoder_kind"] == "vq"
     run = parse("common.yaml", "train_diffusion.yaml")["run"]
@@ -67,7 +75,7 @@ def test_defaults_vq_autoencoder_unconditional_diffusion_and_detector():
 def test_overlays_multi_gpu_and_demo_models(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "2")
     parser = parse("common.yaml", "train_diffusion.yaml", "multi_gpu.yaml")
-    assert parser.get_parsed_content("device") == "cuda:2" and parser["run"]["device"] == "@device"
+    assert parser.get_parsed_content("device") == torch.device("cuda", 2) and parser["run"]["device"] == "@device"
     demo = parse("common.yaml", "inference.yaml", "demo_models.yaml")
     codec = Path(demo.get_parsed_content("codec_path"))
     assert (BUNDLE / codec).parent.resolve() == (BUNDLE / "models").resolve()

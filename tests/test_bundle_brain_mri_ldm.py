@@ -12,7 +12,7 @@ from PIL import Image
 
 from meddiff3d.pipelines.benchmark import untrained_pair
 
-from bundle_testing import Bundle
+from bundle_testing import Bundle, assert_run_drives_the_components
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_UNDER_TEST = Bundle("brain_mri_ldm")
@@ -42,7 +42,6 @@ def test_bundle_files():
 @pytest.mark.parametrize("task, target", [
     ("train_autoencoder.yaml", "meddiff3d.pipelines.commands.train_autoencoder"),
     ("train_diffusion.yaml", "meddiff3d.pipelines.commands.train_latent_diffusion"),
-    ("inference.yaml", "meddiff3d.pipelines.commands.generate"),
 ])
 def test_configs_name_factories_with_references(task, target):
     from pydoc import locate
@@ -52,15 +51,17 @@ def test_configs_name_factories_with_references(task, target):
     assert parser.get_parsed_content("codec_path") == "./models/autoencoder.pt"
     for value in parser["run"].values():  # literals or @references, no inline Python beyond one line
         assert not (isinstance(value, str) and value.startswith("$") and len(value) > 80), value
-    if task == "inference.yaml":
-        for key in INFERENCE_KEYS:  # top-level keys, overridable on the command line
-            assert key in parser.get() and parser["run"][key] == f"@{key}"
+
+
+def test_inference_run_drives_its_components():
+    parser = parse("common.yaml", "inference.yaml")
+    assert_run_drives_the_components(parser, "meddiff3d.pipelines.generation.GenerationEvaluator", INFERENCE_KEYS)
 
 
 def test_multi_gpu_overlay_takes_the_device_from_local_rank(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     parser = parse("common.yaml", "train_diffusion.yaml", "multi_gpu.yaml")
-    assert parser.get_parsed_content("device") == "cuda:3"
+    assert parser.get_parsed_content("device") == torch.device("cuda", 3)
     assert parser["run"]["device"] == "@device"
 
 

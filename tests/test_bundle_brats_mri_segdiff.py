@@ -12,7 +12,7 @@ import torch
 
 from meddiff3d.models.segdiff import save_untrained_model
 
-from bundle_testing import Bundle
+from bundle_testing import Bundle, assert_run_drives_the_components
 
 BUNDLE_UNDER_TEST = Bundle("brats_mri_segdiff")
 BUNDLE = BUNDLE_UNDER_TEST.path
@@ -42,7 +42,6 @@ def test_bundle_files():
 
 @pytest.mark.parametrize("task, target", [
     ("train.yaml", "meddiff3d.pipelines.commands.train_segmentation_diffusion"),
-    ("inference.yaml", "meddiff3d.pipelines.commands.segment"),
     ("evaluate.yaml", "meddiff3d.pipelines.commands.evaluate_segmentation"),
 ])
 def test_configs_name_factories_with_references(task, target):
@@ -53,16 +52,18 @@ def test_configs_name_factories_with_references(task, target):
     assert parser.get_parsed_content("model_path") == "./models/model.pt"
     for value in parser["run"].values():  # literals or @references, no inline Python beyond one line
         assert not (isinstance(value, str) and value.startswith("$") and len(value) > 80), value
-    if task == "inference.yaml":
-        for key in INFERENCE_KEYS:  # top-level keys, overridable on the command line
-            assert key in parser.get() and parser["run"][key] == f"@{key}"
-        assert parser["num_samples"] == 5 and parser["steps"] == 20 and parser["roi_size"] is None
+
+
+def test_inference_run_drives_its_components():
+    parser = parse("common.yaml", "inference.yaml")
+    assert_run_drives_the_components(parser, "meddiff3d.pipelines.segmentation.SegmentationEvaluator", INFERENCE_KEYS)
+    assert parser["num_samples"] == 5 and parser["steps"] == 20 and parser["roi_size"] is None
 
 
 def test_multi_gpu_overlay_takes_the_device_from_local_rank(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     parser = parse("common.yaml", "train.yaml", "multi_gpu.yaml")
-    assert parser.get_parsed_content("device") == "cuda:3"
+    assert parser.get_parsed_content("device") == torch.device("cuda", 3)
     assert parser["run"]["device"] == "@device"
 
 
@@ -73,7 +74,7 @@ def test_tiny_preset_and_data_config_merge():
     assert parser.get_parsed_content("spacing") == [2.0, 2.0, 2.0]
     assert parser["datalist"]["_target_"] == "meddiff3d.pipelines.commands.synthetic_datalist"
     assert parser["datalist"]["kind"] == "brats" and parser["datalist"]["test_fraction"] > 0
-    assert parser["network"] == "tiny_cpu"
+    assert parser["segdiff_network"] == "tiny_cpu"
 
 
 def test_readme_commands_name_existing_configs():

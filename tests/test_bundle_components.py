@@ -52,6 +52,9 @@ def test_infer_properties_pass_with_the_shipped_weights(case):
     wf = workflow(bundle, configs)
     assert wf.check_properties() == []
     assert callable(wf.evaluator.run)
+    from monai.inferers import Inferer
+
+    assert isinstance(wf.inferer, Inferer)  # the anomaly bundle's too (the calibrated Detector)
 
 
 @pytest.mark.parametrize("bundle", [LDM, SEG, ANOMALY], ids=lambda b: b.name)
@@ -121,6 +124,65 @@ def test_generation_components_swap_the_sampler():
     assert wf.dataset[0] == {"seed": 0, "covariates": None}
     z = wf.inferer(wf.inferer.initial_noise([0]), wf.parser.get_parsed_content("network"), conditioning=None)
     assert tuple(z.shape) == (1, *wf.inferer.meta["latent"]["shape"]) and torch.isfinite(z).all()
+
+
+def test_generation_run_uses_a_component_swapped_in_the_config(tmp_path):
+    """`run` is `evaluator.run()`: an inferer setting changed only on the component (the top-level `sampler` stays
+    ddim) is what the bundle command samples with, and the result equals the Python pipeline's."""
+    from meddiff3d.pipelines.generation import generate
+
+    result = run_alone(LDM, "--inferer#sampler", "dpmpp_2m", "--steps", "2", "--amp", "none", "--output_dir",
+                       str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    side = json.loads((tmp_path / "run" / "sample_seed0.json").read_text())
+    assert side["sampler"] == "dpmpp_2m" and side["timestep_spacing"] == "log_snr"
+    covariates = yaml_config(LDM, "inference.yaml")["covariates"]
+    (path,) = generate(LDM / "models" / "autoencoder.pt", LDM / "models" / "model.pt", covariates=covariates,
+                       sampler="dpmpp_2m", steps=2, amp="none", device="cpu", output_dir=tmp_path / "api",
+                       progress=False)
+    np.testing.assert_allclose(np.asarray(nib.load(path).dataobj),
+                               np.asarray(nib.load(tmp_path / "run" / "sample_seed0.nii.gz").dataobj), atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "error: steps must be an integer >= 1, got 0"),              # the inferer's check
+    (["--num_samples", "-1"], "error: num_samples must be an integer >= 1, got -1"),  # the dataset's
+    (["--diffusion_path", "missing.pt"], "error: diffusion model file missing.pt does not exist"),  # network_def's
+])
+def test_user_errors_of_components_are_one_line(tmp_path, extra, message):
+    """A user error raised while MONAI instantiates a component: one `error:` line, exit 2, nothing written."""
+    result = run_alone(LDM, *extra, "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert [ln for ln in result.stderr.splitlines() if ln.startswith("error:")] == [message]
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_user_errors_keeps_tracebacks_of_bugs():
+    code = ("from meddiff3d.pipelines.commands import report_user_errors\n"
+            "from meddiff3d.errors import InputError\n"
+            "import sys\nreport_user_errors(); report_user_errors()\n"
+            "raise (RuntimeError('wrapped') if sys.argv[1] == 'user' else ValueError('a bug'))"
+            " from (InputError('bad value x') if sys.argv[1] == 'user' else None)")
+    user = subprocess.run([sys.executable, "-c", code, "user"], capture_output=True, text=True)
+    bug = subprocess.run([sys.executable, "-c", code, "bug"], capture_output=True, text=True)
+    assert user.returncode == 2 and user.stderr.strip() == "error: bad value x"
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "ValueError: a bug" in bug.stderr
+
+
+def test_generation_evaluator_releases_the_network_before_decoding(tmp_path):
+    wf = workflow(LDM, ["inference.yaml"], steps=1, output_dir=str(tmp_path / "out"))
+    network = wf.parser.get_parsed_content("network")
+    assert wf.evaluator.release_network and not next(network.parameters()).is_meta
+    wf.evaluator.run()
+    assert all(p.is_meta for p in network.parameters())  # the parser's module holds no weights any more
+    with pytest.raises(RuntimeError, match="released its network"):
+        wf.evaluator.run()
+
+
+def yaml_config(bundle: Path, name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((bundle / "configs" / name).read_text())
 
 
 @pytest.fixture(scope="module")

@@ -170,8 +170,9 @@ def test_training_configs_are_monai_training_workflows(name, task, overlay, monk
                               bundle_root=str(path.parent))
     workflow.initialize()
     assert workflow.check_properties() == []
-    if not overlay:
-        assert isinstance(workflow.device, torch.device)
+    assert isinstance(workflow.device, torch.device)  # also under multi_gpu.yaml (cuda:LOCAL_RANK)
+    if overlay:
+        assert workflow.device == torch.device("cuda", 0)
     run = workflow.parser["run"]
     assert run["_target_"].startswith("meddiff3d.pipelines.commands.train_")  # `run` is the one recipe call
     # the trainer's budget (max_epochs or max_iterations) is the recipe's
@@ -242,6 +243,25 @@ def test_readme_commands_name_only_files_inside_the_bundle(name):
 
 
 @pytest.mark.parametrize("name", BUNDLES)
+def test_no_other_config_overwrites_an_inference_component(name):
+    """Presets, data fragments and overlays are merged with inference.yaml by README commands: none of their top-level
+    keys may replace one of its components (a preset's `network: tiny_cpu` would replace the network). Training
+    configs, never merged with it, declare their own `network_def`."""
+    import yaml
+
+    configs = ROOT / "bundles" / name / "configs"
+    inference = yaml.safe_load((configs / "inference.yaml").read_text())
+    components = {k for k, v in inference.items() if isinstance(v, dict) and "_target_" in v}
+    components |= {"network_def", "network", "inferer", "evaluator", "dataset", "preprocessing", "postprocessing"}
+    for path in configs.rglob("*.yaml"):
+        if path.name in ("inference.yaml", "common.yaml") or path.name.startswith("train"):
+            continue
+        keys = set(yaml.safe_load(path.read_text()) or {})
+        clash = keys & components - {"device", "initialize", "datalist"}
+        assert not clash, f"{path.relative_to(ROOT)} sets the inference component(s) {sorted(clash)}"
+
+
+@pytest.mark.parametrize("name", BUNDLES)
 def test_bundle_folder_copied_alone_parses_every_readme_command(name, tmp_path):
     """A copy of the folder elsewhere (no repository around it) parses each README command's configs."""
     from monai.bundle import ConfigParser
@@ -252,7 +272,8 @@ def test_bundle_folder_copied_alone_parses_every_readme_command(name, tmp_path):
         parser = ConfigParser()
         parser.read_config([str(copy / f) for f in config_names(cmd)])
         parser["bundle_root"] = str(copy)
-        assert parser["run"]["_target_"].startswith("meddiff3d.pipelines.commands."), cmd
+        run = parser["run"]  # the config's evaluator, or one recipe call
+        assert run == "$@evaluator.run()" or run["_target_"].startswith("meddiff3d.pipelines.commands."), cmd
         for key in ("model_dir", "run_dir"):
             if key in parser:
                 assert Path(parser.get_parsed_content(key)).resolve().is_relative_to(copy.resolve()), (key, cmd)

@@ -142,7 +142,7 @@ def evaluate_anomaly(codec_path: str | os.PathLike, diffusion_path: str | os.Pat
     steps = sum(d.steps for d in detectors.values())  # one bar over every denoiser step of every detector
     for item, callback in progress_steps(items, f"evaluating {len(detectors)} detector(s)", progress, steps):
         for name, detector in detectors.items():
-            result = detector(item, callback)
+            result = detector(item, callback=callback)
             label = result.data.get("label")
             lesion = (np.asarray(label[0]) > 0.5) if label is not None else np.zeros(result.x.shape[2:], bool)
             region = (result.brain[0, 0].cpu().numpy() > 0) | lesion

@@ -1,7 +1,8 @@
 """The three bundles as served models: read a bundle's own configs, call its own pipeline, write Slicer-ready files.
 
-A served bundle is a folder (or symlink) ``<app>/model/<name>``. Its kind is what its ``configs/inference.yaml``
-runs (``meddiff3d.pipelines.commands.segment`` / ``detect_anomalies`` / ``generate``), so a renamed copy works too.
+A served bundle is a folder (or symlink) ``<app>/model/<name>``. Its kind is the ``evaluator`` its
+``configs/inference.yaml`` runs (``SegmentationEvaluator`` / ``AnomalyEvaluator`` / ``GenerationEvaluator``), so a
+renamed copy works too.
 Model file paths, device and amp come from the bundle's ``configs/common.yaml`` + ``configs/inference.yaml`` (plus
 ``configs/label.yaml`` when the bundle has one, e.g. to point at other weights), parsed with ``bundle_root`` = the
 folder, exactly as ``python -m monai.bundle run`` would.
@@ -36,10 +37,10 @@ logger = logging.getLogger("meddiff3d.label")
 __all__ = ["BundleModel", "load_bundle", "KINDS", "run_segmentation", "run_anomaly", "run_generation",
            "resample_to_reference", "result_path"]
 
-#: inference target of a bundle -> served kind
-KINDS = {"meddiff3d.pipelines.commands.segment": "segmentation",
-         "meddiff3d.pipelines.commands.detect_anomalies": "anomaly",
-         "meddiff3d.pipelines.commands.generate": "generation"}
+#: the ``evaluator`` of a bundle's inference config -> served kind
+KINDS = {"meddiff3d.pipelines.segmentation.SegmentationEvaluator": "segmentation",
+         "meddiff3d.pipelines.anomaly.AnomalyEvaluator": "anomaly",
+         "meddiff3d.pipelines.generation.GenerationEvaluator": "generation"}
 #: config keys naming the model files of each kind
 MODEL_FILES = {"segmentation": ("model_path",), "anomaly": ("codec_path", "diffusion_path", "calibration_path"),
                "generation": ("codec_path", "diffusion_path")}
@@ -92,10 +93,11 @@ def load_bundle(root: str | os.PathLike, name: str | None = None) -> BundleModel
     parser = ConfigParser()
     parser.read_config([str(c) for c in configs])
     parser["bundle_root"] = str(root)
-    target = (parser.get("run") or {}).get("_target_") if isinstance(parser.get("run"), dict) else None
+    evaluator = parser.get("evaluator")
+    target = evaluator.get("_target_") if isinstance(evaluator, dict) else None
     kind = KINDS.get(str(target))
     if kind is None:
-        raise InputError(f"bundle {root}: its inference runs {target!r}; servable: {', '.join(KINDS)}")
+        raise InputError(f"bundle {root}: its inference evaluator is {target!r}; servable: {', '.join(KINDS)}")
     files = {key: Path(parser.get_parsed_content(key)) for key in MODEL_FILES[kind]}
     settings = {key: parser.get_parsed_content(key) for key in ("device", "amp") if key in parser}
     return BundleModel(name or root.name, kind, root, files, settings)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.inferers import Inferer
 
 from meddiff3d.anomaly.calibration import (Calibration, anomaly_map, fit_residual_stats, load_calibration, quantile,
                                            residuals, save_calibration, top_mean, volume_score)
@@ -61,14 +62,19 @@ class CaseResult:
     seconds: float
 
 
-class Detector:
+class Detector(Inferer):
     """Settings + models + calibration (when known) + the input transform, applied one case at a time: the anomaly
-    bundle's ``inferer`` (``transform``: its ``preprocessing``; default ``anomaly_transforms`` on the models' grid)."""
+    bundle's ``inferer`` (``transform``: its ``preprocessing``; default ``anomaly_transforms`` on the models' grid).
+
+    A MONAI ``Inferer`` whose ``inputs`` is one datalist item (``{"image": path, ...}``: the transform reads it and
+    keeps what the way back to the input grid needs) and whose networks are its ``models`` (the codec and the latent
+    U-Net, healing in turn); ``network`` is accepted for the interface and must be ``None`` or ``models``."""
 
     def __init__(self, models: AnomalyModels, settings: DetectorSettings, calibration: Calibration | None = None,
                  transform: Any = None):
         from meddiff3d.data.transforms import anomaly_transforms
 
+        Inferer.__init__(self)
         self.models, self.settings, self.calibration = models, settings, calibration
         self.transform = transform or anomaly_transforms(models.image_spacing, models.image_shape, train=False)
 
@@ -88,8 +94,12 @@ class Detector:
         """Denoiser steps per volume (:func:`~meddiff3d.anomaly.healing.healing_steps`; 0 for the autoencoder)."""
         return healing_steps(self.models, self.settings)
 
-    def __call__(self, item: Mapping[str, Any], callback: Callable | None = None) -> CaseResult:
+    def __call__(self, inputs: Mapping[str, Any], network: Any = None,  # type: ignore[override]
+                 callback: Callable | None = None) -> CaseResult:
         """Score one item; ``callback(i, t, z, z0)`` after every denoiser step of its healing (progress)."""
+        if network is not None and network is not self.models:
+            raise ValueError("Detector heals with its own models; pass network=None")
+        item = inputs
         if self.calibration is None:
             raise RuntimeError("Detector needs a calibration to score volumes")
         start = time.perf_counter()
@@ -261,17 +271,18 @@ class AnomalyEvaluator:
     ``inferer`` (a calibrated :class:`Detector`: its ``preprocessing``, healing and z-scoring), writes the four files
     per case (:func:`write_case`) and ``summary.json``; returns the case summaries.
 
-    ``model_paths`` (``{"codec": path, "diffusion": path}``): refuse model files other than those the calibration was
-    made with (sha256), before anything is written.
+    ``model_paths`` (``{"codec": path, "diffusion": path}``) with ``check_models``: refuse model files other than
+    those the calibration was made with (sha256), before anything is written.
     """
 
     def __init__(self, inferer: Detector, dataset: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, *,
                  calibration_path: str | os.PathLike | None = None, model_paths: Mapping[str, Any] | None = None,
-                 progress: bool = True) -> None:
+                 check_models: bool = True, progress: bool = True) -> None:
         if inferer.calibration is None:
             raise InputError("anomaly detection needs a calibrated detector (run configs/calibrate.yaml first)")
         self.inferer, self.dataset, self.output_dir = inferer, dataset, Path(output_dir)
-        self.calibration_path, self.model_paths, self.progress = calibration_path, model_paths, progress
+        self.calibration_path, self.progress = calibration_path, progress
+        self.model_paths = model_paths if check_models else None
 
     def run(self) -> list[dict[str, Any]]:
         start = time.perf_counter()
@@ -287,7 +298,8 @@ class AnomalyEvaluator:
         cases = []
         for item, callback in progress_steps(items, f"detecting ({settings.method})", self.progress,
                                              self.inferer.steps):
-            cases.append(write_case(self.inferer(item, callback), str(item["id"]), self.output_dir, calibration))
+            cases.append(write_case(self.inferer(item, callback=callback), str(item["id"]), self.output_dir,
+                                    calibration))
         save_json({"calibration": str(self.calibration_path), "settings": settings.to_dict(),
                    "threshold": calibration.threshold, "volume_threshold": calibration.volume_scores["threshold"],
                    "cases": cases, "seconds": round(time.perf_counter() - start, 2)}, self.output_dir / "summary.json")
@@ -313,8 +325,10 @@ def detect_anomalies(codec_path: str | os.PathLike, diffusion_path: str | os.Pat
     items = resolve_inputs(inputs, section)
     if not settings.uses_diffusion:
         diffusion_path = None
-    if check_models:
+    model_paths = {"codec": codec_path, "diffusion": diffusion_path}
+    if check_models:  # before the models are read (the evaluator checks again, before anything is written)
         check_calibrated_models(calibration, codec_path, diffusion_path, str(calibration_path))
     models = load_anomaly_models(codec_path, diffusion_path, device=device, amp=amp, decode_split=decode_split)
     return AnomalyEvaluator(Detector(models, settings, calibration), items, output_dir,
-                            calibration_path=calibration_path, progress=progress).run()
+                            calibration_path=calibration_path, model_paths=model_paths, check_models=check_models,
+                            progress=progress).run()

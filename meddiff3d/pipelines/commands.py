@@ -1,10 +1,16 @@
-"""Bundle entry points: the pipeline functions, with user errors turned into one line and exit status 2.
+"""Bundle entry points, with user errors turned into one line and exit status 2.
 
 ``python -m monai.bundle run`` wraps any exception of a config component in a chain of ``RuntimeError`` s ("Failed to
-instantiate ..."), burying the message that matters. A bundle's ``run`` entry therefore names these wrappers: an
-:class:`~meddiff3d.errors.InputError` anywhere in the chain is printed as ``error: <message>`` on stderr and the process
-exits with status 2 (``SystemExit`` is not an ``Exception``, so MONAI lets it through). Other errors are bugs and keep
-their traceback.
+instantiate ..."), burying the message that matters. Two ways out, one rule: an :class:`~meddiff3d.errors.InputError`
+anywhere in the chain is printed as ``error: <message>`` on stderr and the process exits with status 2; other errors
+are bugs and keep their traceback.
+
+- :func:`report_user_errors`, every bundle config's ``initialize``: for a ``run`` that drives the config's components
+  (``$@evaluator.run()``), whose user errors surface while MONAI instantiates them. It installs a ``sys.excepthook``,
+  so only an exception that ends the process is reported; a program that catches it (a server, a test, a
+  ``ConfigWorkflow`` in a notebook) sees the exception unchanged.
+- the wrapped pipeline functions below (:func:`user_command`), for ``run`` entries that are one recipe call (training,
+  data generation); ``SystemExit`` is not an ``Exception``, so MONAI lets it through.
 """
 
 from __future__ import annotations
@@ -16,9 +22,33 @@ from typing import Any, Callable
 
 from meddiff3d.errors import find_input_error
 
-__all__ = ["user_command", "generate", "train_latent_diffusion", "train_autoencoder", "synthetic_datalist",
+__all__ = ["report_user_errors", "user_command", "generate", "train_latent_diffusion", "train_autoencoder", "synthetic_datalist",
            "calibrate_anomaly", "detect_anomalies", "evaluate_anomaly", "train_segmentation_diffusion", "segment",
            "evaluate_segmentation"]
+
+
+def _exit_for_user_error(err: BaseException) -> None:
+    """``error: <message>`` on stderr and exit status 2 if ``err`` (or its cause chain) is a user error."""
+    user_error = find_input_error(err)
+    if user_error is not None:
+        sys.stdout.flush()
+        print(f"error: {user_error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def report_user_errors() -> None:
+    """Make a user error that ends the process one ``error:`` line with exit status 2 (a bundle's ``initialize``);
+    any other uncaught exception keeps the previous hook (a traceback). Installing it twice changes nothing."""
+    previous = sys.excepthook
+    if getattr(previous, "meddiff3d_user_errors", False):
+        return
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        _exit_for_user_error(exc)  # a SystemExit raised here ends the interpreter with that status
+        previous(exc_type, exc, tb)
+
+    hook.meddiff3d_user_errors = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def user_command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -29,11 +59,8 @@ def user_command(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - only user errors are turned into an exit status
-            user_error = find_input_error(err)
-            if user_error is None:
-                raise
-            print(f"error: {user_error}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+            _exit_for_user_error(err)
+            raise
 
     return run
 

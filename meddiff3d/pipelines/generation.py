@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from meddiff3d.checks import check_choice, check_int, check_number, check_sizes
-from meddiff3d.diffusion import SAMPLERS, initial_noise, sample, schedule_from_dict
-from meddiff3d.engine.precision import AMP_CHOICES, resolve_device, resolve_precision
+from meddiff3d.checks import check_int
+from meddiff3d.diffusion import initial_noise, sample, schedule_from_dict
+from meddiff3d.engine.precision import resolve_device, resolve_precision
 from meddiff3d.errors import InputError
 from meddiff3d.models.ldm import (build_denoiser, check_codec_pair, check_guidance_support, covariate_vector,
                                   load_latent_diffusion, model_conditioning)
@@ -49,18 +49,7 @@ from meddiff3d.utils.io import save_json, save_nifti, save_preview_png
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
-__all__ = ["generate", "GenerationEvaluator", "check_request", "write_sample", "preview_sampler"]
-
-
-def check_request(*, sampler: str, steps: Any, num_samples: Any, guidance_scale: Any, seed: Any, amp: str,
-                  batch_size: Any, decode_tile: Any) -> dict[str, Any]:
-    """Validate the generation settings that need no model; returns them normalised."""
-    check_choice("sampler", sampler, list(SAMPLERS))
-    check_choice("amp", amp, AMP_CHOICES, "values")
-    return {"steps": check_int("steps", steps, 1), "num_samples": check_int("num_samples", num_samples, 1),
-            "seed": check_int("seed", seed, 0), "batch_size": check_int("batch_size", batch_size, 1),
-            "guidance_scale": check_number("guidance_scale", guidance_scale, 0.0),
-            "decode_tile": check_sizes("decode_tile", decode_tile)}
+__all__ = ["generate", "GenerationEvaluator", "write_sample", "preview_sampler"]
 
 
 def raw_covariates(values: Mapping[str, float], scaling: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,8 +77,9 @@ class GenerationEvaluator:
         model, codec: the loaded model files (:class:`~meddiff3d.models.loading.LoadedModel`), for the codec pairing
             check and the sidecars' provenance; optional.
         batch_size: samples denoised together.
-        release_network: drop the evaluator's reference to the U-Net once every latent is sampled (peak memory is
-            then the larger of sampling and decoding, not their sum); the evaluator runs once then.
+        release_network: free the U-Net's weights once every latent is sampled (moved to the ``meta`` device, so
+            the memory is returned even where a config parser still holds the module); peak memory is then the
+            larger of sampling and decoding, not their sum. The evaluator (and that network) runs once then.
     """
 
     def __init__(self, network: torch.nn.Module, autoencoder: torch.nn.Module, inferer: LatentDiffusionInferer,
@@ -151,6 +141,8 @@ class GenerationEvaluator:
 
     def run(self) -> list[Path]:
         start = time.perf_counter()
+        if self.network is None or next(self.network.parameters()).is_meta:
+            raise RuntimeError("this evaluator released its network after its first run (release_network=True)")
         requests = [self.dataset[i] for i in range(len(self.dataset))]
         self._check(requests)
         names = list(self.inferer.meta["conditioning"]["covariates"])
@@ -161,8 +153,6 @@ class GenerationEvaluator:
             cov = None if given is None else covariate_vector(given, names)
             given = None if given is None else {n: float(given[n]) for n in names}
             jobs.append(([int(r["seed"]) for r in batch], cov, self._settings(given)))
-        if self.release_network:  # the provenance is in the settings: the U-Net goes with the last latent
-            self.network = self.model = None
         # Two phases: sample every latent (small: 3x20x28x20 floats each), release the U-Net, then decode. Peak memory
         # is then the larger of the two phases, not their sum (anchor architecture: the U-Net's 1.1 GB of bf16 weights
         # are gone before the decoder's full-resolution activations are made).
@@ -175,6 +165,9 @@ class GenerationEvaluator:
                 z = self.inferer.sample_latents(noise, network, cov, generator=seeds[0],
                                                 callback=lambda *_, n=len(seeds): bar.update(n))
                 latents.append((seeds, z, settings, time.perf_counter() - t0))
+        if self.release_network:  # the provenance is in the settings: the U-Net goes with the last latent
+            network.to_empty(device="meta")
+            self.model = None
         del network
         image_meta, written = self.inferer.meta["image"], []
         with self._decode_bar(latents) as decode_bar:
@@ -243,18 +236,16 @@ def generate(
     Every setting is validated, and both files are read, before anything is written; an :class:`InputError` names
     the bad value.
     """
-    request = check_request(sampler=sampler, steps=steps, num_samples=num_samples, guidance_scale=guidance_scale,
-                            seed=seed, amp=amp, batch_size=batch_size, decode_tile=decode_tile)
-    requests = GenerationRequests(covariates, request["num_samples"], request["seed"])
+    requests = GenerationRequests(covariates, num_samples, seed)
     dev = resolve_device(device)
     dtype = resolve_precision(amp, dev, "inference").dtype
     codec_file, diffusion = load_latent_diffusion(codec_path, diffusion_path, check_pair=check_pair, device=dev,
                                                   dtype=dtype)
-    inferer = LatentDiffusionInferer(diffusion.meta, sampler, request["steps"], request["guidance_scale"],
-                                     spacing=spacing, decode_tile=request["decode_tile"], decode_split=decode_split)
+    inferer = LatentDiffusionInferer(diffusion.meta, sampler, steps, guidance_scale, spacing=spacing,
+                                     decode_tile=decode_tile, decode_split=decode_split)
     evaluator = GenerationEvaluator(diffusion.network, codec_file.network, inferer, requests, output_dir,
-                                    model=diffusion, codec=codec_file, batch_size=request["batch_size"],
-                                    check_pair=check_pair, release_network=True, progress=progress)
+                                    model=diffusion, codec=codec_file, batch_size=batch_size, check_pair=check_pair,
+                                    release_network=True, progress=progress)
     del diffusion
     return evaluator.run()
 

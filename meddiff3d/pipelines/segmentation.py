@@ -42,10 +42,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from meddiff3d.checks import check_choice, check_int, check_number, check_sizes
+from meddiff3d.checks import check_number
 from meddiff3d.data.brats import BRATS_REGIONS, region_masks, regions_to_labels
 from meddiff3d.data.transforms import brats_transforms
-from meddiff3d.diffusion import SAMPLERS
 from meddiff3d.engine.precision import resolve_device, resolve_precision
 from meddiff3d.models.loading import LoadedModel, load_model
 from meddiff3d.models.segdiff import ensemble_statistics
@@ -72,17 +71,6 @@ def output_paths(output_dir: str | os.PathLike, case_id: str) -> dict[str, Path]
     names = {"seg": "seg.nii.gz", "prob": "prob.nii.gz", "variance": "variance.nii.gz", "entropy": "entropy.nii.gz",
              "preview": "preview.png", "info": "segdiff.json"}
     return {key: folder / f"{case_id}_{name}" for key, name in names.items()}
-
-
-def _check_request(sampler: str, steps: Any, num_samples: Any, batch_size: Any, seed: Any, roi_size: Any,
-                   overlap: Any, sw_batch_size: Any, threshold: Any) -> dict[str, Any]:
-    check_choice("sampler", sampler, list(SAMPLERS))
-    check_number("overlap", overlap, 0.0, 1.0, open_high=True)
-    check_number("threshold", threshold, 0.0, 1.0, open_low=True, open_high=True)
-    return {"steps": check_int("steps", steps, 1), "num_samples": check_int("num_samples", num_samples, 1),
-            "seed": check_int("seed", seed, 0), "sw_batch_size": check_int("sw_batch_size", sw_batch_size, 1),
-            "batch_size": None if batch_size is None else check_int("batch_size", batch_size, 1),
-            "roi_size": check_sizes("roi_size", roi_size)}
 
 
 class SegmentationEvaluator:
@@ -178,7 +166,7 @@ def segment(
     runs them. The request, the model and every image of the section (4 sequences, one grid, no NaN) are checked
     before anything is written; an :class:`InputError` names the bad value or file.
     """
-    _check_request(sampler, steps, num_samples, batch_size, seed, roi_size, overlap, sw_batch_size, threshold)
+    check_number("threshold", threshold, 0.0, 1.0, open_low=True, open_high=True)  # before the model is read
     dev = resolve_device(device)
     dtype = resolve_precision(amp, dev, "inference").dtype
     model = load_model(model_path, "segmentation_diffusion", device=dev, dtype=dtype)  # bf16, channels-last: ~17 %
