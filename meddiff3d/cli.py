@@ -1,7 +1,9 @@
 """The ``meddiff3d`` command: one sub-command per concept, each defined next to the code it runs.
 
 A sub-command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches, and
-turns :class:`meddiff3d.errors.InputError` (also when wrapped by MONAI's ``Compose``) into a one-line message and exit status 2.
+turns :class:`meddiff3d.errors.InputError` (also when wrapped by MONAI's ``Compose``) into a one-line message and exit
+status 2, as it does an ``OSError`` or ``MemoryError`` the machine raises meanwhile (full disk, memory taken by
+others); Ctrl-C exits 130 with one line.
 The models themselves (generation, segmentation, anomaly detection, training) run as MONAI bundles through
 ``python -m monai.bundle run``; ``--help`` says so, with a command that works from any bundle folder.
 """
@@ -79,8 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"meddiff3d {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:  # a user-input error may arrive wrapped by MONAI/ignite; anything else is a bug
         user_error = find_input_error(err)
+        if user_error is None and isinstance(err, (OSError, MemoryError)):
+            # the machine's, not the code's: a full disk, a folder made read-only meanwhile, memory taken by others
+            # (the commands check sizes and folders before they start; this is what is left)
+            what = "out of memory" if isinstance(err, MemoryError) else (err.strerror or type(err).__name__)
+            where = f": {err.filename}" if getattr(err, "filename", None) else ""
+            print(f"meddiff3d {args.command}: error: {what}{where}", file=sys.stderr)
+            return 2
         if user_error is None:
             raise
         print(f"meddiff3d {args.command}: error: {user_error}", file=sys.stderr)

@@ -103,7 +103,8 @@ def assert_run_drives_the_components(parser, evaluator: str, keys=()) -> None:
 
     assert parser["run"] == "$@evaluator.run()"
     assert parser["evaluator"]["_target_"] == evaluator and callable(locate(evaluator))
-    assert parser["initialize"]["_target_"] == "meddiff3d.pipelines.commands.report_user_errors"
+    assert [c["_target_"] for c in parser["initialize"]] == ["meddiff3d.pipelines.commands.report_user_errors",
+                                                            "meddiff3d.pipelines.commands.check_command_line"]
     components = {k: v for k, v in parser.get().items() if isinstance(v, dict) and "_target_" in v}
     named = references(components) | references([parser[k] for k in parser.get() if k not in components])
     for key in keys:  # top-level keys, overridable on the command line, used by a component

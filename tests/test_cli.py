@@ -97,3 +97,30 @@ def test_every_imported_third_party_module_is_declared_and_every_declared_one_us
     unused = {name for name, module in core.items() if module not in imported and name not in INDIRECT}
     assert not unused, f"declared in setup.cfg but imported nowhere: {sorted(unused)}"
     assert "torchio" not in core
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def _raise(err):
+    raise err
+
+
+@pytest.mark.parametrize("err, code, line", [
+    (OSError(28, "No space left on device", "/data/out/x.nii.gz"), 2,
+     "meddiff3d datalist: error: No space left on device: /data/out/x.nii.gz"),
+    (MemoryError(), 2, "meddiff3d datalist: error: out of memory"),
+    (KeyboardInterrupt(), 130, "meddiff3d datalist: interrupted"),
+])
+def test_machine_errors_end_in_one_line(monkeypatch, capsys, err, code, line):
+    import meddiff3d.data.preprocess as preprocess
+
+    monkeypatch.setattr(preprocess, "run", lambda args: _raise(err))
+    assert main(["datalist", "validate", "x.json"]) == code
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch):
+    import meddiff3d.data.preprocess as preprocess
+
+    monkeypatch.setattr(preprocess, "run", lambda args: {}["missing"])
+    with pytest.raises(KeyError):
+        main(["datalist", "validate", "x.json"])

@@ -70,6 +70,38 @@ def test_codec_file_errors(tmp_path):
         load_codec(tmp_path / "c.pt")
 
 
+def _damage(data, change):
+    if change == "no weights":
+        data.pop("weights")
+    elif change == "weights a list":
+        data["weights"] = [1, 2]
+    elif change == "a weight a string":
+        data["weights"][next(iter(data["weights"]))] = "abc"
+    elif change == "args a list":
+        data["meta"]["network"]["args"] = [1]
+    elif change == "args MONAI refuses":
+        data["meta"]["network"]["args"]["norm_num_groups"] = 5
+    return data
+
+
+@pytest.mark.parametrize("change, message", [
+    ("no weights", "has no 'weights' entry \\(it holds: format, meta\\)"),
+    ("weights a list", "its 'weights' entry is not a state dict \\(parameter name -> tensor\\)"),
+    ("a weight a string", "its 'weights' entry is not a state dict"),
+    ("args a list", "network class 'monai.networks.nets.AutoencoderKL': its args must be a mapping, got list"),
+    ("args MONAI refuses", "rejects the arguments .*multiple of norm_num_groups"),
+])
+def test_damaged_codec_file_is_one_named_error(tmp_path, change, message):
+    save_codec(LatentCodec(build_network({"network": KL_SPEC})), tmp_path / "good.pt", {"network": KL_SPEC})
+    torch.save(_damage(torch.load(tmp_path / "good.pt", weights_only=True), change), tmp_path / "codec.pt")
+    with pytest.raises(InputError, match=f"^codec file {tmp_path / 'codec.pt'}.* {message}") as err:
+        load_codec(tmp_path / "codec.pt")
+    assert "\n" not in str(err.value)
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(InputError, match="^codec file .*folder.pt is a directory, expected a file$"):
+        load_codec(tmp_path / "folder.pt")
+
+
 # ---------------------------------------------------------------------------------- tiling on a (briefly) trained AE
 TRAINED_SPEC = {
     "class": "monai.networks.nets.AutoencoderKL",

@@ -192,3 +192,65 @@ def test_all_problems_listed(dataset):
 def test_duplicate_ids(dataset):
     _, make = dataset
     _raises(make([_item("a"), _item("a")]), "training[1] (id a)", "duplicate id")
+
+
+@pytest.mark.parametrize("unsafe", ["../x", "/abs/olute", "a/b", "..", "new\nline", "nul\x00", "", "x" * 201])
+def test_unsafe_ids_rejected(dataset, unsafe):
+    _, make = dataset
+    message = _raises(make([_item("a"), dict(_item("b"), id=unsafe)]), "training[1]: item id",
+                      "is not a safe file name")
+    assert "\n" not in message  # one problem, one line: control characters are shown escaped
+
+
+def test_unsafe_and_duplicate_ids_all_listed(dataset):
+    _, make = dataset
+    items = [dict(_item("a"), id="../a"), dict(_item("b"), id=["b"]), _item("a"), _item("a")]
+    _raises(make(items), "3 problems", "training[0]: item id '../a' is not a safe file name",
+                      "training[1]: item id must be a text name", "training[3] (id a): duplicate id")
+
+
+def test_empty_section_names_the_sections_with_items(dataset):
+    root, make = dataset
+    path = make()
+    doc = json.loads(path.read_text())
+    doc["training"], doc["test"] = [], doc["training"]
+    path.write_text(json.dumps(doc))
+    _raises(path, "section 'training' must be a non-empty list of items (it is empty; sections with items: test)")
+    assert [it["id"] for it in load_datalist(path, "test")] == ["a", "b"]
+
+
+def test_check_datalist_reports_every_section(dataset):
+    from meddiff3d.data.datalist import check_datalist
+
+    root, make = dataset
+    path = make()
+    doc = json.loads(path.read_text())
+    doc["validation"] = []  # empty: fine beside sections with items
+    doc["test"] = [dict(doc["training"][0], id="../escape")]
+    doc["training"][1]["image"] = ["images/b_t1.nii.gz", "images/gone.nii.gz"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DatalistError) as info:
+        check_datalist(path)
+    message = str(info.value)
+    assert message.startswith(f"datalist {path}: 2 problems:")
+    assert "training[1] (id b): image file not found" in message and "test[0]: item id '../escape'" in message
+    doc["training"][1]["image"] = ["images/b_t1.nii.gz", "images/b_t2.nii.gz"]
+    doc["test"] = []
+    path.write_text(json.dumps(doc))
+    checked = check_datalist(path)
+    assert {name: len(items) for name, items in checked.items()} == {"training": 2, "validation": 0, "test": 0}
+    doc["training"] = []
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DatalistError, match="every section checked is empty"):
+        check_datalist(path)
+
+
+def test_content_checks_pass_through_for_images_not_labels(dataset):
+    root, make = dataset
+    path = make()
+    assert len(load_datalist(path, check_images=True, content=True)) == 2  # all-zero labels are fine
+    save_nifti(np.zeros(SHAPE, np.float32), AFFINE, root / "images/b_t2.nii.gz")
+    assert len(load_datalist(path)) == 2  # content checks are off unless asked for
+    _raises(path, "(id b)", "b_t2.nii.gz", "all voxels are 0", content=True)
+    with pytest.raises(ValueError, match="needs check_images=True"):
+        load_datalist(path, check_images="header", content=True)

@@ -113,3 +113,52 @@ def test_unsupported_suffix(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     with pytest.raises(ImageError, match="unsupported image format"):
         read_image(tmp_path / "a.png")
+
+
+def _volume(path, data, spacing=(1.0, 1.0, 1.0), dtype=np.float32):
+    return save_nifti(data, np.diag([*spacing, 1.0]), path, dtype=dtype)
+
+
+@pytest.mark.parametrize("data, spacing, dtype, message", [
+    (np.zeros((8, 9, 10)), (1, 1, 1), np.float32, "all voxels are 0 (an empty volume)"),
+    (np.full((8, 9, 10), 3.5), (1, 1, 1), np.float32, "all voxels have the value 3.5 (a constant volume)"),
+    (np.random.default_rng(0).random((8, 9, 10)) * (1 + 1j), (1, 1, 1), np.complex64, "complex voxel values"),
+    (np.random.default_rng(0).random((8, 9, 10)), (0.01, 0.01, 0.01), np.float32, "voxel spacing (0.01, 0.01, 0.01)"),
+    (np.random.default_rng(0).random((8, 9, 10)), (1, 1, 100), np.float32, "outside the plausible range 0.1-10 mm"),
+])
+def test_check_image_content(tmp_path, data, spacing, dtype, message):
+    path = _volume(tmp_path / "v.nii.gz", data, spacing, dtype)
+    check_image(path)  # without content=True: readable, finite, 3D is all that is asked
+    with pytest.raises(ImageError) as info:
+        check_image(path, content=True)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+
+
+def test_check_image_content_accepts_a_real_volume(tmp_path):
+    from meddiff3d.data.images import SPACING_RANGE_MM
+
+    assert SPACING_RANGE_MM == (0.1, 10.0)
+    data = np.random.default_rng(0).integers(0, 300, (8, 9, 10))
+    for spacing in ((0.1, 1, 10), (1, 1, 1)):
+        info = check_image(_volume(tmp_path / "v.nii.gz", data, spacing, np.int16), content=True)
+        assert info.shape == (8, 9, 10)
+
+
+def test_a_huge_header_fails_before_reading(tmp_path, monkeypatch):
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((10000, 10000, 10000))
+    header.set_data_dtype(np.float32)
+    path = tmp_path / "huge.nii.gz"
+    with gzip.open(path, "wb") as fh:  # a header claiming 4 TB of voxels and 100 bytes of data
+        fh.write(header.binaryblock + b"\0" * 4 + b"\0" * 100)
+    with pytest.raises(ImageError, match=r"huge.nii.gz: image of shape \(10000, 10000, 10000\) is 1e\+12 voxels"):
+        check_image(path)
+    assert read_header(path).shape == (10000, 10000, 10000)  # the header alone is fine
+    small = save_nifti(np.ones((64, 64, 64), np.float32), np.eye(4), tmp_path / "small.nii.gz")
+    monkeypatch.setenv("MEDDIFF3D_MAX_MEMORY_GB", "0.001")
+    with pytest.raises(ImageError, match=r"reading .*small.nii.gz needs about 2.1 MB of memory"):
+        read_image(small)

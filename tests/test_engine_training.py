@@ -102,6 +102,48 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     assert "resuming from" in (killed / "train.log").read_text()
 
 
+#: the selftest, SIGKILLed right after writing last.pt at iteration argv[1], half-way through writing inference.pt
+KILLED_BETWEEN_WRITES = """
+import os, signal, sys
+import torch
+from meddiff3d.engine import selftest
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if ".inference.pt." in str(f) and obj["iteration"] == int(sys.argv[1]):
+        os.truncate(f, os.path.getsize(f) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save
+sys.exit(selftest.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_between_last_pt_and_inference_pt_is_repaired_on_restart(tmp_path):
+    """The kill leaves last.pt at iteration 4, inference.pt at 2 and a half-written temporary file; the restart (nothing
+    left to train) removes the temporary file and rewrites inference.pt from last.pt's EMA weights."""
+    run = tmp_path / "run"
+    args = ["--run-dir", str(run), "--max-iterations", "4", "--checkpoint-every", "2", "--num-volumes", "4",
+            "--size", "8", "--quiet", "--threads", "1"]
+    victim = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_WRITES, "4", *args], env=run_env(), cwd=REPO,
+                            capture_output=True, timeout=300, check=False)
+    assert victim.returncode == -signal.SIGKILL
+    partial = list(run.glob(".inference.pt.*.tmp.pt"))
+    assert len(partial) == 1 and read_iteration(run / "checkpoints" / "last.pt") == 4
+    assert read_iteration(run / "inference.pt") == 2  # one checkpoint behind
+
+    subprocess.run([*SELFTEST, *args[:-3]], env=run_env(), cwd=REPO, check=True, timeout=300, capture_output=True)
+    assert not partial[0].exists() and not list(run.rglob("*.tmp*"))
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    export = torch.load(run / "inference.pt", weights_only=True)
+    assert export["iteration"] == last["iteration"] == 4
+    assert export["ema"].keys() == last["ema"].keys()
+    assert all(torch.equal(export["ema"][k], v) for k, v in last["ema"].items())
+    log = (run / "train.log").read_text()
+    assert "removed 1 partial file(s) left by an interrupted run: .inference.pt." in log
+    assert "inference.pt rewritten from" in log
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

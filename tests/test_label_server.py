@@ -1,6 +1,8 @@
 """The real MONAI Label server on 127.0.0.1, driven by ``monailabel.client.MONAILabelClient``: the three bundles
 (tiny untrained models, 32x48x32) answer with files on the input's grid, bad requests get a clear 4xx while the server
-stays up, and a burst of 50 mixed requests (some bad, some concurrent) leaves every good one answered.
+stays up, and a burst of 50 mixed requests (some bad, some concurrent) leaves every good one answered. Hostile
+requests (raw HTTP): malformed or list ``params``, no image, header bombs, unsafe upload names get a fast 422 naming
+the user's file; no upload outlives its request; a request over the time limit gets a 504 and frees the server.
 
 Runs in the label environment (``make label-venv``; ``make test`` runs it there with MEDDIFF3D_REQUIRE_LABEL=1, so a
 missing MONAI Label fails instead of skipping). In an environment without MONAI Label the module is skipped.
@@ -8,6 +10,7 @@ missing MONAI Label fails instead of skipping). In an environment without MONAI 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -15,6 +18,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -106,18 +113,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("label")
-    t0 = time.perf_counter()
-    bundles = build_bundles(base)
-    data = build_studies(base)
+def start_server(base: Path, bundles: dict[str, Path], studies: Path, name: str, *extra: str) -> dict:
+    """``meddiff3d label serve`` on a free port, its temp folder (TMPDIR) ``base/<name>_tmp``; waits until it answers."""
     port = free_port()
-    log = open(base / "server.log", "w", encoding="utf-8")
-    cmd = [sys.executable, "-m", "meddiff3d", "label", "serve", "--studies", str(data["studies"]), "--port",
-           str(port), "--app-dir", str(base / "app"),
-           "--bundles", *[f"{name}={path}" for name, path in bundles.items()]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    tmp = base / f"{name}_tmp"
+    tmp.mkdir()
+    log_path = base / f"{name}.log"
+    log = open(log_path, "w", encoding="utf-8")
+    cmd = [sys.executable, "-m", "meddiff3d", "label", "serve", "--studies", str(studies), "--port",
+           str(port), "--app-dir", str(base / f"{name}_app"),
+           "--bundles", *[f"{name}={path}" for name, path in bundles.items()], *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TMPDIR=str(tmp))
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=base)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -129,16 +135,35 @@ def server(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 log.flush()
                 pytest.fail(f"server did not start (exit {proc.poll()}):\n"
-                            + (base / "server.log").read_text(encoding="utf-8", errors="replace")[-4000:])
+                            + log_path.read_text(encoding="utf-8", errors="replace")[-4000:])
             time.sleep(1)
-    TIMINGS["setup_s"] = [time.perf_counter() - t0]
-    yield {"url": url, "proc": proc, "base": base, **data}
-    proc.terminate()
+    # MONAI Label writes its logging config there at start; everything else in it comes from requests
+    return {"url": url, "proc": proc, "log": log, "tmp": tmp, "tmp_at_start": set(tmp_files(tmp))}
+
+
+def tmp_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_dir())
+
+
+def stop_server(running: dict) -> None:
+    running["proc"].terminate()
     try:
-        proc.wait(30)
+        running["proc"].wait(30)
     except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        running["proc"].kill()
+    running["log"].close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("label")
+    t0 = time.perf_counter()
+    bundles = build_bundles(base)
+    data = build_studies(base)
+    running = start_server(base, bundles, data["studies"], "server")
+    TIMINGS["setup_s"] = [time.perf_counter() - t0]
+    yield {**running, "base": base, "bundles": bundles, **data}
+    stop_server(running)
     print("\nlabel server timings:", json.dumps({k: [round(x, 2) for x in v] for k, v in TIMINGS.items()}))
 
 
@@ -231,14 +256,19 @@ def test_generation_lands_on_the_reference_geometry_and_follows_the_seed(server)
 # ------------------------------------------------------------------------------------------------ bad requests
 @pytest.mark.parametrize("model, image_id, params, upload, status, message", [
     ("nosuchmodel", "brain", {}, None, 404, "unknown model 'nosuchmodel'; this server serves"),
-    ("segdiff", "", {}, None, 500, "Neither Image nor File"),
+    ("segdiff", "", {}, None, 422, "no input image: give the id of a datastore image"),
     ("segdiff", "nosuchimage", {}, None, 404, "no image 'nosuchimage' in the datastore"),
     ("segdiff", "caseB_flair", FAST_SEG, None, 422, "3 of the 4 BraTS sequences"),
     ("segdiff", "", FAST_SEG, "three", 422, "has 3 channel(s)"),
     ("segdiff", "brain", FAST_SEG, None, 422, "does not say which BraTS case"),
     ("segdiff", "caseA_t1", {"steps": -2}, None, 422, "'steps' must be >= 1"),
     ("segdiff", "caseA_t1", {"result": "everything"}, None, 422, "'result' must be one of"),
-    ("anomaly", "brain", {"result": "mask", "extra": 1, "result_extension": ".nrrd"}, None, 200, ""),
+    ("anomaly", "brain", {"result": "mask", "result_extension": ".nrrd", "result_dtype": "uint8"}, None, 200, ""),
+    ("anomaly", "brain", {"result": "mask", "extra": 1}, None, 422, "unknown parameter 'extra' for model 'anomaly'"),
+    ("segdiff", "caseA_t1", {"stepz": 2}, None, 422, "unknown parameter 'stepz' (did you mean 'steps'?)"),
+    ("generation", "brain", {"image": "/etc/hostname"}, None, 422, "unknown parameter 'image'"),
+    ("segdiff", "../studies/caseA_t1", {}, None, 422, "image id '../studies/caseA_t1' is not a safe file name"),
+    ("anomaly", "/etc/hostname", {}, None, 422, "image id '/etc/hostname' is not a safe file name"),  # never opened
     ("generation", "brain", {"covariates": "age=7"}, None, 422, "age=7 is outside [0, 1]"),
     ("generation", "brain", {"covariates": "shoe_size=0.5", "steps": 2}, None, 422, "shoe_size"),
     ("generation", "brain", {"sampler": "fastest"}, None, 422, "'sampler' must be one of"),
@@ -246,13 +276,199 @@ def test_generation_lands_on_the_reference_geometry_and_follows_the_seed(server)
 def test_bad_requests_get_a_clear_error_and_the_server_stays_up(server, model, image_id, params, upload, status,
                                                                 message):
     file = server[upload] if upload else None
-    if status == 200:  # unknown extra keys belong to MONAI Label / the client and are not errors
+    if status == 200:  # the keys MONAI Label's clients add to every request are not errors
         infer(server, model, image_id, params, file)
     else:
         text = error_of(server, model, image_id, params, file)
         assert f"Status: {status}" in text and message in text, text
     assert server["proc"].poll() is None
     assert "segdiff" in MONAILabelClient(server["url"]).info()["models"]
+
+
+# ------------------------------------------------------------------------------------------------ hostile requests
+def send(server, method, path, query, fields, files=()):
+    """``(status, json answer, or the error's detail)`` of a raw multipart request: ``fields`` {name: text} sent as
+    given, ``files`` ``(field, file name, path)``."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+                    for name, value in fields.items())
+    for field, filename, file in files:
+        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + Path(file).read_bytes() + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{server['url']}{path}?{urllib.parse.urlencode(query)}", data=body,
+                                     method=method,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        text = err.read().decode("utf-8", "replace")
+        try:
+            return err.code, json.loads(text).get("detail", text)
+        except (ValueError, AttributeError):
+            return err.code, text
+
+
+def post(server, model, params="{}", image="", upload=None, filename=None):
+    """``POST /infer/<model>`` (answer as JSON): ``params`` sent as given (any text), ``upload`` a file sent under
+    ``filename`` (default: its name)."""
+    files = [("file", filename if filename is not None else Path(upload).name, upload)] if upload else []
+    return send(server, "POST", f"/infer/{model}", {"image": image, "output": "json"}, {"params": params}, files)
+
+
+def leftovers(server, wait=5.0):
+    """Files and folders requests left in the server's temp folder, once they have had ``wait`` s to go (a result
+    file goes after it is sent)."""
+    deadline = time.monotonic() + wait
+    while True:
+        files = [f for f in tmp_files(server["tmp"]) if f not in server["tmp_at_start"]]
+        if not files or time.monotonic() > deadline:
+            return files
+        time.sleep(0.2)
+
+
+def header_only_nifti(path, shape):
+    """A ``.nii.gz`` whose header claims ``shape`` (float32) and that holds no voxel (82 bytes for 512^3)."""
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    return path
+
+
+def assert_names_only_the_users_file(detail, server, name):
+    assert name in detail, detail
+    for server_path in (str(server["tmp"]), str(server["base"]), "meddiff3d-"):
+        assert server_path not in detail, detail
+
+
+@pytest.mark.parametrize("params, message", [
+    ("{", "params is not valid JSON"),
+    ("[1, 2]", "params must be a JSON object {name: value}, got a list"),
+    ('"steps=2"', "got a string"),
+    ('{"steps": 2, "stepz": 2}', "unknown parameter 'stepz' (did you mean 'steps'?)"),
+])
+def test_params_that_are_not_an_object_of_known_names_get_422(server, params, message):
+    status, detail = post(server, "generation", params, image="brain")
+    assert status == 422 and message in detail, (status, detail)
+
+
+def test_a_request_without_an_image_gets_422(server):
+    status, detail = post(server, "anomaly", "{}")
+    assert status == 422 and "no input image" in detail, (status, detail)
+
+
+@pytest.mark.parametrize("side", [512, 10000])
+@pytest.mark.parametrize("model", ["generation", "anomaly", "segdiff"])
+def test_header_bomb_uploads_get_a_fast_422_naming_the_upload(server, model, side):
+    shape = (side,) * 3 + ((4,) if model == "segdiff" else ())  # segmentation: a 4-channel volume
+    bomb = header_only_nifti(server["base"] / "bombs" / f"bomb_{side}_{model}.nii.gz", shape)
+    assert bomb.stat().st_size < 200
+    start = time.perf_counter()
+    status, detail = post(server, model, json.dumps(FAST_SEG if model == "segdiff" else {}), upload=bomb)
+    elapsed = time.perf_counter() - start
+    assert status == 422 and f"bomb_{side}_{model}.nii.gz: grid ({side}, {side}, {side})" in detail, detail
+    assert "voxels; at most" in detail
+    assert_names_only_the_users_file(detail, server, bomb.name)
+    assert elapsed < 10, elapsed
+    assert leftovers(server) == []
+
+
+@pytest.mark.parametrize("model, params, make", [
+    ("anomaly", {}, "nan_t1"), ("segdiff", FAST_SEG, "nan_four"), ("generation", {"steps": 2}, "truncated")])
+def test_errors_name_the_uploaded_file_never_the_servers_scratch_path(server, model, params, make):
+    """The anomaly runner links its input to work_dir/case.nii.gz and the segmentation splits a 4D upload into
+    work_dir/case_<seq>.nii.gz: errors raised on those files name the upload."""
+    t1, affine = read_image(server["t1"])
+    folder = server["base"] / "named"
+    if make == "nan_t1":
+        bad = t1.astype(np.float32)
+        bad[3, 4, 5] = np.nan
+        upload, expected = save_nifti(bad, affine, folder / "patient 07 T1.nii.gz"), "patient 07 T1.nii.gz: "
+    elif make == "nan_four":
+        four = np.stack([t1.astype(np.float32)] * 4, -1)
+        four[3, 4, 5, 0] = np.nan
+        upload, expected = save_nifti(four, affine, folder / "case-9.nii.gz"), "case-9.nii.gz (channel t1): "
+    else:
+        upload, expected = header_only_nifti(folder / "cut ref.nii.gz", SHAPE), "cut ref.nii.gz"
+        upload.write_bytes(upload.read_bytes()[:-10])  # a truncated header
+    status, detail = post(server, model, json.dumps(params), upload=upload)
+    assert status == 422, (status, detail)
+    assert expected in detail
+    assert_names_only_the_users_file(detail, server, upload.name)
+    assert leftovers(server) == []
+
+
+def test_an_unsafe_session_id_gets_422(server):
+    status, detail = send(server, "POST", "/infer/anomaly", {"session_id": "../../etc", "output": "json"},
+                          {"params": "{}"})
+    assert status == 422 and "session id '../../etc' is not a safe file name" in detail, (status, detail)
+
+
+@pytest.mark.parametrize("filename, message", [
+    ("..", "uploaded file name '..' is not a safe file name"),
+    ("bad\x01name.nii.gz", "is not a safe file name"),
+])
+def test_unsafe_upload_names_get_422(server, filename, message):
+    status, detail = post(server, "generation", "{}", upload=server["t1"], filename=filename)
+    assert status == 422 and message in detail, (status, detail)
+    assert leftovers(server) == []
+
+
+def test_no_upload_outlives_its_request(server):
+    """Success and every kind of failure: the server's temp folder is empty once each answer is sent."""
+    assert post(server, "segdiff", json.dumps(FAST_SEG), upload=server["four"])[0] == 200
+    assert leftovers(server) == []
+    assert post(server, "generation", json.dumps({"steps": 2}), upload=server["t1"], filename="/c/me/ref.nii.gz")[0] \
+        == 200
+    assert leftovers(server) == []
+    for model, params, upload in [("segdiff", json.dumps(FAST_SEG), server["three"]),  # 422 in the pipeline
+                                  ("segdiff", "{", server["four"]),  # 422 before anything runs
+                                  ("nosuchmodel", "{}", server["four"]),  # 404
+                                  ("generation", '{"steps": 0}', server["t1"])]:
+        status, detail = post(server, model, params, upload=upload)
+        assert status in (404, 422), (status, detail)
+        assert leftovers(server) == [], (model, params)
+
+
+@pytest.mark.parametrize("endpoint, query, field, message", [
+    ("image", {"image": "../escaped"}, "file", "image id '../escaped' is not a safe file name"),
+    ("image", {"image": "/tmp/escaped"}, "file", "image id '/tmp/escaped' is not a safe file name"),
+    ("label", {"image": "brain", "tag": "../../escaped"}, "label", "label tag '../../escaped' is not a safe file name"),
+])
+def test_datastore_uploads_under_unsafe_names_get_422_and_write_nothing(server, endpoint, query, field, message):
+    status, detail = send(server, "PUT", f"/datastore/{endpoint}", query, {"params": "{}"},
+                          [(field, "scan.nii.gz", server["t1"])])
+    assert status == 422 and message in detail, (status, detail)
+    assert not list(server["base"].glob("escaped*")) and not Path("/tmp/escaped.nii.gz").exists()
+    assert leftovers(server) == []
+    assert MONAILabelClient(server["url"]).info()["datastore"]["total"] == 8
+
+
+@pytest.fixture(scope="module")
+def quick_server(server):
+    """A second server on the same bundles with a 3 s time limit."""
+    running = start_server(server["base"], server["bundles"], server["studies"], "quick", "--timeout", "3")
+    yield {**running, "base": server["base"], "t1": server["t1"]}
+    stop_server(running)
+
+
+def test_a_request_over_the_time_limit_gets_504_and_frees_the_server(quick_server):
+    start = time.perf_counter()
+    status, detail = post(quick_server, "generation", json.dumps({"steps": 1000, "sampler": "heun"}),
+                          upload=quick_server["t1"])
+    elapsed = time.perf_counter() - start
+    assert status == 504 and "longer than the server's time limit of 3 s" in detail, (status, detail)
+    assert elapsed < 60, elapsed
+    assert leftovers(quick_server) == []
+    status, _ = post(quick_server, "generation", json.dumps({"steps": 2}), image="brain")  # the next one runs
+    assert status == 200
+    assert quick_server["proc"].poll() is None
 
 
 # ------------------------------------------------------------------------------------------------ burst

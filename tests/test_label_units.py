@@ -8,7 +8,12 @@ import argparse
 import email.parser
 import email.policy
 import gzip
+import io
 import json
+import re
+import tempfile
+import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +22,7 @@ import SimpleITK as sitk
 
 from meddiff3d.data.images import read_image
 from meddiff3d.errors import InputError
-from meddiff3d.label import client, params, sequences, serve
+from meddiff3d.label import client, params, request, sequences, serve
 from meddiff3d.label.bundles import resample_to_reference
 from meddiff3d.label.slicer_io import (ANOMALY_SEGMENTS, BRATS_SEGMENTS, read_nrrd_header, write_float_volume,
                                        write_seg_nrrd)
@@ -315,3 +320,208 @@ def test_label_env_requirements_drop_only_jsonschema():
     reqs = env.requirements()
     assert not any(r.startswith("jsonschema") for r in reqs)
     assert any(r.startswith("monailabel") for r in reqs) and any(r.startswith("nibabel") for r in reqs)
+
+
+# ------------------------------------------------------------------------------------------------ hostile requests
+def header_only_nifti(path, shape):
+    """A ``.nii.gz`` whose header claims ``shape`` (float32) but that holds no voxel: the 82-byte upload of issue 13."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "params is not valid JSON"), ("[1, 2]", "must be a JSON object {name: value}, got a list"),
+    ('"steps"', "got a string"), ("null", "got null"), ("7", "got a number"),
+])
+def test_params_that_are_not_a_json_object_are_refused(text, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        params.parse_params_json(text)
+
+
+def test_params_json_is_read_and_empty_means_none():
+    assert params.parse_params_json('{"steps": 3}') == {"steps": 3}
+    assert params.parse_params_json("") == params.parse_params_json(None) == {}
+
+
+def test_unknown_parameter_names_are_refused_with_a_did_you_mean():
+    with pytest.raises(InputError, match=r"unknown parameter 'stepz' \(did you mean 'steps'\?\) for model 'seg'"):
+        params.check_param_names(params.SEGMENTATION_PARAMS, {"stepz": 5}, ("sequences",), "model 'seg'")
+    with pytest.raises(InputError, match="unknown parameters 'image', 'device'"):  # never override the request's own
+        params.check_param_names(params.ANOMALY_PARAMS, {"image": "/etc/x.nii", "device": "cuda"})
+    params.check_param_names(params.SEGMENTATION_PARAMS, {"steps": 5, "sequences": [], "client_id": "c",
+                                                          "result_extension": ".nrrd", "result_dtype": "uint8"},
+                             ("sequences",))
+
+
+@pytest.mark.parametrize("filename, stored", [
+    ("scan.nii.gz", "scan.nii.gz"), ("/home/me/data/scan.nii.gz", "scan.nii.gz"),  # MONAILabelClient: full path
+    ("C:\\Users\\me\\scan.nrrd", "scan.nrrd"), ("../../etc/cron.d/job.nii", "job.nii"), (None, "upload.nii.gz"),
+])
+def test_uploads_are_stored_inside_the_scratch_folder_under_their_file_name(tmp_path, filename, stored):
+    path = request.save_upload(io.BytesIO(b"bytes"), filename, tmp_path / "scratch")
+    assert path == tmp_path / "scratch" / stored and path.read_bytes() == b"bytes"
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [stored]
+
+
+@pytest.mark.parametrize("filename", ["..", "a/..", "scan\x00.nii.gz", "scan\n.nii.gz", "x/", " "])
+def test_unsafe_upload_names_are_refused_and_nothing_is_written(tmp_path, filename):
+    with pytest.raises(InputError, match="uploaded file name .* is not a safe file name"):
+        request.save_upload(io.BytesIO(b"bytes"), filename, tmp_path / "scratch")
+    assert not (tmp_path / "scratch").exists()
+
+
+def test_request_names_show_the_users_names_not_server_paths(tmp_path):
+    names = request.RequestNames()
+    upload = tmp_path / "req" / "upload" / "mycase.nii.gz"
+    names.add(upload, "mycase.nii.gz")
+    names.add(tmp_path / "work" / "case.nii.gz", "mycase.nii.gz", basename=True)
+    names.add_folder(tmp_path / "work")
+    text = (f"{upload}: bad header; {tmp_path}/work/case.nii.gz: all voxels are 0; case.nii.gz again; "
+            f"{tmp_path}/work/out/case_mask.nii.gz")
+    assert names.message(text) == ("mycase.nii.gz: bad header; mycase.nii.gz: all voxels are 0; mycase.nii.gz "
+                                   "again; out/case_mask.nii.gz")
+    assert names.name_of(upload) == "mycase.nii.gz" and names.name_of(tmp_path / "other.nrrd") == "other.nrrd"
+
+
+@pytest.mark.parametrize("shape", [(512, 512, 512), (10000, 10000, 10000)])
+def test_header_bombs_are_refused_from_the_header_alone(tmp_path, shape):
+    bomb = header_only_nifti(tmp_path / "bomb.nii.gz", shape)
+    assert bomb.stat().st_size < 200
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=rf"reference image {re.escape(str(bomb))}: grid \({shape[0]}, .*voxels; "
+                                         rf"at most {request.MAX_REQUEST_VOXELS}"):
+        request.check_input_grid(bomb, "reference image")
+    assert time.perf_counter() - start < 2
+    assert request.check_input_grid(header_only_nifti(tmp_path / "ok.nii.gz", (240, 240, 155))).shape == (240, 240, 155)
+
+
+def test_a_4d_header_bomb_is_refused_before_it_is_split(tmp_path, monkeypatch):
+    bomb = header_only_nifti(tmp_path / "four.nii.gz", (512, 512, 512, 4))
+    monkeypatch.setattr(sequences, "split_4d_volume", lambda *a: pytest.fail("the voxels were read"))
+    with pytest.raises(InputError, match=r"four.nii.gz: grid \(512, 512, 512\) is 1.34e\+08 voxels"):
+        sequences.resolve_sequences(bomb, {}, tmp_path / "work", no_ids)
+
+
+def test_a_truncated_4d_upload_is_an_image_error(tmp_path):
+    cut = header_only_nifti(tmp_path / "cut.nii.gz", (8, 8, 8, 4))
+    with pytest.raises(InputError, match="cut.nii.gz: unreadable or truncated NIfTI data"):
+        sequences.resolve_sequences(cut, {}, tmp_path / "work", no_ids)
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"not an image at all")
+    with pytest.raises(InputError, match="garbage.nii.gz: unreadable"):
+        sequences.resolve_sequences(garbage, {}, tmp_path / "work", no_ids)
+
+
+@pytest.mark.parametrize("kind, pipeline, function", [("generation", "generation", "generate"),
+                                                      ("anomaly", "anomaly", "detect_anomalies")])
+def test_a_header_bomb_stops_a_request_before_any_model_runs(tmp_path, monkeypatch, kind, pipeline, function):
+    import importlib
+
+    from meddiff3d.label import bundles
+
+    monkeypatch.setattr(importlib.import_module(f"meddiff3d.pipelines.{pipeline}"), function,
+                        lambda *a, **k: pytest.fail("the pipeline ran"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "upload").mkdir()
+    bomb = header_only_nifti(tmp_path / "upload" / "bomb.nii.gz", (512, 512, 512))
+    names = request.RequestNames()
+    names.add(bomb, "bomb.nii.gz")
+    model = bundles.BundleModel("m", kind, tmp_path, {k: tmp_path / k for k in bundles.MODEL_FILES[kind]})
+    parsed = params.parse_params(model.params, {})
+    with pytest.raises(InputError) as info:
+        bundles.run_request(model, str(bomb), {}, parsed, no_ids, names)
+    message = names.message(str(info.value))
+    assert "bomb.nii.gz: grid (512, 512, 512)" in message and str(tmp_path) not in message
+    assert list((tmp_path / "tmp").iterdir()) == []  # the scratch folder is gone
+
+
+def fake_detector(outcome):
+    """A detect_anomalies stand-in: writes the case's mask, or fails naming its input as the pipeline's checks do."""
+    def detect(codec, diffusion, calibration, inputs, output_dir, **kwargs):
+        from meddiff3d.errors import ImageError
+        from meddiff3d.pipelines.anomaly import OUTPUT_SUFFIXES
+
+        if outcome == "fail":
+            raise ImageError(f"{inputs[0]}: all voxels are 0 (an empty volume); an image with content is required")
+        save_nifti(np.ones((6, 7, 5), np.uint8), OBLIQUE, Path(output_dir) / f"case{OUTPUT_SUFFIXES['mask']}")
+        return [{"volume_score": 0.5, "anomalous": True}]
+    return detect
+
+
+@pytest.mark.parametrize("outcome", ["ok", "fail"])
+def test_an_anomaly_request_names_the_users_image_and_leaves_only_its_result(tmp_path, monkeypatch, outcome):
+    import meddiff3d.pipelines.anomaly as anomaly_pipeline
+    from meddiff3d.label import bundles
+
+    monkeypatch.setattr(anomaly_pipeline, "detect_anomalies", fake_detector(outcome))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    upload = save_nifti(np.ones((6, 7, 5), np.float32), OBLIQUE, tmp_path / "upload" / "my scan.nii.gz")
+    names = request.RequestNames()
+    names.add(upload, "my scan.nii.gz")
+    model = bundles.BundleModel("anom", "anomaly", tmp_path, {k: tmp_path / k for k in bundles.MODEL_FILES["anomaly"]})
+    if outcome == "fail":
+        with pytest.raises(InputError) as info:
+            bundles.run_request(model, str(upload), {}, {"result": "mask"}, no_ids, names)
+        assert names.message(str(info.value)) == ("my scan.nii.gz: all voxels are 0 (an empty volume); an image with "
+                                                  "content is required")
+        assert list((tmp_path / "tmp").iterdir()) == []
+    else:
+        out, result = bundles.run_request(model, str(upload), {}, {"result": "mask"}, no_ids, names)
+        assert result["anomalous"] and out.name.endswith(".seg.nrrd")
+        assert list((tmp_path / "tmp").iterdir()) == [out]  # the scratch folder is gone, the result moved out
+
+
+def test_call_with_timeout_stops_the_computation_in_its_own_thread():
+    import threading
+
+    import torch
+
+    def compute():
+        x = torch.ones(32, 32, 32)
+        while True:  # a pipeline's own `except Exception` must not swallow the stop
+            try:
+                x = torch.nn.functional.avg_pool3d(x[None, None], 3, 1, 1)[0, 0]
+            except Exception:  # noqa: BLE001
+                pass
+
+    outcome = {}
+
+    def worker():
+        start = time.perf_counter()
+        try:
+            request.call_with_timeout(compute, 0.3)
+        except request.RequestTimeout:
+            outcome["stopped_after"] = time.perf_counter() - start
+        outcome["then"] = request.call_with_timeout(lambda a, b: a + b, 5, 2, b=3)  # the thread is usable again
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive()  # no computing thread left behind
+    assert 0.3 <= outcome["stopped_after"] < 3 and outcome["then"] == 5
+    assert request.call_with_timeout(lambda: "no limit", 0) == "no limit"
+    time.sleep(0.1)
+    assert not [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
+
+
+def test_serve_passes_the_infer_endpoint_and_the_time_limit(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    args = parser.parse_args(["serve", "--studies", str(studies), "--app-dir", str(tmp_path / "app"), "--timeout",
+                              "90", "--dry-run"])
+    assert serve.run(args) == 0
+    cmd = " ".join(capsys.readouterr().out.split())
+    assert "--uvicorn_app meddiff3d.label.server:app" in cmd and "--conf request_timeout 90" in cmd
+    default = parser.parse_args(["serve", "--studies", str(studies), "--app-dir", str(tmp_path / "app"), "--dry-run"])
+    serve.run(default)
+    assert f"--conf request_timeout {request.DEFAULT_TIMEOUT_S:g}" in capsys.readouterr().out
+    with pytest.raises(InputError, match="--timeout must be a finite number >= 0"):
+        serve.run(parser.parse_args(["serve", "--studies", str(studies), "--timeout", "-1", "--dry-run"]))

@@ -22,6 +22,7 @@ from meddiff3d.models.ldm import (
     covariate_conditioning,
     covariate_vector,
     build_denoiser,
+    check_guidance_support,
     latent_unet_spec,
     load_latent_diffusion,
     model_conditioning,
@@ -155,6 +156,43 @@ def test_conditional_unconditional_and_guidance_from_one_model(pair, tmp_path):
     assert not np.allclose(strong, cond, atol=1e-4)
 
 
+def test_guidance_needs_conditional_sampling(pair, tmp_path):
+    """guidance_scale != 1 without a condition (an unconditional model, or covariates null) is refused, never
+    ignored; guidance_scale 1 samples unconditionally as before."""
+    unconditional = untrained_pair(tmp_path / "uncond", conditioning="none")
+    with pytest.raises(InputError, match="^guidance_scale=3 needs conditional sampling: the diffusion model "
+                                         ".*uncond/diffusion.pt is unconditional; leave guidance_scale at 1$"):
+        _gen(unconditional, tmp_path / "u", covariates=None, guidance_scale=3.0)
+    with pytest.raises(InputError, match="^guidance_scale=0 needs conditional sampling: covariates are null \\(give "
+                                         "every covariate: sex, age, ventricular_volume, brain_volume\\); leave"):
+        _gen(pair, tmp_path / "c", covariates=None, guidance_scale=0.0)
+    assert not (tmp_path / "u").exists() and not (tmp_path / "c").exists()
+    (path,) = _gen(unconditional, tmp_path / "ok", covariates=None)
+    assert np.isfinite(_load(path)).all()
+
+
+def test_check_guidance_support_rules():
+    """The callers' conventions: generation passes (conditional = covariates given, its guidance_scale), anomaly
+    detection (conditional=False, guidance_scale=1)."""
+    meta = {"conditioning": {"mode": "both", "covariates": ["age"]}, "training": {"cond_dropout": 0.1}}
+    no_dropout = {**meta, "training": {"cond_dropout": 0}}
+    unconditional = {"conditioning": {"mode": "none", "covariates": []}, "training": {}}
+    for m in (meta, unconditional):
+        check_guidance_support(m, "m.pt", conditional=False, guidance_scale=1.0)  # anomaly detection's call
+    check_guidance_support(meta, "m.pt", conditional=True, guidance_scale=3.0)
+    check_guidance_support(no_dropout, "m.pt", conditional=True, guidance_scale=1.0)
+    for m, conditional, scale, message in [
+        (unconditional, False, 2.0, ("guidance_scale=2 needs conditional sampling: the diffusion model m.pt is "
+                                     "unconditional")),
+        (meta, False, 0.5, "guidance_scale=0.5 needs conditional sampling: covariates are null"),
+        (no_dropout, False, 1.0, "without conditioning dropout and cannot sample unconditionally"),
+        (no_dropout, False, 3.0, "without conditioning dropout and cannot sample unconditionally"),
+        (no_dropout, True, 3.0, "classifier-free guidance is undefined for it; use guidance_scale 1 \\(got 3\\)"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            check_guidance_support(m, "m.pt", conditional=conditional, guidance_scale=scale)
+
+
 def load_models(codec_path, diffusion_path, amp_dtype=None):
     codec, diffusion = load_latent_diffusion(codec_path, diffusion_path, dtype=amp_dtype)
     return diffusion.network, diffusion.meta, codec.network
@@ -220,7 +258,7 @@ def test_latent_scale_travels_with_the_codec_file(pair, tmp_path):
     ({"covariates": {**COV, "age": 1.2}}, "age=1.2 is outside \\[0, 1\\]"),
     ({"covariates": {**COV, "weight": 0.2}}, "unknown covariate.*'weight'"),
     ({"steps": 0}, "steps must be an integer >= 1"),
-    ({"steps": 2000}, "n_steps must be in \\[1, 1000\\]"),
+    ({"steps": 2000}, "steps must be in \\[1, 1000\\]"),
     ({"num_samples": 0}, "num_samples must be an integer >= 1"),
     ({"guidance_scale": -1}, "guidance_scale must be a finite number >= 0"),
     ({"amp": "fp8"}, "unknown amp 'fp8'"),
@@ -241,6 +279,17 @@ def test_missing_and_foreign_model_files(pair, tmp_path):
     other = untrained_pair(tmp_path / "other", seed=1)
     with pytest.raises(InputError, match="not the codec"):
         _gen((other[0], pair[1]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry", ["codec", "image", "latent", "conditioning", "schedule"])
+def test_diffusion_file_without_a_meta_entry_is_refused(pair, tmp_path, entry):
+    data = torch.load(pair[1], weights_only=True)
+    data["meta"].pop(entry)
+    torch.save(data, tmp_path / "model.pt")
+    with pytest.raises(InputError, match=f"^diffusion model file .*model.pt is damaged or incomplete: its meta has no "
+                                         f"{entry} entry$"):
+        _gen((pair[0], tmp_path / "model.pt"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -50,6 +50,51 @@ def test_latents_are_cached_and_tied_to_the_codec(cohort, tmp_path):
         encode_latents(codec, datalist, tmp_path / "x", covariates=BRAIN_COVARIATES, shape=(64, 64, 64), progress=False)
 
 
+def test_hostile_latent_cache_is_encoded_again_never_run(cohort, tmp_path, caplog):
+    """A cache holding code, a truncated cache or a partial file of a killed encoding: encoded again (one warning)."""
+    import logging
+
+    _, datalist, codec = cohort
+    first = encode_latents(codec, datalist, tmp_path, covariates=BRAIN_COVARIATES, progress=False)
+    cache, marker = tmp_path / "latents.pt", tmp_path / "code_ran"
+    partial = tmp_path / ".latents.pt.abcd1234.tmp.pt"
+    partial.write_bytes(b"PK\x03\x04")
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for content in ({"format": "meddiff3d.latents/1", "key": Payload()}, b"PK\x03\x04 truncated"):
+        torch.save(content, cache) if isinstance(content, dict) else cache.write_bytes(content)
+        with caplog.at_level(logging.WARNING, logger="meddiff3d.pipelines"):
+            redone = encode_latents(codec, datalist, tmp_path, covariates=BRAIN_COVARIATES, progress=False)
+        assert not redone.reused and torch.equal(redone.latents, first.latents)
+        assert "latent cache" in caplog.text and "encoding again" in caplog.text
+        caplog.clear()
+    assert not marker.exists() and not partial.exists()
+    assert encode_latents(codec, datalist, tmp_path, covariates=BRAIN_COVARIATES, progress=False).reused
+
+
+def test_latent_network_reads_its_codec_through_the_one_reader(cohort, tmp_path):
+    from meddiff3d.pipelines.training_components import latent_diffusion_network
+
+    root, _, codec = cohort
+    with pytest.raises(InputError, match="^codec file .*codec.pt has no latent channel count in its meta"):
+        latent_diffusion_network(codec=codec, network="test")  # the untrained pair's codec does not record it
+    data = torch.load(codec, weights_only=True)
+    data["meta"]["latent"] = {"channels": 3}
+    torch.save(data, tmp_path / "codec.pt")
+    assert latent_diffusion_network(codec=tmp_path / "codec.pt", network="test").in_channels == 3
+    (tmp_path / "folder.pt").mkdir()
+    (tmp_path / "notes.pt").write_text("codec: see the README")
+    for path, message in [(root / "pair" / "diffusion.pt", "is a latent diffusion model file, not a codec"),
+                          (tmp_path / "folder.pt", "is a directory, expected a file"),
+                          (tmp_path / "notes.pt", "cannot be read: not a torch file"),
+                          (tmp_path / "nope.pt", "does not exist")]:
+        with pytest.raises(InputError, match=f"^codec file {path} {message}"):
+            latent_diffusion_network(codec=path, network="test")
+
+
 def test_dropout_uses_the_null_covariate():
     objective = DiffusionObjective(NoiseSchedule(), cond_dropout=1.0, null_cond=null_condition(4, "both"))
     batch = {"image": torch.zeros(3, 1, 2, 2, 2), "concat": torch.zeros(3, 4), "context": torch.zeros(3, 1, 4)}

@@ -79,6 +79,8 @@ def test_split_is_seeded_and_complete():
     assert [len(v) for v in a.values()] == [7, 2, 1]
     with pytest.raises(InputError, match="summing to 1"):
         split_ids(ids, (0.5, 0.2, 0.2))
+    with pytest.raises(InputError, match="seed must be an integer >= 0, got -1"):
+        split_ids(ids, seed=-1)
 
 
 def head_phantom(shape=(20, 24, 22), center=(7.0, 13.0, 12.0), radius=5.0):
@@ -171,3 +173,148 @@ def test_covariates_csv_fixed_ranges(tmp_path):
         read_covariates_csv(csv_path, ["a", "b"], {"age": {"min": 60, "max": 90}})
     with pytest.raises(InputError, match=r"'sex'.*\['M'\] outside the categories"):
         read_covariates_csv(csv_path, ["a", "b"], {"sex": {"categories": ["F", "X"]}})
+
+
+# ------------------------------------------------------------------------------------------------ hostile input
+def _datalist_cli(capsys, *argv):
+    """``(exit status, stderr)`` of ``meddiff3d datalist ARGV``; stderr holds no traceback."""
+    code = cli.main(["datalist", *map(str, argv)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def _t1_cohort(src, names=("sub-01", "sub-02")):
+    for name in names:
+        save_nifti(head_phantom(), np.eye(4), src / f"{name}.nii.gz")
+    return src
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_t1_truncated_input_is_an_error_and_leaves_no_output(tmp_path, capsys):
+    src = _t1_cohort(tmp_path / "cohort", ("sub-01", "sub-02", "sub-03"))
+    _truncate(src / "sub-02.nii.gz")
+    code, err = _datalist_cli(capsys, "t1", src, "--out", tmp_path / "ds", "--shape", 16, 16, 16)
+    assert code == 2 and err.count("error:") == 1
+    assert "sub-02.nii.gz" in err and "truncated" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort"]  # no output folder, no temporary folder
+
+
+def test_t1_every_unusable_input_reported(tmp_path, capsys):
+    src = _t1_cohort(tmp_path / "cohort")
+    (src / "loop-a.nii.gz").symlink_to("loop-b.nii.gz")
+    (src / "loop-b.nii.gz").symlink_to("loop-a.nii.gz")
+    save_nifti(head_phantom(), np.eye(4), src / "bad\nname.nii.gz")
+    code, err = _datalist_cli(capsys, "t1", src, "--out", tmp_path / "ds")
+    assert code == 2 and "3 problems" in err
+    assert err.count("broken symbolic link or symlink loop") == 2 and "loop-a.nii.gz" in err
+    assert "T1 case id" in err and "'bad\\nname' is not a safe file name" in err
+    assert not (tmp_path / "ds").exists()
+    for name in ("loop-a", "loop-b", "bad\nname"):
+        (src / f"{name}.nii.gz").unlink()
+    save_nifti(np.zeros((20, 24, 22)), np.eye(4), src / "sub-03.nii.gz")
+    save_nifti(head_phantom(), np.diag([0.01, 0.01, 0.01, 1]), src / "sub-04.nii.gz")
+    code, err = _datalist_cli(capsys, "t1", src, "--out", tmp_path / "ds")
+    assert code == 2 and "2 problems" in err and "sub-03.nii.gz: all voxels are 0" in err
+    assert "sub-04.nii.gz: voxel spacing (0.01, 0.01, 0.01) mm is outside the plausible range" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort"]
+
+
+def test_t1_output_folder_and_sizes_checked_first(tmp_path, capsys):
+    src = _t1_cohort(tmp_path / "cohort")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    for argv, message in [
+        (["--out", tmp_path / "file"], "is an existing file, not a folder"),
+        (["--out", tmp_path / "file" / "ds"], "which is an existing file"),
+        (["--out", tmp_path / "full"], "already exists and is not empty"),
+        (["--out", tmp_path / "ds", "--shape", 10000, 10000, 10000], "1e+12 voxels; at most 134217728"),
+        (["--out", tmp_path / "ds", "--spacing", 0.001, 1, 1], "--spacing (mm) must be a finite number in [0.1, 10]"),
+        (["--out", tmp_path / "ds", "--n4-shrink", 0], "--n4-shrink must be an integer >= 1"),
+    ]:
+        code, err = _datalist_cli(capsys, "t1", src, *argv)
+        assert code == 2 and message in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort", "file", "full"]
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+
+
+def test_t1_memory_limit_from_the_environment(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDDIFF3D_MAX_MEMORY_GB", "0.0001")  # 100 kB: less than one 20x24x22 input
+    code, err = _datalist_cli(capsys, "t1", _t1_cohort(tmp_path / "cohort"), "--out", tmp_path / "ds")
+    assert code == 2 and "converting T1" in err and "MEDDIFF3D_MAX_MEMORY_GB=0.0001 allows" in err
+    assert not (tmp_path / "ds").exists()
+
+
+def test_t1_conversion_into_an_empty_folder(tmp_path):
+    (tmp_path / "ds").mkdir()
+    out = t1_cohort_to_dataset(_t1_cohort(tmp_path / "cohort"), tmp_path / "ds", shape=(16, 16, 16),
+                               fractions=(1.0, 0.0, 0.0))
+    assert out == tmp_path / "ds" / "datalist.json"
+    assert sorted(p.name for p in (tmp_path / "ds" / "images").iterdir()) == ["sub-01_t1.nii.gz", "sub-02_t1.nii.gz"]
+    assert len(load_datalist(out)) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["cohort", "ds"]
+
+
+def test_covariates_csv_byte_order_mark_and_duplicate_ids(tmp_path):
+    from meddiff3d.data.t1_conversion import read_covariates_csv
+
+    csv_path = tmp_path / "cov.csv"
+    csv_path.write_bytes("id,age\na,50\nb,70\n".encode("utf-8-sig"))  # as spreadsheets save it
+    assert read_covariates_csv(csv_path, ["a", "b"])[1]["b"] == {"age": 1.0}
+    csv_path.write_text("id,age\na,50\na,70\n")
+    with pytest.raises(InputError, match="id 'a' appears twice"):
+        read_covariates_csv(csv_path, ["a"])
+    csv_path.write_bytes(b"id,age\n\xff\xfe,1\n")
+    with pytest.raises(InputError, match="cannot read it as UTF-8 CSV"):
+        read_covariates_csv(csv_path, ["a"])
+    csv_path.write_text("id,age\na,50\n")
+    with pytest.raises(InputError, match="'age' min"):
+        read_covariates_csv(csv_path, ["a"], {"age": {"min": "old", "max": 90}})
+
+
+def test_validate_reports_every_section_and_accepts_an_empty_one(tmp_path, capsys):
+    src = fake_brats(tmp_path / "b", "brats2021", n=3)
+    out = brats_to_datalist(src, tmp_path / "d.json", fractions=(1.0, 0.0, 0.0))
+    doc = json.loads(out.read_text())
+    doc["test"], doc["training"] = doc["training"], []
+    out.write_text(json.dumps(doc))
+    assert cli.main(["datalist", "validate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "training: empty" in printed and "test: 3 items, 3 with label" in printed
+    doc["training"] = [dict(doc["test"][0], id="../../escape")]
+    doc["validation"] = [dict(doc["test"][1], id="/abs/id"), dict(doc["test"][1], image=["nope.nii.gz"] * 4)]
+    out.write_text(json.dumps(doc))
+    code, err = _datalist_cli(capsys, "validate", out)
+    assert code == 2 and err.count("error:") == 1 and "6 problems" in err  # 2 ids, 4 missing files
+    assert "training[0]: item id '../../escape' is not a safe file name" in err
+    assert "validation[0]: item id '/abs/id' is not a safe file name" in err and "image file not found" in err
+    code, err = _datalist_cli(capsys, "validate", out, "--content", "--header-only")
+    assert code == 2 and "--content reads every voxel" in err
+
+
+def test_brats_reads_every_voxel_follows_links_and_reports_bad_entries(tmp_path, capsys):
+    src = fake_brats(tmp_path / "b", "brats2021", n=3)
+    (tmp_path / "elsewhere").mkdir()
+    (src / "BraTS2021_00002").rename(tmp_path / "elsewhere" / "BraTS2021_00002")
+    (src / "BraTS2021_00002").symlink_to(tmp_path / "elsewhere" / "BraTS2021_00002")  # a linked case folder counts
+    out = brats_to_datalist(src, tmp_path / "d.json", fractions=(1.0, 0.0, 0.0))
+    assert sorted(it["id"] for it in load_datalist(out)) == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"]
+    _truncate(src / "BraTS2021_00001" / "BraTS2021_00001_t2.nii.gz")
+    code, err = _datalist_cli(capsys, "brats", src, "--out", tmp_path / "d2.json")
+    assert code == 2 and "BraTS2021_00001_t2.nii.gz" in err and "truncated" in err
+    assert f"datalist {tmp_path / 'd2.json'}: " in err  # the datalist asked for, not a staging file
+    assert not (tmp_path / "d2.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["b", "d.json",
+                                                                                                 "elsewhere"]
+    assert _datalist_cli(capsys, "brats", src, "--out", tmp_path / "d2.json", "--header-only")[0] == 0
+    (src / "BraTS2021_00000" / "BraTS2021_00000_seg2.nii.gz").symlink_to("nowhere.nii.gz")
+    save_nifti(np.ones(SHAPE), np.eye(4), src / "BraTS2021_00000" / "x..y_t1.nii.gz")
+    code, err = _datalist_cli(capsys, "brats", src, "--out", tmp_path / "d3.json")
+    assert code == 2 and "2 problems" in err and "seg2.nii.gz: broken symbolic link" in err
+    assert "BraTS case id" in err and "'x..y' is not a safe file name" in err
+    assert not (tmp_path / "d3.json").exists()
+    code, err = _datalist_cli(capsys, "brats", src, "--out", tmp_path)
+    assert code == 2 and "is a folder; give the datalist JSON file" in err

@@ -118,3 +118,30 @@ def test_cli_unknown_kind(tmp_path, capsys):
         main(["synth", "zombie", "--n", "2", "--out", str(tmp_path)])
     assert exit_info.value.code != 0
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_huge_shape_fails_fast_writing_nothing(tmp_path, capsys):
+    import time
+
+    start = time.perf_counter()
+    code = main(["synth", "brats", "--n", "2", "--out", str(tmp_path / "x"), "--shape", "10000", "10000", "10000",
+                 "--source", "procedural"])
+    assert code == 2 and time.perf_counter() - start < 1.0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: synth --shape (10000, 10000, 10000) is 1e+12 voxels" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_memory_limit_and_output_folder_checked_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDDIFF3D_MAX_MEMORY_GB", "0.001")
+    code = main(["synth", "healthy", "--n", "1", "--out", str(tmp_path / "x"), "--shape", "64", "64", "64",
+                 "--source", "procedural"])
+    assert code == 2 and "synth --shape 64 64 64 needs about 78.6 MB of memory; the limit MEDDIFF3D_MAX_MEMORY_GB=" \
+                         "0.001 allows 1.0 MB" in capsys.readouterr().err
+    monkeypatch.delenv("MEDDIFF3D_MAX_MEMORY_GB")
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "x"):
+        code = main(["synth", "healthy", "--n", "1", "--out", str(out), "--shape", "16", "16", "16",
+                     "--source", "procedural"])
+        assert code == 2 and "error: synth --out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -76,6 +76,10 @@ class Calibration:
                       float(data["calibration_fpr"]), dict(data["volume_scores"]), dict(data.get("healthy") or {}))
         except KeyError as err:
             raise InputError(f"{source}: missing entry {err}") from None
+        except InputError as err:
+            raise InputError(f"{source}: {err}") from None
+        except (TypeError, ValueError) as err:  # e.g. a threshold "abc", models a list: a damaged or edited file
+            raise InputError(f"{source}: an entry has the wrong type ({err})") from None
         if len(cal.residual_stats) != len(settings.step_names):
             raise InputError(f"{source}: {len(cal.residual_stats)} residual statistics for steps {settings.step_names}")
         return cal

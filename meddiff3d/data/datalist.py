@@ -33,8 +33,10 @@ Covariate values in items are the model inputs, scaled to [0, 1]; the top-level 
 scaling (``value = (raw - min) / (max - min)``, or ``index / (len(categories) - 1)`` for a ``categories`` list) so raw
 values can be recovered.
 
-:func:`load_datalist` reads one section and validates all of it before returning (see its docstring); every problem
-is reported as :class:`~meddiff3d.errors.DatalistError` naming the datalist file, the item and what is wrong.
+:func:`load_datalist` reads one section and validates all of it before returning (see its docstring),
+:func:`check_datalist` every section (an empty one is allowed beside one with items); every problem is reported as
+:class:`~meddiff3d.errors.DatalistError` naming the datalist file, the item and what is wrong. Item ids are safe
+file names (:func:`meddiff3d.checks.safe_name`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from meddiff3d.checks import check_int, raise_problems, safe_name
 from meddiff3d.errors import DatalistError, ImageError, InputError
 from meddiff3d.utils.io import read_json, save_json
 
@@ -86,10 +89,6 @@ def write_datalist(path: str | os.PathLike, sections: Mapping[str, Sequence[Mapp
     return save_json(doc, path)
 
 
-#: at most this many problems are listed in one DatalistError message
-MAX_REPORTED_PROBLEMS = 20
-
-
 def read_datalist(path: str | os.PathLike) -> dict:
     """The datalist JSON as a dict (no validation of items); raises :class:`DatalistError` if missing or not JSON."""
     path = Path(path)
@@ -108,6 +107,7 @@ def load_datalist(
     require_label: bool = False,
     covariates: Sequence[str] | None = None,
     check_images: bool | str = True,
+    content: bool = False,
 ) -> list[dict]:
     """The items of one datalist ``section``, with absolute paths, validated before anything is returned.
 
@@ -121,9 +121,13 @@ def load_datalist(
             covariates and no declared names is an error). Values must be finite numbers in [0, 1].
         check_images: ``True`` reads every voxel (detects truncated files and NaN/Inf), ``"header"`` reads headers
             only (fast: shapes and affines), ``False`` only checks that the files exist.
+        content: also the content checks of :func:`~meddiff3d.data.images.check_image` on every image (not on
+            labels): no constant or all-zero volume, no complex or non-numeric voxels, spacing within 0.1-10 mm.
+            For inputs a model detects or segments in; needs ``check_images=True``.
 
-    Image checks: each image is 3D (``x, y, z, 1`` counts as 3D), all modalities of an item and its label share one
-    voxel grid (same shape, affines within 1e-3 mm).
+    Item ids must be safe file names (:func:`~meddiff3d.checks.safe_name`: no path separators, ``..``, absolute
+    paths or control characters), as outputs are named after them. Image checks: each image is 3D (``x, y, z, 1``
+    counts as 3D), all modalities of an item and its label share one voxel grid (same shape, affines within 1e-3 mm).
 
     Returns items as dicts: ``image`` (a str, or a list of str when the JSON has a list) and ``label`` made absolute;
     the top-level ``label_convention`` is copied into each item as ``convention`` (an item key may not start with
@@ -132,32 +136,87 @@ def load_datalist(
     Raises:
         DatalistError: naming the datalist file, the item (``section[index] (id ...)``) and each problem found.
     """
+    if content and check_images is not True:
+        raise ValueError("load_datalist(content=True) reads every voxel: it needs check_images=True")
     path = Path(path).absolute()
     doc = read_datalist(path)
-    root = path.parent
-    where_file = f"datalist {path}"
+    problem = _section_problem(doc, section)
+    if problem:
+        raise DatalistError(f"datalist {path}: {problem}")
+    items, problems = _load_section(path, doc, section, modalities=modalities, require_label=require_label,
+                                    covariates=covariates, check_images=check_images, content=content)
+    raise_problems(f"datalist {path}", problems, DatalistError)
+    return items
 
+
+def check_datalist(path: str | os.PathLike, sections: Sequence[str] | None = None, **checks: Any) -> dict[str, list]:
+    """``{section: items}`` of ``sections`` (default: every section present), each checked as :func:`load_datalist`
+    checks one (``checks``: its keyword arguments), all problems of all sections reported in one
+    :class:`DatalistError`. An empty section (``"training": []``) is allowed when another checked section holds items.
+    """
+    if checks.get("content") and checks.get("check_images", True) is not True:
+        raise ValueError("check_datalist(content=True) reads every voxel: it needs check_images=True")
+    path = Path(path).absolute()
+    doc = read_datalist(path)
+    names = list(sections) if sections else [name for name in SECTIONS if name in doc]
+    if not names:
+        raise DatalistError(f"datalist {path}: has none of the sections {list(SECTIONS)}")
+    problems: list[str] = []
+    out: dict[str, list] = {}
+    for name in names:
+        if doc.get(name) == []:
+            out[name] = []
+            continue
+        problem = _section_problem(doc, name)
+        if problem:
+            problems.append(problem)
+            continue
+        out[name], section_problems = _load_section(path, doc, name, **checks)
+        problems += section_problems
+    if not problems and not any(out.values()):
+        problems.append(f"every section checked is empty ({', '.join(names)}); a datalist needs items")
+    raise_problems(f"datalist {path}", problems, DatalistError)
+    return out
+
+
+def _section_problem(doc: Mapping, section: str) -> str | None:
+    """What is wrong with ``doc[section]`` as a whole (missing, not a list, empty), or ``None``."""
     if section not in doc:
         present = [name for name in SECTIONS if name in doc]
-        raise DatalistError(f"{where_file}: has no section {section!r} (sections present: {present})")
+        return f"has no section {section!r} (sections present: {present})"
     items = doc[section]
     if not isinstance(items, list) or not items:
-        raise DatalistError(f"{where_file}: section {section!r} must be a non-empty list of items")
+        filled = [name for name in SECTIONS if isinstance(doc.get(name), list) and doc[name]]
+        got = "it is empty" if items == [] else f"got {type(items).__name__}"
+        return (f"section {section!r} must be a non-empty list of items ({got}; sections with items: "
+                f"{', '.join(filled) or 'none'})")
+    return None
 
+
+def _load_section(path: Path, doc: Mapping, section: str, *, modalities=None, require_label: bool = False,
+                  covariates=None, check_images: bool | str = True, content: bool = False) -> tuple[list, list]:
+    """``(resolved items, problems)`` of the non-empty list ``doc[section]`` (see :func:`load_datalist`)."""
+    where_file = f"datalist {path}"
     names, count = _expected_modalities(doc.get("modalities"), modalities, where_file)
     allowed = _allowed_covariates(doc.get("covariates"), covariates, where_file)
     read_data = check_images is True
     problems: list[str] = []
     out: list[dict] = []
     seen_ids: dict[str, int] = {}
-    for index, item in enumerate(items):
+    for index, item in enumerate(doc[section]):
         where = f"{section}[{index}]"
         if isinstance(item, Mapping) and "id" in item:
-            where += f" (id {item['id']})"
-            if item["id"] in seen_ids:
-                problems.append(f"{where}: duplicate id, also at {section}[{seen_ids[item['id']]}]")
-            seen_ids.setdefault(item["id"], index)
-        item_problems, resolved = _check_item(item, root, count, names, require_label, allowed, check_images, read_data)
+            try:
+                case = safe_name("item id", item["id"])
+            except InputError as err:
+                problems.append(f"{where}: {err}")
+            else:
+                where += f" (id {case})"
+                if case in seen_ids:
+                    problems.append(f"{where}: duplicate id, also at {section}[{seen_ids[case]}]")
+                seen_ids.setdefault(case, index)
+        item_problems, resolved = _check_item(item, path.parent, count, names, require_label, allowed, check_images,
+                                              read_data, content)
         problems += [f"{where}: {p}" for p in item_problems]
         if resolved is not None:
             if "label_convention" in doc and "convention" not in resolved:
@@ -165,14 +224,7 @@ def load_datalist(
             out.append(resolved)
         if count is None and resolved is not None:  # no declared modalities: the first item fixes the count
             count = len(resolved["image"]) if isinstance(resolved["image"], list) else 1
-    if problems:
-        shown = problems[:MAX_REPORTED_PROBLEMS]
-        more = len(problems) - len(shown)
-        tail = f"\n  ... and {more} more" if more else ""
-        if len(problems) == 1:
-            raise DatalistError(f"{where_file}: {problems[0]}")
-        raise DatalistError(f"{where_file}: {len(problems)} problems:\n  " + "\n  ".join(shown) + tail)
-    return out
+    return out, problems
 
 
 def _expected_modalities(declared, requested, where_file) -> tuple[list[str] | None, int | None]:
@@ -203,7 +255,7 @@ def _allowed_covariates(declared, requested, where_file) -> set[str]:
     return set(declared)
 
 
-def _check_item(item, root, count, names, require_label, allowed, check_images, read_data):
+def _check_item(item, root, count, names, require_label, allowed, check_images, read_data, content=False):
     """``(problems, resolved item or None)`` for one datalist item."""
     from meddiff3d.data.images import check_image, grid_mismatch
 
@@ -246,7 +298,7 @@ def _check_item(item, root, count, names, require_label, allowed, check_images, 
         if check_images is False:
             continue
         try:
-            infos.append((role, check_image(file, read_data=read_data)))
+            infos.append((role, check_image(file, read_data=read_data, content=content and role == "image")))
         except ImageError as err:
             problems.append(f"{role} {err}")
     if len(infos) > 1:
@@ -284,20 +336,26 @@ def split_ids(ids: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1), 
     """Shuffle sorted ``ids`` with ``seed`` and cut them into training/validation/test by ``fractions``."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise InputError(f"fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
-    order = list(np.random.default_rng(seed).permutation(sorted(ids)))
+    order = list(np.random.default_rng(check_int("seed", seed, 0)).permutation(sorted(ids)))
     n_train = int(round(fractions[0] * len(order)))
     n_val = min(int(round(fractions[1] * len(order))), len(order) - n_train)
     parts = {"training": order[:n_train], "validation": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
     return {name: [str(i) for i in part] for name, part in parts.items() if part}
 
 
-def write_checked_datalist(out: Path, sections: Mapping[str, list], **meta) -> Path:
-    """Write the datalist, validate every section (headers only); on a problem remove the file and re-raise."""
-    write_datalist(out, sections, **meta)
-    try:
-        for name in sections:
-            load_datalist(out, name, check_images="header")
-    except DatalistError:
-        out.unlink(missing_ok=True)
-        raise
+def write_checked_datalist(out: Path, sections: Mapping[str, list], *, check_images: bool | str = "header",
+                           **meta) -> Path:
+    """Write the datalist beside ``out``, validate every section there (``check_images``: headers only by default,
+    ``True`` reads every voxel) and only then rename it to ``out``; on a problem nothing is left and the error is
+    re-raised."""
+    from meddiff3d.utils.io import atomic_path
+
+    out = Path(out)
+    with atomic_path(out) as staging:  # same folder: the relative paths hold after the rename
+        write_datalist(staging, sections, **meta)
+        try:
+            for name in sections:
+                load_datalist(staging, name, check_images=check_images)
+        except DatalistError as err:  # name the datalist the user asked for, not the staging file
+            raise DatalistError(str(err).replace(str(staging.absolute()), str(out.absolute()))) from None
     return out

@@ -25,13 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
-from meddiff3d.errors import ImageError
+from meddiff3d.checks import check_memory, check_voxels
+from meddiff3d.errors import ImageError, InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: tolerance (mm) when comparing the affines of two images that must share one voxel grid
 GRID_ATOL_MM = 1e-3
+#: plausible voxel spacing (mm, every axis) of an image to detect or segment in (``check_image(content=True)``):
+#: finer than 0.1 mm or coarser than 10 mm is a header in the wrong units, or not a brain MRI
+SPACING_RANGE_MM = (0.1, 10.0)
+#: memory of reading one voxel (nibabel may scale the stored values to float64), for the check before reading
+READ_BYTES_PER_VOXEL = 8
 #: centre (RAS mm) of the MNI-like box every generated volume covers when the training data has no common grid
 MNI_BOX_CENTRE_MM = (-0.5, -16.5, 5.5)
 
@@ -197,22 +203,36 @@ def read_header(path: str | os.PathLike) -> ImageInfo:
     return ImageInfo(path, array.shape, affine, fmt)
 
 
+def _check_size(path: Path, shape: Sequence[int]) -> None:
+    """A header's voxel count within :data:`~meddiff3d.checks.MAX_VOXELS` and the memory limit, before reading."""
+    try:
+        voxels = check_voxels(f"{path}: image of shape", [int(s) for s in shape])
+        check_memory(f"reading {path}", READ_BYTES_PER_VOXEL * voxels)
+    except InputError as err:
+        raise ImageError(str(err)) from None
+
+
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """``(array, affine)``: the 3D voxel array in file index order and its RAS affine; raises :class:`ImageError`.
 
-    The whole file is decompressed, so truncated files are detected here (nibabel only fails on data access).
+    The whole file is decompressed, so truncated files are detected here (nibabel only fails on data access). The
+    header's voxel count is checked first (NIfTI, NRRD, MetaImage): more than :data:`~meddiff3d.checks.MAX_VOXELS`,
+    or more than the memory limit allows, is an error before anything is allocated.
     """
     path = Path(path)
     _require_exists(path)
     fmt = image_format(path)
     if fmt == "nifti":
         img = _nifti(path)
+        _check_size(path, img.shape)
         try:
             array = np.asarray(img.dataobj)
         except Exception as err:
             raise ImageError(f"{path}: unreadable or truncated NIfTI data ({type(err).__name__}: {err})") from err
         affine = np.asarray(img.affine, np.float64)
     else:
+        if fmt == "itk":
+            _check_size(path, read_header(path).shape)
         image = read_sitk(path)
         try:
             array, affine = sitk_to_array(image)
@@ -222,28 +242,57 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return array.reshape(shape), affine
 
 
-def check_image(path: str | os.PathLike, *, read_data: bool = True) -> ImageInfo:
+def check_array(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, *, content: bool = False) -> None:
+    """The checks of :func:`check_image` on voxels already read (e.g. by a conversion that goes on to use them):
+    finite affine, finite voxels, and with ``content`` the content rule (:func:`check_image`)."""
+    path = Path(path)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(np.asarray(affine)[:3, :3])) < 1e-12:
+        raise ImageError(f"{path}: invalid affine (non-finite or singular):\n{affine}")
+    if content and array.dtype.kind not in "biuf":
+        kind = "complex" if array.dtype.kind == "c" else "non-numeric"
+        raise ImageError(f"{path}: {kind} voxel values ({array.dtype}); a real-valued (integer or float) volume is "
+                         f"required")
+    if array.dtype.kind in "fc":
+        bad = ~np.isfinite(array)
+        if bad.any():
+            n_nan = int(np.isnan(array).sum())
+            raise ImageError(
+                f"{path}: {int(bad.sum())} non-finite voxel values ({n_nan} NaN, {int(bad.sum()) - n_nan} Inf)"
+            )
+    if not content:
+        return
+    spacing = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
+    low, high = SPACING_RANGE_MM
+    if not ((spacing >= low) & (spacing <= high)).all():
+        shown = ", ".join(f"{s:.4g}" for s in spacing)
+        raise ImageError(f"{path}: voxel spacing ({shown}) mm is outside the plausible range {low:g}-{high:g} mm "
+                         f"(check the header's units and affine)")
+    low_value, high_value = array.min(), array.max()
+    if low_value == high_value:
+        what = "all voxels are 0 (an empty volume)" if low_value == 0 else \
+            f"all voxels have the value {low_value:g} (a constant volume)"
+        raise ImageError(f"{path}: {what}; an image with content is required")
+
+
+def check_image(path: str | os.PathLike, *, read_data: bool = True, content: bool = False) -> ImageInfo:
     """Validate one image: readable, 3D (see module doc), finite affine and - with ``read_data`` - finite voxels.
 
     Returns its :class:`ImageInfo`; raises :class:`ImageError` naming the file and the problem. ``read_data=False``
     checks the header only (fast, but a truncated file or NaN voxels go unnoticed).
+
+    ``content=True`` (always reads the voxels) adds the checks of an image a model is to detect or segment in: real
+    numbers (no complex or non-numeric voxels), not constant (an all-zero volume is rejected), voxel spacing within
+    :data:`SPACING_RANGE_MM` (0.1-10 mm) on every axis. Training and synthetic readers leave it off; label maps
+    (which may well be empty) never get it.
     """
     path = Path(path)
-    if not read_data:
+    if not (read_data or content):
         info = read_header(path)
-    else:
-        array, affine = read_image(path)
-        info = ImageInfo(path, array.shape, affine, image_format(path))
-        if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
-            bad = ~np.isfinite(array)
-            if bad.any():
-                n_nan = int(np.isnan(array).sum())
-                raise ImageError(
-                    f"{path}: {int(bad.sum())} non-finite voxel values ({n_nan} NaN, {int(bad.sum()) - n_nan} Inf)"
-                )
-    if not np.isfinite(info.affine).all() or abs(np.linalg.det(info.affine[:3, :3])) < 1e-12:
-        raise ImageError(f"{path}: invalid affine (non-finite or singular):\n{info.affine}")
-    return info
+        check_array(path, np.zeros(0, np.uint8), info.affine)
+        return info
+    array, affine = read_image(path)
+    check_array(path, array, affine, content=content)
+    return ImageInfo(path, array.shape, affine, image_format(path))
 
 
 def grid_mismatch(reference: ImageInfo, other: ImageInfo, atol: float = GRID_ATOL_MM) -> str | None:

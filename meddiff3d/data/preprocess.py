@@ -9,6 +9,9 @@
     Modalities are always ``[t1, t1ce, t2, flair]`` (2023: t1n, t1c, t2w, t2f); ``label_convention`` records which
     label values the ``seg`` files use. Cases are split into training/validation/test by ``--fractions`` with
     ``--seed``. A case missing a sequence is an error, or skipped with a warning under ``--skip-incomplete``.
+    Symbolic links to case folders are followed; broken links, symlink loops, unreadable folders, case ids that are
+    no safe file name and two files for one sequence are all reported in one error. Every voxel of every file is
+    read before the datalist is kept (``--header-only``: headers only, fast).
 
 ``meddiff3d datalist t1 SRC --out DIR [--covariates CSV [--covariate-ranges JSON]] [--n4]``
     Convert a T1 cohort (NIfTI/NRRD files, or one folder per DICOM series, in SRC) to ``DIR/images/<id>_t1.nii.gz``
@@ -17,8 +20,10 @@
     to [0, 1]: numeric columns by ``(raw - min) / (max - min)`` over the cohort, text columns (e.g. sex ``F``/``M``)
     by ``index / (n_categories - 1)`` in sorted category order; the scaling is recorded in the datalist.
 
-``meddiff3d datalist validate DATALIST [--section S]``
-    Run :func:`~meddiff3d.data.datalist.load_datalist` on each section and print a summary.
+``meddiff3d datalist validate DATALIST [--section S] [--content]``
+    Check every section (:func:`~meddiff3d.data.datalist.check_datalist`; all problems of all sections in one
+    error, an empty section allowed beside one with items) and print a summary. ``--content`` adds the checks of
+    images to detect or segment in (no constant volume, real voxels, spacing 0.1-10 mm).
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-
+from meddiff3d.checks import check_output_dir, raise_problems, safe_name
 from meddiff3d.data.brats import BRATS_MODALITIES
-from meddiff3d.data.datalist import SECTIONS, load_datalist, read_datalist, split_ids, write_checked_datalist
+from meddiff3d.data.datalist import SECTIONS, check_datalist, read_datalist, split_ids, write_checked_datalist
+from meddiff3d.data.folders import scan_folder
 from meddiff3d.data.t1_conversion import T1_SHAPE, t1_cohort_to_dataset
-from meddiff3d.errors import DatalistError, InputError
+from meddiff3d.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,8 @@ def find_brats_cases(src: str | os.PathLike, skip_incomplete: bool = False) -> t
         raise InputError(f"{src}: BraTS folder not found")
     cases: dict[str, dict[str, Path]] = {}
     conventions: dict[str, set] = {}
-    for file in sorted(src.rglob("*.nii*")):
+    problems: list[str] = []
+    for file, _ in scan_folder(src, problems, recursive=True):
         match = _BRATS_FILE.match(file.name)
         if not match:
             continue
@@ -70,8 +77,19 @@ def find_brats_cases(src: str | os.PathLike, skip_incomplete: bool = False) -> t
             convention = "brats2023"
         else:
             continue
+        try:
+            safe_name(f"BraTS case id (from {file})", case)
+        except InputError as err:
+            problems.append(str(err))
+            continue
         conventions.setdefault(convention, set()).add(case)
-        cases.setdefault(case, {})[BRATS_NAMING[convention][seq]] = file
+        files = cases.setdefault(case, {})
+        modality = BRATS_NAMING[convention][seq]
+        if modality in files:
+            problems.append(f"case {case} has two {seq} files: {files[modality]} and {file}")
+            continue
+        files[modality] = file
+    raise_problems(f"BraTS folder {src}", problems)
     if not cases:
         raise InputError(
             f"{src}: no BraTS files found (expected CASE/CASE_{{t1,t1ce,t2,flair,seg}}.nii.gz (2021) or "
@@ -105,8 +123,18 @@ def brats_to_datalist(
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     skip_incomplete: bool = False,
+    check_images: bool | str = True,
 ) -> Path:
-    """Index a BraTS 2021 or 2023 folder as a datalist at ``out`` (images stay where they are); returns ``out``."""
+    """Index a BraTS 2021 or 2023 folder as a datalist at ``out`` (images stay where they are); returns ``out``.
+
+    The datalist is kept only if every item passes :func:`~meddiff3d.data.datalist.load_datalist` with
+    ``check_images`` (default ``True``: every voxel read, so a truncated file is an error naming it; ``"header"``:
+    headers only).
+    """
+    out = Path(out)
+    check_output_dir(out.parent, "datalist brats --out (its folder)")
+    if out.is_dir():
+        raise InputError(f"datalist brats --out {out.absolute()} is a folder; give the datalist JSON file to write")
     convention, cases = find_brats_cases(src, skip_incomplete=skip_incomplete)
     split = split_ids(list(cases), fractions, seed)
 
@@ -126,26 +154,30 @@ def brats_to_datalist(
         "labels": BRATS_LABEL_NAMES[convention],
         "label_convention": convention,
     }
-    return write_checked_datalist(Path(out), sections, **meta)
+    return write_checked_datalist(out, sections, check_images=check_images, **meta)
 
 
 # -------------------------------------------------------------------------------------------------------- validate
 def validate(path: str | os.PathLike, sections: Sequence[str] | None = None, *, check_images: bool | str = True,
-             require_label: bool = False) -> str:
-    """Validate ``sections`` (default: all present) and return a printable summary; raises DatalistError."""
+             require_label: bool = False, content: bool = False) -> str:
+    """Validate ``sections`` (default: all present; :func:`~meddiff3d.data.datalist.check_datalist`) and return a
+    printable summary; raises DatalistError listing the problems of every section."""
+    checked_sections = check_datalist(path, sections, check_images=check_images, require_label=require_label,
+                                      content=content)
     doc = read_datalist(path)
-    names = list(sections) if sections else [s for s in SECTIONS if s in doc]
-    if not names:
-        raise DatalistError(f"datalist {path}: has none of the sections {list(SECTIONS)}")
     checked = {True: "OK", "header": "OK (headers checked; `validate` reads every voxel)", False: "OK (files exist)"}
+    if content:
+        checked[True] = "OK (every voxel and the content checked)"
     lines = [f"datalist {Path(path).absolute()}: {checked[check_images]}",
              f"  modalities: {doc.get('modalities', 'not declared')}"]
     if doc.get("covariates"):
         lines.append(f"  covariates: {list(doc['covariates'])}")
     if doc.get("label_convention"):
         lines.append(f"  label_convention: {doc['label_convention']}")
-    for name in names:
-        items = load_datalist(path, name, check_images=check_images, require_label=require_label)
+    for name, items in checked_sections.items():
+        if not items:
+            lines.append(f"  {name}: empty")
+            continue
         labelled = sum(1 for it in items if "label" in it)
         lines.append(f"  {name}: {len(items)} items, {labelled} with label")
         if check_images:
@@ -168,6 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-incomplete", action="store_true", help="skip (with a warning) cases missing a sequence")
+    p.add_argument("--header-only", action="store_true", help="check headers only (fast; no truncation check)")
 
     p = sub.add_parser("t1", help="convert a T1 cohort to 1 mm RAS 160x224x160 NIfTI + datalist")
     p.add_argument("src", help="folder of NIfTI/NRRD files or DICOM series folders")
@@ -187,6 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--section", action="append", choices=SECTIONS, help="section(s) to check (default: all present)")
     p.add_argument("--require-label", action="store_true")
     p.add_argument("--header-only", action="store_true", help="read headers only (fast; no NaN/truncation check)")
+    p.add_argument("--content", action="store_true", help="also reject constant or all-zero images, complex or "
+                   "non-numeric voxels and spacing outside 0.1-10 mm (the checks of inputs to detect or segment in)")
 
 
 def _read_ranges(path: str | None) -> dict | None:
@@ -206,7 +241,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.datalist_command == "brats":
         out = brats_to_datalist(args.src, args.out, fractions=args.fractions, seed=args.seed,
-                                skip_incomplete=args.skip_incomplete)
+                                skip_incomplete=args.skip_incomplete,
+                                check_images="header" if args.header_only else True)
         print(validate(out, check_images="header"))
     elif args.datalist_command == "t1":
         out = t1_cohort_to_dataset(args.src, args.out, covariates_csv=args.covariates, n4=args.n4,
@@ -215,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
                                    n4_shrink=args.n4_shrink)
         print(validate(out, check_images="header"))
     else:
+        if args.content and args.header_only:
+            raise InputError("datalist validate: --content reads every voxel; it cannot go with --header-only")
         print(validate(args.datalist, args.section, check_images="header" if args.header_only else True,
-                       require_label=args.require_label))
+                       require_label=args.require_label, content=args.content))
     return 0

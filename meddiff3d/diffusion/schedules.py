@@ -203,7 +203,7 @@ class NoiseSchedule(_AffineSchedule):
         """
         T = self.num_train_timesteps
         if not 1 <= int(n_steps) <= T:
-            raise InputError(f"n_steps must be in [1, {T}] for a {T}-step schedule, got {n_steps}")
+            raise InputError(f"steps must be in [1, {T}] for a {T}-step schedule, got {n_steps}")
         if not 0 <= int(steps_offset) < T:
             raise InputError(f"steps_offset must be in [0, {T}), got {steps_offset}")
         if spacing == "linspace":
@@ -258,7 +258,7 @@ class FlowSchedule(_AffineSchedule):
     def timesteps(self, n_steps: int, spacing: str = "linspace", steps_offset: int = 0) -> torch.Tensor:
         """``n_steps`` descending float timesteps from ``T`` (pure noise); the sampler then lands on ``t = 0``."""
         if int(n_steps) < 1:
-            raise InputError(f"n_steps must be >= 1, got {n_steps}")
+            raise InputError(f"steps must be >= 1, got {n_steps}")
         if spacing != "linspace" or steps_offset:
             raise InputError("FlowSchedule.timesteps supports spacing='linspace' without steps_offset only")
         s = torch.linspace(1.0, 0.0, int(n_steps) + 1, dtype=torch.float64)[:-1]

@@ -54,8 +54,12 @@ class WallClockBudget:
         self.seconds = 0.0
         path = self.file(engine)
         if engine.state.iteration > 0 and path.is_file():
-            saved = json.loads(path.read_text())
-            if int(saved.get("iteration", -1)) == engine.state.iteration:
+            try:
+                saved = json.loads(path.read_text())
+                saved = {"iteration": int(saved["iteration"]), "seconds": float(saved["seconds"])}
+            except (OSError, ValueError, TypeError, KeyError):  # damaged or edited: the budget counts from 0
+                saved = {"iteration": None}
+            if saved["iteration"] == engine.state.iteration:
                 self.seconds = float(saved["seconds"])
             else:
                 logger.warning("%s is for iteration %s, the checkpoint for %d: training time restarts at 0", path,

@@ -31,7 +31,12 @@ import hashlib
 import importlib
 import json
 import os
+import pickle
+import pickletools
 import random
+import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -45,12 +50,21 @@ CHECKPOINT_FORMAT = "meddiff3d.checkpoint/1"
 INFERENCE_FORMAT = "meddiff3d.inference/1"
 CODEC_FORMAT = "meddiff3d.codec/1"
 FILE_FORMATS = (CHECKPOINT_FORMAT, INFERENCE_FORMAT, CODEC_FORMAT)
+#: the entries of a training checkpoint a resume reads
+RESUME_KEYS = ("iteration", "model", "ema", "ema_num_updates", "optimizer", "grad_scaler", "rng", "train_config")
 #: the kinds of model file, each tagged ``meddiff3d.<kind>/1`` (:func:`kind_tag`)
 MODEL_KINDS = ("codec", "latent_diffusion", "segmentation_diffusion", "seg_baseline")
 #: tags of files written before the one scheme (the shipped demo weights among them) -> their kind
 LEGACY_KIND_TAGS = {"latent_diffusion": "latent_diffusion", "segmentation_diffusion": "segmentation_diffusion",
                     "meddiff3d.brats_seg_baseline/1": "seg_baseline"}
+#: how each model kind is named in messages
+KIND_NOUNS = {"codec": "codec", "latent_diffusion": "latent diffusion model",
+              "segmentation_diffusion": "segmentation diffusion model", "seg_baseline": "segmentation baseline model"}
 _LIST_LIMIT = 8
+#: the temporary name :func:`meddiff3d.utils.io.atomic_path` writes to (tempfile.mkstemp's 8 random characters)
+_PARTIAL_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>(\.[^.]+)*)")
+#: pickle opcodes that name or call a Python global (code or arbitrary objects)
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
 #: a checkpoint names its network class; only classes from these packages are imported (files may be untrusted)
 TRUSTED_NETWORK_MODULES = ("monai.", "meddiff3d.", "torch.nn.")
 
@@ -94,28 +108,116 @@ def jsonable(meta: Any, what: str = "meta") -> Any:
 
 
 def save_file(payload: Mapping, path: str | os.PathLike) -> Path:
-    """``torch.save`` through a temporary file renamed into place: a killed writer never leaves a partial file."""
+    """``torch.save`` through a temporary file renamed into place: a killed writer never leaves a partial file under
+    ``path`` (only its temporary ``.NAME.XXXXXXXX.tmp.pt``, which :func:`remove_partial_files` deletes)."""
     with atomic_path(path) as tmp:
         torch.save(dict(payload), tmp)
     return Path(path)
 
 
-def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", what: str = "checkpoint") -> dict:
-    """Load a checkpoint, inference export or codec file with ``weights_only=True``; clear errors (naming the file as
-    ``what``) for missing, unreadable or foreign files."""
+def remove_partial_files(folder: str | os.PathLike, *subfolders: str) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write left in ``folder`` and its ``subfolders`` (not
+    recursive); returns them. Only names made by :func:`meddiff3d.utils.io.atomic_path` are touched:
+    ``.NAME.XXXXXXXX.tmp<suffix of NAME>``."""
+    removed = []
+    for where in (Path(folder), *(Path(folder) / sub for sub in subfolders)):
+        for path in sorted(where.glob(".*.tmp*")) if where.is_dir() else []:
+            found = _PARTIAL_NAME.fullmatch(path.name)
+            if found and found["name"].endswith(found["suffix"]) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", what: str = "checkpoint", *,
+              kind: str | None = None, formats: tuple[str, ...] | None = FILE_FORMATS) -> Any:
+    """The one reader of torch files: ``torch.load(weights_only=True)`` with one-line :class:`InputError` s naming the
+    file as ``what``: missing, a directory, empty, truncated, not a torch file, or holding Python code or objects
+    other than tensors (refused in our words: torch's own message suggests loading unsafely).
+
+    ``formats``: the ``format`` tags accepted (default: the meddiff3d checkpoint, inference and codec files; ``None``:
+    any content, returned as read, e.g. a foreign state dict). ``kind``: the model kind the file must hold
+    (:func:`kind_of`), e.g. ``"codec"``.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a directory, expected a file")
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise InputError(f"{what} {path} cannot be read as a weights-only torch file ({type(err).__name__}: "
-                         f"{err})") from err
-    if not isinstance(data, dict) or data.get("format") not in FILE_FORMATS:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise InputError(f"{what} {path} is not a meddiff3d file (format {found!r}, expected one of "
-                         f"{', '.join(FILE_FORMATS)})")
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 ...": a foreign pickle, refused below anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            data = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as err:
+        raise InputError(f"{what} {path} cannot be read ({err.strerror or err})") from None
+    except Exception as err:  # noqa: BLE001 - unpickling and archive errors come in many types
+        raise InputError(f"{what} {path} {_unreadable(path, err)}") from None
+    if formats is not None and not (isinstance(data, dict) and data.get("format") in formats):
+        expected = f"a {KIND_NOUNS[kind]}" if kind else f"one of {', '.join(formats)}"
+        if not isinstance(data, dict):
+            found = f"it holds a {type(data).__name__}"
+        elif "format" not in data:
+            found = "a dict without a 'format' tag, e.g. a bare state dict"
+        else:
+            found = f"format {data['format']!r}"
+        raise InputError(f"{what} {path} is not a meddiff3d file ({found}; expected {expected})")
+    if formats is not None and not isinstance(data.get("meta", {}), Mapping):
+        raise InputError(f"{what} {path} is damaged: its meta is a {type(data['meta']).__name__}, not a mapping")
+    if kind is not None and kind_of(data) != kind:
+        raise InputError(f"{what} {path} is {_holding(data)}, not a {KIND_NOUNS[kind]}")
     return data
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """A training checkpoint (``last.pt``, ``iter_*.pt``) holding every entry a resume needs, else an
+    :class:`InputError` naming the file."""
+    data = read_file(path, map_location, formats=(CHECKPOINT_FORMAT,))
+    missing = [k for k in RESUME_KEYS if k not in data]
+    if missing:
+        raise InputError(f"checkpoint {path} is damaged or incomplete: no {', '.join(missing)}")
+    return data
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why ``torch.load`` failed on ``path``, in words (the file is inspected, never unpickled)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "cannot be read: the file is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(12)
+    archive, pickled = zipfile.is_zipfile(path), head.startswith(b"\x80")  # torch's zip / a pickle (protocol 2+)
+    if isinstance(err, pickle.UnpicklingError) and (archive or pickled):
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if found or archive or _pickle_has_code(path):
+            return ("holds Python code or objects other than tensors ("
+                    + (f"{found.group(1)}; " if found else "") + "refused: meddiff3d reads weights only)")
+        return "cannot be read: a plain Python pickle, not a torch weights file (refused: meddiff3d reads weights only)"
+    if archive:
+        return "cannot be read: a zip archive that is not a torch file"
+    if head.startswith(b"PK") or pickled:
+        return f"cannot be read: a truncated or corrupted torch file ({size} bytes; an interrupted copy or write?)"
+    return f"cannot be read: not a torch file (it starts with {head!r})"
+
+
+def _pickle_has_code(path: Path) -> bool:
+    """Whether a raw pickle names a global or calls one (scanned with :mod:`pickletools`, nothing is executed)."""
+    try:
+        with open(path, "rb") as f:
+            return any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(f))
+    except Exception:  # noqa: BLE001 - a broken pickle: no code found before the break
+        return False
+
+
+def _holding(data: Any) -> str:
+    """What a file holds, for "X is <this>, not a codec"."""
+    found = kind_of(data)
+    if found is not None:
+        return f"a {KIND_NOUNS[found]} file"
+    if not isinstance(data, Mapping):
+        return f"a {type(data).__name__}, not a model file"
+    meta = data.get("meta")
+    tag = meta.get("kind") if isinstance(meta, Mapping) else None
+    return f"a {data.get('format')} file of no known model kind (meta kind {tag!r})"
 
 
 def kind_tag(kind: str, version: int = 1) -> str:
@@ -125,12 +227,15 @@ def kind_tag(kind: str, version: int = 1) -> str:
     return f"meddiff3d.{kind}/{version}"
 
 
-def kind_of(data: Mapping) -> str | None:
+def kind_of(data: Any) -> str | None:
     """The model kind of a file's content (:func:`read_file`): ``"codec"`` by its format, else from ``meta["kind"]``
     (current or legacy tag); ``None`` when it names none."""
+    if not isinstance(data, Mapping):
+        return None
     if data.get("format") == CODEC_FORMAT:
         return "codec"
-    tag = str((data.get("meta") or {}).get("kind"))
+    meta = data.get("meta")
+    tag = str(meta.get("kind") if isinstance(meta, Mapping) else None)
     if tag in LEGACY_KIND_TAGS:
         return LEGACY_KIND_TAGS[tag]
     name = tag.removeprefix("meddiff3d.").rpartition("/")[0]
@@ -155,6 +260,23 @@ def export_inference(checkpoint: Mapping, path: str | os.PathLike) -> Path:
         "meta": checkpoint["meta"],
     }
     return save_file(payload, path)
+
+
+def sync_inference(checkpoint: Mapping, path: str | os.PathLike) -> bool:
+    """Rewrite the inference export ``path`` from a training checkpoint's payload unless it already holds the same
+    iteration (missing or unreadable: rewritten); returns whether it was rewritten.
+
+    The trainer writes ``last.pt`` first, then ``inference.pt``: a kill between the two leaves ``inference.pt`` one
+    checkpoint behind, and on resume ``last.pt`` wins (its EMA weights are exported again).
+    """
+    try:
+        current = read_file(path, what="inference export", formats=(INFERENCE_FORMAT,))
+    except InputError:
+        current = None
+    if current is not None and current.get("iteration") == int(checkpoint["iteration"]):
+        return False
+    export_inference(checkpoint, path)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ architecture
@@ -226,10 +348,13 @@ def load_weights(data: Mapping, model: torch.nn.Module, weights: str = "ema", so
     ``meta`` device (:func:`build_network` ``(meta, device="meta")``): the weights then exist once in memory, not twice.
     """
     if weights not in data:
-        raise InputError(f"{source} has no {weights!r} weights (it holds: {', '.join(sorted(data))})")
+        raise InputError(f"{source} has no {weights!r} entry (it holds: {', '.join(sorted(map(str, data)))})")
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    state = _strip_ddp_prefix(data[weights])
+    state = data[weights]
+    if not (isinstance(state, Mapping) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
+        raise InputError(f"{source}: its {weights!r} entry is not a state dict (parameter name -> tensor)")
+    state = _strip_ddp_prefix(state)
     check_state_fits(state, model, f"{source} ({weights!r} weights)")
     model.load_state_dict(state, assign=assign)
     if assign:
@@ -251,7 +376,10 @@ def build_network(meta: Mapping, device: str | torch.device | None = None) -> to
         raise InputError(
             "meta has no network description: expected {'network': {'class': 'package.module.Class', 'args': {...}}}"
         )
-    class_path, args = spec["class"], dict(spec.get("args") or {})
+    class_path, args = spec["class"], spec.get("args") or {}
+    if not isinstance(args, Mapping):
+        raise InputError(f"network class {class_path!r}: its args must be a mapping, got {type(args).__name__}")
+    args = dict(args)
     if not str(class_path).startswith(TRUSTED_NETWORK_MODULES):
         raise InputError(f"network class {class_path!r} is outside the trusted packages {TRUSTED_NETWORK_MODULES}")
     module_name, _, class_name = str(class_path).rpartition(".")
@@ -266,5 +394,5 @@ def build_network(meta: Mapping, device: str | torch.device | None = None) -> to
             return cls(**args)
         with torch.device(device):
             return cls(**args)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # MONAI checks argument combinations with ValueError
         raise InputError(f"network class {class_path!r} rejects the arguments {sorted(args)}: {err}") from err

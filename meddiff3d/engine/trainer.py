@@ -10,7 +10,9 @@ micro-batch (see :mod:`meddiff3d.engine.data`). A run killed at any point and re
 uninterrupted run bit for bit on the same hardware, world size and thread count, as long as the objective and the
 data transforms draw from the global torch RNG (as :class:`meddiff3d.data.patches.RandPatchd` does; with
 ``num_workers=0`` transforms run in the main process; a MONAI ``Randomizable`` 's own state is not restored) and the
-network is deterministic (CUDA kernels may not be unless ``deterministic=True``).
+network is deterministic (CUDA kernels may not be unless ``deterministic=True``). On start, the temporary files of
+writes a kill interrupted are deleted, and an ``inference.pt`` lagging ``last.pt`` (a kill between the two writes) is
+rewritten from ``last.pt`` 's EMA weights: ``last.pt`` wins.
 
 Every training recipe ends with :func:`publish_inference` (rank 0 copies ``inference.pt`` to ``out``, atomically) and
 :func:`training_summary` (the summary dict, logged).
@@ -43,6 +45,7 @@ from meddiff3d.engine.distributed import DistContext, derived_seed, setup_distri
 from meddiff3d.engine.ema import EMA
 from meddiff3d.engine.monitoring import PreviewFn, TrainingMonitor, ValidateFn
 from meddiff3d.engine.precision import resolve_device, resolve_precision
+from meddiff3d.errors import InputError
 from meddiff3d.utils.io import save_json
 
 logger = logging.getLogger("meddiff3d.engine")
@@ -317,11 +320,18 @@ class DiffusionTrainer(Engine):
 
     def restore(self, path: str | Path) -> int:
         """Restore the full training state from a checkpoint; returns its iteration."""
-        data = ckpt.read_file(path, map_location="cpu")  # RNG states must stay on the CPU; weights are copied
+        data = ckpt.read_checkpoint(path, map_location="cpu")  # RNG states must stay on the CPU; weights are copied
         ckpt.load_weights(data, self.network, "model", source=f"checkpoint {path}")
         ckpt.load_weights(data, self.ema.module, "ema", source=f"checkpoint {path}")
         self.ema.num_updates = int(data["ema_num_updates"])
-        self.optimizer.load_state_dict(data["optimizer"])
+        saved_optimizer = data["train_config"].get("optimizer", type(self.optimizer).__name__)
+        try:
+            if saved_optimizer != type(self.optimizer).__name__:
+                raise ValueError(f"it was saved by {saved_optimizer}")
+            self.optimizer.load_state_dict(data["optimizer"])
+        except (KeyError, ValueError) as err:
+            raise InputError(f"checkpoint {path}: its optimiser state does not fit {type(self.optimizer).__name__} "
+                             f"({err}); resume with the run's optimiser or start a new run_dir") from None
         if self.grad_scaler is not None and data["grad_scaler"]:
             self.grad_scaler.load_state_dict(data["grad_scaler"])
         saved = data["train_config"]
@@ -338,6 +348,10 @@ class DiffusionTrainer(Engine):
             logger.warning("checkpoint %s was written by %d rank(s), this run has %d: RNG states re-seeded",
                            path, rng["world_size"], self.dist.world_size)  # fmt: skip
             seed_everything(derived_seed(self.seed, iteration), self.dist.rank)
+        latest = self.dist.is_main and Path(path) == self.last_checkpoint
+        if latest and ckpt.sync_inference(data, self.inference_export):  # a kill between last.pt and inference.pt
+            logger.info("%s rewritten from %s (iteration %d): it lagged behind after an interrupted run",
+                        self.inference_export, path, iteration)
         return iteration
 
     # ---------------------------------------------------------------------------------------------- run
@@ -346,6 +360,10 @@ class DiffusionTrainer(Engine):
         resumed_from, start, last_loss = None, 0, None
         try:
             self.monitor.open_log_file()
+            removed = ckpt.remove_partial_files(self.run_dir, "checkpoints", "previews") if self.dist.is_main else []
+            if removed:
+                logger.info("removed %d partial file(s) left by an interrupted run: %s", len(removed),
+                            ", ".join(str(p.relative_to(self.run_dir)) for p in removed))
             if self.last_checkpoint.exists():
                 resumed_from = self.restore(self.last_checkpoint)
                 logger.info("resuming from %s at iteration %d", self.last_checkpoint, resumed_from)

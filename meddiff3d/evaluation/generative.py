@@ -238,7 +238,7 @@ def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, d
     if uncond_ok:
         paths = generate(codec_path, diffusion_path, covariates=None, num_samples=n_uncond,
                          output_dir=out / "samples" / "unconditional", seed=int(seed) + 100000, progress=progress,
-                         **{k2: v for k2, v in settings.items() if k2 != "seed"})
+                         **{k2: v for k2, v in settings.items() if k2 not in ("seed", "guidance_scale")})
         for i, path in enumerate(paths):
             samples.append(_load_sample(path, spacing, scaling, net, ssim_cfg["downsample"],
                                         {"kind": "unconditional", "condition": None, "seed": int(seed) + 100000 + i,

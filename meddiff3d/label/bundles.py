@@ -10,7 +10,11 @@ folder, exactly as ``python -m monai.bundle run`` would.
 Each ``run_*`` function is the one call into a pipeline (:func:`meddiff3d.pipelines.segmentation.segment`,
 :func:`meddiff3d.pipelines.anomaly.detect_anomalies`, :func:`meddiff3d.pipelines.generation.generate`); it runs in a
 scratch folder and returns ``(result file, info)``: a ``.seg.nrrd`` for label results, a float NIfTI otherwise,
-always on the input image's grid and affine. Plain Python (no MONAI Label): the app's infer tasks call these.
+always on the input image's grid and affine. Every input's header is checked first (its grid within
+:data:`~meddiff3d.label.request.MAX_REQUEST_VOXELS`), before any voxel is read or any model loaded.
+:func:`run_request` runs one request in a scratch folder it removes, and registers the files it makes there with the
+names of the user's images (:class:`~meddiff3d.label.request.RequestNames`), so messages never show scratch paths.
+Plain Python (no MONAI Label): the app's infer tasks call these.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 from meddiff3d.errors import InputError
 from meddiff3d.utils.io import read_channels
 from meddiff3d.label.params import ANOMALY_PARAMS, GENERATION_PARAMS, SEGMENTATION_PARAMS, ParamSpec
+from meddiff3d.label.request import RequestNames, check_input_grid
 from meddiff3d.label.slicer_io import (ANOMALY_SEGMENTS, BRATS_SEGMENTS, Segment, segments_info, write_float_volume,
                                        write_seg_nrrd)
 
@@ -46,6 +51,8 @@ MODEL_FILES = {"segmentation": ("model_path",), "anomaly": ("codec_path", "diffu
                "generation": ("codec_path", "diffusion_path")}
 PARAMS: dict[str, Sequence[ParamSpec]] = {"segmentation": SEGMENTATION_PARAMS, "anomaly": ANOMALY_PARAMS,
                                           "generation": GENERATION_PARAMS}
+#: request keys a kind takes besides its parameters (not shown as options)
+EXTRA_KEYS: dict[str, tuple[str, ...]] = {"segmentation": ("sequences",), "anomaly": (), "generation": ()}
 SEGMENTS: dict[str, Sequence[Segment]] = {"segmentation": BRATS_SEGMENTS, "anomaly": ANOMALY_SEGMENTS,
                                           "generation": ()}
 DESCRIPTIONS = {
@@ -73,6 +80,10 @@ class BundleModel:
     @property
     def params(self) -> Sequence[ParamSpec]:
         return PARAMS[self.kind]
+
+    @property
+    def extra_keys(self) -> tuple[str, ...]:
+        return EXTRA_KEYS[self.kind]
 
     @property
     def labels(self) -> dict[str, int]:
@@ -104,7 +115,8 @@ def load_bundle(root: str | os.PathLike, name: str | None = None) -> BundleModel
 
 
 def result_path(suffix: str) -> Path:
-    """A fresh file for one result (MONAI Label deletes it after sending it)."""
+    """A fresh file for one finished result, outside the request's scratch folder (MONAI Label deletes it after
+    sending it)."""
     fd, name = tempfile.mkstemp(prefix="meddiff3d-result-", suffix=suffix)
     os.close(fd)
     return Path(name)
@@ -129,11 +141,11 @@ def run_segmentation(model: BundleModel, sequences: Sequence[Path], params: Mapp
     outputs = segment_case(model, datalist, work_dir / "out", params)
     if params["result"] == "label":
         labels, affine = _read(outputs["seg"])
-        out = write_seg_nrrd(labels, affine, result_path(".seg.nrrd"), BRATS_SEGMENTS)
+        out = write_seg_nrrd(labels, affine, work_dir / "result.seg.nrrd", BRATS_SEGMENTS)
         return out, {"result": "label", "labels": model.labels}
     maps, affine = read_channels(outputs[params["result"]])  # vectors (X, Y, Z, 1, 3) -> (X, Y, Z, 3): WT, TC, ET
     channel = list(BRATS_REGIONS).index(params["region"])
-    out = write_float_volume(maps[..., channel], affine, result_path(".nii.gz"),
+    out = write_float_volume(maps[..., channel], affine, work_dir / "result.nii.gz",
                              f"meddiff3d segdiff {params['result']} {params['region']}")
     return out, {"result": params["result"], "region": params["region"]}
 
@@ -157,9 +169,8 @@ def run_anomaly(model: BundleModel, image: Path, params: Mapping[str, Any], work
 
     if not image or not Path(image).is_file():
         raise InputError("no input image: give an image id of the datastore or upload a T1 file")
-    suffix = next((s for s in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-                   if str(image).lower().endswith(s)), "")
-    link = work_dir / f"case{suffix}"  # fixed case id "case" whatever the upload's name
+    check_input_grid(image)
+    link = anomaly_link(image, work_dir)
     os.symlink(Path(image).absolute(), link)
     cases = detect_anomalies(model.files["codec_path"], model.files["diffusion_path"],
                              model.files["calibration_path"], [str(link)], work_dir / "out",
@@ -169,9 +180,17 @@ def run_anomaly(model: BundleModel, image: Path, params: Mapping[str, Any], work
     volume, affine = _read(out_file)
     info = {"result": params["result"], "volume_score": cases[0]["volume_score"], "anomalous": cases[0]["anomalous"]}
     if params["result"] == "mask":
-        out = write_seg_nrrd(volume.astype(np.uint8), affine, result_path(".seg.nrrd"), ANOMALY_SEGMENTS)
+        out = write_seg_nrrd(volume.astype(np.uint8), affine, work_dir / "result.seg.nrrd", ANOMALY_SEGMENTS)
         return out, {**info, "labels": model.labels}
-    return write_float_volume(volume, affine, result_path(".nii.gz"), f"meddiff3d {params['result']}"), info
+    return write_float_volume(volume, affine, work_dir / "result.nii.gz", f"meddiff3d {params['result']}"), info
+
+
+def anomaly_link(image: Path, work_dir: Path) -> Path:
+    """The name :func:`run_anomaly` gives its input in ``work_dir``: the fixed case id ``case`` whatever the user's
+    name for it, with the image's suffix."""
+    suffix = next((s for s in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+                   if str(image).lower().endswith(s)), "")
+    return work_dir / f"case{suffix}"
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -192,13 +211,16 @@ def resample_to_reference(volume: np.ndarray, affine: np.ndarray, ref_shape: Seq
 def run_generation(model: BundleModel, reference: Path, params: Mapping[str, Any],
                    work_dir: Path) -> tuple[Path, dict]:
     """The generation bundle -> one float NIfTI sample resampled onto the reference image's grid and affine."""
-    from meddiff3d.data.images import check_image
+    from meddiff3d.checks import check_memory
     from meddiff3d.pipelines.generation import generate
 
     if not reference or not Path(reference).exists():
         raise InputError("generation needs a reference image for the output geometry: give an image id of the "
                          "datastore or upload a file")
-    ref = check_image(reference, read_data=False)
+    ref = check_input_grid(reference, "reference image")
+    # the sample resampled onto the reference grid: values, inside mask and the written copy, float32 each
+    check_memory(f"reference image {reference}: a result on its grid {tuple(ref.shape)}",
+                 12 * int(np.prod(ref.shape)))
     paths = generate(model.files["codec_path"], model.files["diffusion_path"], covariates=params["covariates"],
                      num_samples=1, sampler=params["sampler"], steps=params["steps"],
                      guidance_scale=params["guidance_scale"], seed=params["seed"], output_dir=work_dir / "out",
@@ -206,7 +228,7 @@ def run_generation(model: BundleModel, reference: Path, params: Mapping[str, Any
                      progress=False)
     volume, affine = _read(paths[0])
     on_reference = resample_to_reference(volume, affine, ref.shape, ref.affine)
-    out = write_float_volume(on_reference, ref.affine, result_path(".nii.gz"),
+    out = write_float_volume(on_reference, ref.affine, work_dir / "result.nii.gz",
                              f"meddiff3d generated seed {params['seed']}")
     return out, {"result": "image", "seed": params["seed"], "covariates": params["covariates"],
                  "model_grid": {"shape": list(volume.shape), "affine": affine.tolist()}}
@@ -216,15 +238,31 @@ RUNNERS = {"segmentation": run_segmentation, "anomaly": run_anomaly, "generation
 
 
 def run_request(model: BundleModel, image: str | None, params: Mapping[str, Any], parsed: Mapping[str, Any],
-                uri_of) -> tuple[Path, dict]:
-    """One request in a scratch folder (removed afterwards): resolve inputs, run the bundle, return the result file."""
-    from meddiff3d.label.sequences import resolve_sequences
+                uri_of, names: RequestNames | None = None) -> tuple[Path, dict]:
+    """One request in a scratch folder (removed afterwards): resolve inputs, run the bundle, return the result file
+    (moved out of the scratch folder, see :func:`result_path`).
 
+    ``names`` (the user's names of the request's images) learns the scratch files made from them, so an error
+    raised on one of those names the user's image.
+    """
+    from meddiff3d.label.sequences import BRATS_MODALITIES, resolve_sequences, split_paths
+
+    names = names if names is not None else RequestNames()
     work_dir = Path(tempfile.mkdtemp(prefix=f"meddiff3d-{model.name}-"))
+    names.add_folder(work_dir)
+    user_name = names.name_of(image) if image else ""
     try:
         if model.kind == "segmentation":
+            for path, modality in zip(split_paths(work_dir), BRATS_MODALITIES):  # a 4D image's channels
+                names.add(path, f"{user_name} (channel {modality})", basename=True)
             sequences = resolve_sequences(image, params, work_dir, uri_of)
-            return run_segmentation(model, sequences, parsed, work_dir)
-        return RUNNERS[model.kind](model, Path(image) if image else None, parsed, work_dir)
+            out, info = run_segmentation(model, sequences, parsed, work_dir)
+        else:
+            if image and model.kind == "anomaly":
+                names.add(anomaly_link(Path(image), work_dir), user_name, basename=True)
+            out, info = RUNNERS[model.kind](model, Path(image) if image else None, parsed, work_dir)
+        final = result_path("".join(out.suffixes))
+        shutil.move(str(out), str(final))
+        return final, info
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -3,12 +3,18 @@
 A model's :class:`ParamSpec` tuple is both its ``config`` in ``/info/`` (what Slicer's MONAI Label module shows as
 editable options: a list becomes a drop-down whose first entry is the default) and the parser of a request's
 ``params``. MONAI Label merges the task config into every request, so an untouched option arrives as the whole
-choice list and means "the default". Keys no spec declares (``client_id``, ``device``, ``result_extension`` ...) belong
-to MONAI Label and pass through untouched.
+choice list and means "the default". :func:`parse_params` reads the declared keys only (the task's own request also
+holds MONAI Label's keys: ``model``, ``image``, ``device`` ...).
+
+What a client sends is checked before anything runs: :func:`parse_params_json` (the ``params`` form field must be a
+JSON object) and :func:`check_param_names` (only the model's parameters and :data:`CLIENT_KEYS`; a mistyped name
+gets a "did you mean").
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,8 +24,12 @@ from meddiff3d.checks import parse_covariates
 from meddiff3d.diffusion import SAMPLERS
 from meddiff3d.errors import InputError
 
-__all__ = ["ParamSpec", "parse_params", "config_of", "SEGMENTATION_PARAMS", "ANOMALY_PARAMS", "GENERATION_PARAMS",
-           "SAMPLER_CHOICES"]
+__all__ = ["ParamSpec", "parse_params", "parse_params_json", "check_param_names", "config_of", "SEGMENTATION_PARAMS",
+           "ANOMALY_PARAMS", "GENERATION_PARAMS", "SAMPLER_CHOICES", "CLIENT_KEYS"]
+
+#: keys MONAI Label's clients add to every request (Slicer's module: ``result_extension``, ``result_dtype``; both
+#: clients: ``client_id``); accepted and ignored, the results have their own formats
+CLIENT_KEYS = ("client_id", "result_extension", "result_dtype", "result_compress")
 
 #: samplers offered to clients: meddiff3d.diffusion.SAMPLERS, the deterministic ones first (ddpm, the one stochastic
 #: sampler, last), so the drop-down starts with the default ddim
@@ -89,6 +99,34 @@ class ParamSpec:
 def parse_params(specs: Sequence[ParamSpec], request: Mapping[str, Any]) -> dict[str, Any]:
     """The declared parameters of ``request``, validated (defaults for the missing); raises :class:`InputError`."""
     return {spec.name: spec.parse(request.get(spec.name)) for spec in specs}
+
+
+def parse_params_json(text: str | bytes | None) -> dict[str, Any]:
+    """The ``params`` form field of a request: a JSON object (empty text: ``{}``); raises :class:`InputError`."""
+    if text is None or not str(text if isinstance(text, str) else text.decode("utf-8", "replace")).strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"params is not valid JSON ({err}); send an object such as {{\"steps\": 10}}") from None
+    if not isinstance(value, dict):
+        kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+        raise InputError(f"params must be a JSON object {{name: value}}, got {kind}: {str(text)[:80]}")
+    return value
+
+
+def check_param_names(specs: Sequence[ParamSpec], request: Mapping[str, Any], extra: Sequence[str] = (),
+                      model: str = "this model") -> None:
+    """Refuse names of ``request`` that are neither a parameter of ``specs``, nor in ``extra``, nor a client key
+    (:data:`CLIENT_KEYS`), with a "did you mean" for a near miss."""
+    known = [spec.name for spec in specs] + list(extra)
+    unknown = [str(name) for name in request if name not in known and name not in CLIENT_KEYS]
+    if not unknown:
+        return
+    hints = [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1, 0.6))
+             else repr(name) for name in unknown]
+    raise InputError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(hints)} for {model}; its "
+                     f"parameters: {', '.join(known)}")
 
 
 def config_of(specs: Sequence[ParamSpec]) -> dict[str, Any]:

@@ -10,8 +10,9 @@
 3. **One 4D volume**: the request's image has four channels (``x, y, z, 4``, in the order t1, t1ce, t2, flair, as
    Slicer saves a 4-component vector volume); it is split into four 3D files.
 
-Anything else - three sequences, a missing sibling, a 4D image with another channel count, grids that differ - is an
-:class:`~meddiff3d.errors.InputError` naming what is missing. Plain Python (no MONAI Label): unit-tested in the
+Anything else - three sequences, a missing sibling, a 4D image with another channel count, grids that differ, a
+header claiming more than :data:`~meddiff3d.label.request.MAX_REQUEST_VOXELS` voxels (checked before any voxel is
+read) - is an :class:`~meddiff3d.errors.InputError` naming what is wrong. Plain Python (no MONAI Label): unit-tested in the
 core environment.
 """
 
@@ -27,10 +28,10 @@ import numpy as np
 
 from meddiff3d.data.brats import BRATS_MODALITIES
 from meddiff3d.data.preprocess import BRATS_NAMING
-from meddiff3d.errors import InputError
+from meddiff3d.errors import ImageError, InputError
 
 __all__ = ["BRATS_MODALITIES", "split_sequence_name", "find_case_sequences", "resolve_sequences",
-           "split_4d_volume", "sequences_datalist"]
+           "split_4d_volume", "split_paths", "sequences_datalist"]
 
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 _NAME = re.compile(r"^(?P<case>.+?)(?P<sep>[_-])(?P<seq>t1ce|t1n|t1c|t2w|t2f|t1|t2|flair)"
@@ -106,7 +107,10 @@ def split_4d_volume(path: str | os.PathLike, out_dir: str | os.PathLike) -> list
     path = Path(path)
     if image_format(path) == "nifti":
         img = nib.load(str(path))
-        array, affine = np.asarray(img.dataobj), np.asarray(img.affine, np.float64)
+        try:
+            array, affine = np.asarray(img.dataobj), np.asarray(img.affine, np.float64)
+        except Exception as err:  # noqa: BLE001 - a truncated or corrupt upload
+            raise ImageError(f"{path}: unreadable or truncated NIfTI data ({type(err).__name__}: {err})") from None
     else:  # NRRD: a vector image, or a 4D scalar image
         import SimpleITK as sitk
 
@@ -125,28 +129,38 @@ def split_4d_volume(path: str | os.PathLike, out_dir: str | os.PathLike) -> list
         channels = array.shape[3] if array.ndim == 4 else 1
         raise InputError(f"image {path.name} has {channels} channel(s) (shape {tuple(array.shape)}); the segmentation "
                          f"model needs {len(BRATS_MODALITIES)} sequences ({', '.join(BRATS_MODALITIES)})")
-    out = Path(out_dir)
-    return [save_nifti(array[..., c].astype(np.float32), affine, out / f"case_{m}.nii.gz")
-            for c, m in enumerate(BRATS_MODALITIES)]
+    return [save_nifti(array[..., c].astype(np.float32), affine, path)
+            for c, path in enumerate(split_paths(out_dir))]
 
 
-def _channels(path: Path) -> int:
-    """Number of channels of an image file (1 for a 3D volume), from its header."""
+def split_paths(out_dir: str | os.PathLike) -> list[Path]:
+    """The four files :func:`split_4d_volume` writes (t1, t1ce, t2, flair)."""
+    return [Path(out_dir) / f"case_{m}.nii.gz" for m in BRATS_MODALITIES]
+
+
+def _grid_and_channels(path: Path) -> tuple[tuple[int, ...], int]:
+    """``(spatial shape, number of channels)`` of an image file (1 channel for a 3D volume), from its header."""
     from meddiff3d.data.images import image_format
 
-    if image_format(path) == "nifti":
-        import nibabel as nib
+    try:
+        if image_format(path) == "nifti":
+            import nibabel as nib
 
-        shape = nib.load(str(path)).shape
-        shape = shape[:3] + tuple(s for s in shape[3:] if s != 1)
-        return int(np.prod(shape[3:])) if len(shape) > 3 else 1
-    import SimpleITK as sitk
+            shape = nib.load(str(path)).shape
+            grid, extra = tuple(shape[:3]), [s for s in shape[3:] if s != 1]
+            return grid, int(np.prod(extra)) if extra else 1
+        import SimpleITK as sitk
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    size = reader.GetSize()
-    return int(reader.GetNumberOfComponents()) * (int(size[3]) if len(size) > 3 else 1)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = reader.GetSize()
+        return tuple(size[:3]), int(reader.GetNumberOfComponents()) * (int(size[3]) if len(size) > 3 else 1)
+    except ImageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any reader failure is an unreadable upload
+        raise ImageError(f"{path}: unreadable image header ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''})") from None
 
 
 def resolve_sequences(image: str | os.PathLike | None, params: Mapping[str, Any], work_dir: str | os.PathLike,
@@ -156,7 +170,9 @@ def resolve_sequences(image: str | os.PathLike | None, params: Mapping[str, Any]
     ``image`` is the request's image file (a datastore file or an upload), ``uri_of`` maps a datastore image id to its
     file (``""`` if unknown), ``work_dir`` receives the files split from a 4D volume.
     """
-    from meddiff3d.data.images import check_image, grid_mismatch
+    from meddiff3d.checks import check_voxels
+    from meddiff3d.data.images import grid_mismatch
+    from meddiff3d.label.request import MAX_REQUEST_VOXELS, check_input_grid
 
     if params.get("sequences") not in (None, "", [], {}):
         files = []
@@ -170,9 +186,13 @@ def resolve_sequences(image: str | os.PathLike | None, params: Mapping[str, Any]
             raise InputError("no input image: give an image id of the datastore, upload a file, or send params "
                              "'sequences'")
         image = Path(image)
-        files = (split_4d_volume(image, work_dir) if image.is_file() and _channels(image) > 1
-                 else find_case_sequences(image))
-    infos = [check_image(f, read_data=False) for f in files]
+        grid, channels = _grid_and_channels(image) if image.is_file() else ((), 1)
+        if channels > 1:
+            check_voxels(f"image {image}: grid", grid, MAX_REQUEST_VOXELS)  # before its voxels are read
+            files = split_4d_volume(image, work_dir)
+        else:
+            files = find_case_sequences(image)
+    infos = [check_input_grid(f, f"sequence {m}") for m, f in zip(BRATS_MODALITIES, files)]
     for modality, info in zip(BRATS_MODALITIES[1:], infos[1:]):
         problem = grid_mismatch(infos[0], info)
         if problem:

@@ -262,16 +262,29 @@ def load_latent_diffusion(codec_path: Any, diffusion_path: Any, *, check_pair: b
 
 
 def check_guidance_support(meta: Mapping[str, Any], source: Any, *, conditional: bool, guidance_scale: float) -> None:
-    """Refuse unconditional sampling and guidance for a conditional model trained without conditioning dropout
-    (``meta["training"]["cond_dropout"] == 0``, e.g. the converted model-zoo anchor): it never saw the null
-    condition, so both would feed it an input it cannot interpret."""
-    if meta["conditioning"]["mode"] == "none" or (meta.get("training") or {}).get("cond_dropout", None) != 0:
-        return
-    if not conditional:
+    """Refuse guidance and unconditional sampling where the model cannot give them a meaning.
+
+    * ``guidance_scale != 1`` with unconditional sampling (the model's conditioning mode is ``"none"``, or
+      ``conditional`` is false: covariates null): there is no condition to guide towards, and ignoring the scale
+      would silently give an unguided sample;
+    * a conditional model trained without conditioning dropout (``meta["training"]["cond_dropout"] == 0``, e.g. the
+      converted model-zoo anchor) never saw the null condition: unconditional sampling and any guidance (which mixes
+      in the null-condition prediction) would feed it an input it cannot interpret.
+
+    ``source`` names the model in messages; ``conditional``: whether the request gives covariates.
+    """
+    mode = meta["conditioning"]["mode"]
+    no_dropout = mode != "none" and (meta.get("training") or {}).get("cond_dropout", None) == 0
+    if no_dropout and not conditional:
         raise InputError(f"diffusion model {source} was trained without conditioning dropout and cannot sample "
                          "unconditionally; give every covariate (" + ", ".join(meta["conditioning"]["covariates"])
                          + ")")
-    if guidance_scale != 1.0:
+    if guidance_scale != 1.0 and (mode == "none" or not conditional):
+        why = (f"the diffusion model {source} is unconditional" if mode == "none" else
+               "covariates are null (give every covariate: " + ", ".join(meta["conditioning"]["covariates"]) + ")")
+        raise InputError(f"guidance_scale={guidance_scale:g} needs conditional sampling: {why}; "
+                         "leave guidance_scale at 1")
+    if no_dropout and guidance_scale != 1.0:
         raise InputError(f"diffusion model {source} was trained without conditioning dropout, so classifier-free "
                          f"guidance is undefined for it; use guidance_scale 1 (got {guidance_scale:g})")
 

@@ -25,19 +25,20 @@ from typing import Any
 
 import torch
 
-from meddiff3d.engine.checkpoint import (MODEL_KINDS, build_network, check_state_fits, file_sha256, kind_of,
-                                         load_weights, read_file)
+from meddiff3d.engine.checkpoint import MODEL_KINDS, build_network, file_sha256, load_weights, read_file
 from meddiff3d.engine.precision import prepare_for_inference
 from meddiff3d.errors import InputError
 from meddiff3d.models.codec import LatentCodec, codec_fingerprint
 
 __all__ = ["LoadedModel", "load_model", "KIND_NAMES"]
 
-#: how each kind is named in messages: (the file, what it must hold)
-KIND_NAMES = {"codec": ("codec file", "meddiff3d codec"),
-              "latent_diffusion": ("diffusion model file", "latent diffusion model"),
-              "segmentation_diffusion": ("segmentation diffusion model", "segmentation diffusion model"),
-              "seg_baseline": ("segmentation baseline model", "segmentation baseline model")}
+#: how the file of each kind is named in messages (what it must hold: :data:`~meddiff3d.engine.checkpoint.KIND_NOUNS`)
+KIND_NAMES = {"codec": "codec file", "latent_diffusion": "diffusion model file",
+              "segmentation_diffusion": "segmentation diffusion model", "seg_baseline": "segmentation baseline model"}
+
+#: the meta entries (mappings) that inference reads from each kind's file: a file without them is refused on loading
+META_ENTRIES = {"codec": (), "latent_diffusion": ("schedule", "conditioning", "latent", "image", "codec"),
+                "segmentation_diffusion": ("schedule", "coordinates", "image"), "seg_baseline": ("image", "inference")}
 
 
 @dataclass
@@ -78,14 +79,13 @@ def load_model(path: str | os.PathLike, kind: str, *, device: torch.device | str
     """
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; valid: {', '.join(MODEL_KINDS)}")
-    what, noun = KIND_NAMES[kind]
+    what = KIND_NAMES[kind]
     path = Path(path)
-    data = read_file(path, "cpu", what=what)
-    found = kind_of(data)
-    if found != kind:
-        raise InputError(f"{what} {path} is not a {noun} (it holds "
-                         f"{found or repr((data.get('meta') or {}).get('kind'))})")
+    data = read_file(path, "cpu", what=what, kind=kind)
     meta = dict(data.get("meta") or {})
+    missing = [key for key in META_ENTRIES[kind] if not isinstance(meta.get(key), dict)]
+    if missing:
+        raise InputError(f"{what} {path} is damaged or incomplete: its meta has no {', '.join(missing)} entry")
     if kind != "codec" and codec_options:
         raise ValueError(f"codec options {sorted(codec_options)} given for a {kind} model")
     try:
@@ -108,6 +108,5 @@ def load_model(path: str | os.PathLike, kind: str, *, device: torch.device | str
 
 def _codec(data: dict, meta: dict, path: Path, options: dict[str, Any]) -> LatentCodec:
     codec = LatentCodec(build_network(meta), **options)
-    check_state_fits(data["weights"], codec, f"codec file {path}")
-    codec.load_state_dict(data["weights"])
+    load_weights(data, codec, "weights", source=f"codec file {path}")
     return codec

@@ -3,7 +3,8 @@
 The model-zoo bundle ``brain_image_synthesis_latent_diffusion_model`` (Pinaya et al. 2022, trained on UK Biobank T1
 volumes) ships two bare state dicts, ``models/autoencoder.pt`` (``AutoencoderKL``) and ``models/model.pt``
 (``DiffusionModelUNet``), with the key names of the retired MONAI GenerativeModels package. :func:`convert_model_zoo_ldm`
-reads them (``torch.load(weights_only=True)``; old or current key names, converted by MONAI's ``load_old_state_dict``)
+reads them (weights-only, :func:`~meddiff3d.engine.checkpoint.read_file`; old or current key names, converted by
+MONAI's ``load_old_state_dict``)
 and writes what :func:`meddiff3d.pipelines.generation.generate` reads:
 
 * ``autoencoder.pt``: a codec file (:mod:`meddiff3d.models.codec`) with latent scale 1 and shift 0 -- the model-zoo
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 
 from meddiff3d.data.images import canonical_affine
-from meddiff3d.engine.checkpoint import INFERENCE_FORMAT, build_network, file_sha256, save_file
+from meddiff3d.engine.checkpoint import INFERENCE_FORMAT, build_network, file_sha256, read_file, save_file
 from meddiff3d.errors import InputError
 from meddiff3d.models.autoencoder import autoencoder_spec
 from meddiff3d.models.codec import LatentCodec, save_codec
@@ -54,12 +55,7 @@ CODEC_NAME, DIFFUSION_NAME = "autoencoder.pt", "diffusion.pt"
 def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
     """A bare state dict from ``path`` (weights-only); a ``{"state_dict": ...}`` wrapper is unwrapped."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{what} checkpoint {path} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-        raise InputError(f"{what} checkpoint {path} cannot be read as a weights-only torch file: {err}") from err
+    data = read_file(path, what=f"{what} checkpoint", formats=None)
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
     if not (isinstance(data, Mapping) and data and all(torch.is_tensor(v) for v in data.values())):

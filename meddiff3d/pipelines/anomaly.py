@@ -31,9 +31,11 @@ from meddiff3d.anomaly.calibration import (Calibration, anomaly_map, fit_residua
                                            residuals, save_calibration, top_mean, volume_score)
 from meddiff3d.anomaly.healing import (AnomalyModels, DetectorSettings, brain_mask, heal, healing_steps,
                                        load_anomaly_models, stage_one)
+from meddiff3d.checks import safe_name
 from meddiff3d.engine.checkpoint import file_sha256
 from meddiff3d.errors import InputError
 from meddiff3d.pipelines.components import resolve_inputs
+from meddiff3d.pipelines.preflight import check_inputs
 from meddiff3d.utils.io import save_json, save_nifti, save_preview_png
 
 logger = logging.getLogger("meddiff3d.pipelines")
@@ -247,6 +249,7 @@ def write_case(result: CaseResult, case_id: str, output_dir: Path, calibration: 
     affine = np.asarray(on_input["anomaly_map"].affine, dtype=np.float64)
     score = on_input["anomaly_map"][0].numpy().astype(np.float32)
     mask = (score > calibration.threshold).astype(np.uint8)
+    case_id = safe_name("case id", case_id)  # never a path outside output_dir
     paths = {name: output_dir / f"{case_id}{suffix}" for name, suffix in OUTPUT_SUFFIXES.items()}
     save_nifti(on_input["healed"][0].numpy(), affine, paths["healed"], header_extra={"descrip": "meddiff3d healed"})
     save_nifti(score, affine, paths["anomaly_map"], header_extra={"descrip": "meddiff3d anomaly z-score"})
@@ -295,6 +298,7 @@ class AnomalyEvaluator:
         if list(models.image_shape) != list(calibration.image["shape"]):
             raise InputError(f"the models work at {models.image_shape}, the calibration {source} at "
                              f"{calibration.image['shape']}")
+        check_inputs(items, self.output_dir, models.image_spacing)  # ids, folder, resampled grids: before compute
         cases = []
         for item, callback in progress_steps(items, f"detecting ({settings.method})", self.progress,
                                              self.inferer.steps):

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from meddiff3d.checks import check_output_dir
 from meddiff3d.data.patches import RandPatchd
 from meddiff3d.engine.checkpoint import build_network
 from meddiff3d.engine.recipes import training_summary
@@ -35,6 +36,7 @@ from meddiff3d.models.autoencoder import (
     optimizer_groups,
 )
 from meddiff3d.models.codec import LatentCodec, save_codec
+from meddiff3d.pipelines.preflight import output_file
 
 __all__ = ["train_autoencoder", "reconstruction_metrics", "metrics_path"]
 
@@ -159,7 +161,7 @@ def train_autoencoder(
     from meddiff3d.utils.io import save_json
 
     start = time.perf_counter()
-    run_dir, codec_out = Path(run_dir), Path(codec_out)
+    run_dir, codec_out = check_output_dir(run_dir, "run_dir"), output_file(codec_out, "codec_out")
     train_items, val_items, doc = _sections(datalist)
     ae_spec = autoencoder_spec(kind, preset, **dict(network or {}))
     d_spec = discriminator_spec(preset, **dict(discriminator or {})) if adv_weight > 0 else None

@@ -30,7 +30,7 @@ import torch
 from monai.data import Dataset
 from monai.transforms import Compose, MapTransform
 
-from meddiff3d.checks import check_int, parse_covariates
+from meddiff3d.checks import check_int, parse_covariates, safe_name
 from meddiff3d.data.images import check_image
 from meddiff3d.engine.precision import prepare_for_inference, resolve_device, resolve_precision
 from meddiff3d.errors import InputError
@@ -98,12 +98,12 @@ def _first(image: Any) -> Any:
 def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], section: str = "test",
                    modalities: int | None = 1) -> list[dict]:
     """Items ``{"id", "image", ...}`` from a datalist JSON (its ``section``) or from image files (one per case),
-    every voxel of every file read and checked (:func:`~meddiff3d.data.datalist.load_datalist`,
-    :func:`~meddiff3d.data.images.check_image`)."""
+    every voxel of every file read and checked as a model input (:func:`~meddiff3d.data.datalist.load_datalist`,
+    :func:`~meddiff3d.data.images.check_image` with ``content=True``: real, not constant, plausible spacing)."""
     from meddiff3d.data.datalist import load_datalist
 
     if isinstance(inputs, (str, os.PathLike)) and str(inputs).lower().endswith(".json"):
-        items = load_datalist(inputs, section, modalities=modalities, check_images=True)
+        items = load_datalist(inputs, section, modalities=modalities, check_images=True, content=True)
         return [dict(it, id=str(it.get("id") or _case_id(Path(_first(it["image"]))))) for it in items]
     files = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs or [])
     if not files:
@@ -111,8 +111,8 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], sect
     items, seen = [], {}
     for file in files:
         path = Path(file).expanduser().absolute()
-        check_image(path, read_data=True)
-        case = _case_id(path)
+        check_image(path, content=True)
+        case = safe_name(f"the case id of {path}", _case_id(path))
         if case in seen:
             raise InputError(f"input images {seen[case]} and {path} give the same case id {case!r}")
         seen[case] = path

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from meddiff3d.checks import check_int
+from meddiff3d.checks import check_int, check_output_dir
 from meddiff3d.diffusion import initial_noise, sample, schedule_from_dict
 from meddiff3d.engine.precision import resolve_device, resolve_precision
 from meddiff3d.errors import InputError
@@ -45,6 +45,7 @@ from meddiff3d.models.codec import LatentCodec, decode_progress, decode_steps
 from meddiff3d.models.loading import LoadedModel, load_model
 from meddiff3d.pipelines.components import GenerationRequests
 from meddiff3d.pipelines.inferers import LatentDiffusionInferer, autocast_dtype
+from meddiff3d.pipelines.preflight import check_generation_job
 from meddiff3d.utils.io import save_json, save_nifti, save_preview_png
 
 logger = logging.getLogger("meddiff3d.pipelines")
@@ -143,6 +144,9 @@ class GenerationEvaluator:
         start = time.perf_counter()
         if self.network is None or next(self.network.parameters()).is_meta:
             raise RuntimeError("this evaluator released its network after its first run (release_network=True)")
+        check_output_dir(self.output_dir)  # before any compute: the folder, the memory of every latent and a decode
+        check_generation_job(len(self.dataset), self.batch_size, self.inferer.meta,
+                             self.codec.meta if self.codec is not None else None)
         requests = [self.dataset[i] for i in range(len(self.dataset))]
         self._check(requests)
         names = list(self.inferer.meta["conditioning"]["covariates"])

@@ -28,6 +28,7 @@ import torch
 
 from meddiff3d.data.datalist import load_datalist, read_datalist
 from meddiff3d.data.transforms import t1_brain_transforms
+from meddiff3d.engine.checkpoint import read_file, remove_partial_files
 from meddiff3d.errors import InputError
 from meddiff3d.data.images import canonical_affine
 from meddiff3d.models.loading import LoadedModel, load_model
@@ -104,12 +105,16 @@ def encode_latents(codec: str | os.PathLike | LoadedModel, datalist: str | os.Pa
     key = json.loads(json.dumps(key))
     scaling = {n: (read_datalist(datalist).get("covariates") or {}).get(n, {}) for n in names}
 
-    if cache.is_file():
+    removed = remove_partial_files(cache.parent)
+    if removed:
+        logger.info("removed %d partial file(s) of an interrupted encoding in %s", len(removed), cache.parent)
+    if cache.exists():
         try:
-            data = torch.load(cache, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - an unreadable cache is re-made
+            data = read_file(cache, what="latent cache", formats=(LATENTS_FORMAT,))
+        except InputError as err:  # an unreadable, foreign or refused cache is re-made
+            logger.warning("%s; encoding again", err)
             data = {}
-        if data.get("format") == LATENTS_FORMAT and data.get("key") == key:
+        if data.get("key") == key:
             logger.info("reusing cached latents %s (%d volumes)", cache, len(data["ids"]))
             return LatentSet(data["latents"], data["covariates"], list(data["ids"]), data["image"], names, scaling,
                              cache, True)

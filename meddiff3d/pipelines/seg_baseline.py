@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from meddiff3d.checks import check_output_dir
 from meddiff3d.data.brats import BRATS_REGIONS, regions_to_labels
 from meddiff3d.engine import WallClockBudget, build_network, seed_everything, train
 from meddiff3d.engine.recipes import publish_inference, training_summary
@@ -33,6 +34,7 @@ from meddiff3d.models.seg_baseline import (RegionDiceBCE, baseline_meta, baselin
                                            grid_shape)
 from meddiff3d.pipelines.seg_training import patch_dataset
 from meddiff3d.utils.io import save_nifti, save_vector_nifti
+from meddiff3d.pipelines.preflight import output_file
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
@@ -75,7 +77,7 @@ returns a summary dict.
     from meddiff3d.data.datalist import load_datalist
 
     start = time.perf_counter()
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir, out = check_output_dir(run_dir, "run_dir"), output_file(out, "out")  # before any compute
     items = load_datalist(datalist, section, modalities=4, require_label=True)
     spec = baseline_spec(preset, **dict(network_overrides or {}))
     factor = downsampling_factor(spec)

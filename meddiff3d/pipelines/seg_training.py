@@ -20,17 +20,18 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from meddiff3d.checks import check_output_dir
 from meddiff3d.data.datalist import load_datalist
 from meddiff3d.diffusion import AppendCoordinates, CoordinateChannels, DiffusionObjective, schedule_from_dict
 from meddiff3d.engine import build_network, seed_everything, train
 from meddiff3d.engine.recipes import publish_inference, trainer_settings, training_summary
 from meddiff3d.errors import InputError
 from meddiff3d.models.segdiff import BRATS_MODALITIES, SEGDIFF_SCHEDULE, segdiff_meta, segdiff_unet_spec
+from meddiff3d.pipelines.preflight import output_file
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
@@ -112,7 +113,7 @@ def train_segmentation_diffusion(
     start = time.perf_counter()
     settings = trainer_settings(TRAINER_DEFAULTS, trainer, "segmentation diffusion training")
     batch_size, lr, seed, progress = (settings[k] for k in ("batch_size", "lr", "seed", "progress"))
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir, out = check_output_dir(run_dir, "run_dir"), output_file(out, "out")  # before any compute
     if prediction not in ("epsilon", "v", "x0"):
         raise InputError(f"prediction must be 'epsilon', 'v' or 'x0' for segmentation diffusion, got {prediction!r}")
     spec = segdiff_unet_spec(network, coordinates=CoordinateChannels(shape), **dict(network_overrides or {}))

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from meddiff3d.checks import check_number
+from meddiff3d.checks import check_number, check_output_dir, safe_name
 from meddiff3d.data.brats import BRATS_REGIONS, region_masks, regions_to_labels
 from meddiff3d.data.transforms import brats_transforms
 from meddiff3d.engine.precision import resolve_device, resolve_precision
@@ -50,6 +50,7 @@ from meddiff3d.models.loading import LoadedModel, load_model
 from meddiff3d.models.segdiff import ensemble_statistics
 from meddiff3d.pipelines.components import DatalistDataset, segmentation_postprocessing
 from meddiff3d.pipelines.inferers import ClampedDenoiser, DiffusionSegmentationInferer, autocast_dtype, sample_masks
+from meddiff3d.pipelines.preflight import check_inputs, check_segmentation_job
 from meddiff3d.utils.io import save_json, save_nifti, save_preview_png, save_vector_nifti
 
 logger = logging.getLogger("meddiff3d.pipelines")
@@ -67,7 +68,8 @@ FLAIR_CHANNEL = 3
 
 def output_paths(output_dir: str | os.PathLike, case_id: str) -> dict[str, Path]:
     """The files written for ``case_id`` (the output contract of the module docstring)."""
-    folder = Path(output_dir) / str(case_id)
+    case_id = safe_name("case id", case_id)  # never a path outside output_dir
+    folder = Path(output_dir) / case_id
     names = {"seg": "seg.nii.gz", "prob": "prob.nii.gz", "variance": "variance.nii.gz", "entropy": "entropy.nii.gz",
              "preview": "preview.png", "info": "segdiff.json"}
     return {key: folder / f"{case_id}_{name}" for key, name in names.items()}
@@ -99,7 +101,15 @@ class SegmentationEvaluator:
 
     def run(self) -> list[Path]:
         start = time.perf_counter()
-        cases = len(self.dataset)
+        cases = len(self.dataset)  # every image read and checked
+        items = getattr(self.dataset, "items", None)  # a DatalistDataset's; a dataset swapped in may have none
+        if items is None:
+            check_output_dir(self.output_dir)
+        else:
+            voxels = check_inputs(items, self.output_dir, self.inferer.meta["image"]["spacing"])
+            inferer = self.inferer
+            check_segmentation_job(inferer.num_samples, inferer.batch_size, inferer.roi_size, inferer.meta,
+                                   max(voxels, default=0))
         dev, dtype = next(self.network.parameters()).device, autocast_dtype(self.network)
         settings = {"model": self.model.provenance() if self.model is not None else None, **self.inferer.settings,
                     "threshold": self.threshold, "regions": list(BRATS_REGIONS),

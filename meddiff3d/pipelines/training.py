@@ -13,10 +13,10 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 
+from meddiff3d.checks import check_output_dir
 from meddiff3d.diffusion import DiffusionObjective, schedule_from_dict
 from meddiff3d.engine import build_network, seed_everything, train
 from meddiff3d.engine.recipes import publish_inference, trainer_settings, training_summary
@@ -31,6 +31,7 @@ from meddiff3d.models.ldm import (
     null_condition,
 )
 from meddiff3d.models.loading import load_model
+from meddiff3d.pipelines.preflight import output_file
 from meddiff3d.pipelines.generation import preview_sampler
 from meddiff3d.pipelines.latents import encode_latents
 
@@ -106,7 +107,7 @@ def train_latent_diffusion(
     start = time.perf_counter()
     settings = trainer_settings(TRAINER_DEFAULTS, trainer, "latent diffusion training")
     batch_size, lr, seed, progress = (settings[k] for k in ("batch_size", "lr", "seed", "progress"))
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir, out = check_output_dir(run_dir, "run_dir"), output_file(out, "out")  # before any compute
     covariates = list(covariates) if conditioning != "none" else []
     if conditioning != "none" and not covariates:
         raise InputError(f"conditioning {conditioning!r} needs covariate names")

@@ -112,12 +112,13 @@ def latent_diffusion_network(*, codec: str | os.PathLike, covariates: Sequence[s
                              overrides: Mapping[str, Any] | None = None, coordinates: bool = False) -> torch.nn.Module:
     """The latent U-Net :func:`~meddiff3d.pipelines.training.train_latent_diffusion` trains on ``codec`` 's latents
     (its channel count is read from the codec file's meta)."""
+    from meddiff3d.engine.checkpoint import read_file
     from meddiff3d.pipelines.training import network_spec
 
-    meta = torch.load(codec, map_location="cpu", weights_only=True).get("meta") or {}
+    meta = read_file(codec, what="codec file", kind="codec").get("meta") or {}
     channels = (meta.get("latent") or {}).get("channels")
     if channels is None:
-        raise InputError(f"{codec}: no latent channel count in its meta (is it a meddiff3d codec file?)")
+        raise InputError(f"codec file {codec} has no latent channel count in its meta (meta.latent.channels)")
     names = list(covariates or ()) if conditioning != "none" else []
     return build_network(network_spec(network, int(channels), names, conditioning, overrides, coordinates=coordinates))
 
