@@ -5,7 +5,9 @@ turns :class:`meddiff3d.errors.InputError` (also when wrapped by MONAI's ``Compo
 status 2, as it does an ``OSError`` or ``MemoryError`` the machine raises meanwhile (full disk, memory taken by
 others); Ctrl-C exits 130 with one line.
 The models themselves (generation, segmentation, anomaly detection, training) run as MONAI bundles through
-``python -m monai.bundle run``; ``--help`` says so, with a command that works from any bundle folder.
+``python -m monai.bundle run``; ``--help`` says so, with a command that works from any bundle folder. The task
+commands (``generate``, ``segment``, ``detect``, ``calibrate``: :mod:`meddiff3d.tasks`) run a bundle's own configs
+on plain inputs, each flag one config key.
 """
 
 from __future__ import annotations
@@ -18,6 +20,25 @@ from meddiff3d import __version__
 
 # name -> (module, one-line help, what it is for / an example, shown under the command list of --help)
 SUBCOMMANDS = {
+    "generate": ("meddiff3d.tasks.generate",
+                 "generate T1 brain volumes with the generation bundle (brain_mri_ldm)",
+                 "the bundle's own inference (configs/inference.yaml); each flag sets one of its config keys.\n"
+                 "  meddiff3d generate --covariates age=0.7,sex=1 --num-samples 2 -o outputs/generation"),
+    "segment": ("meddiff3d.tasks.segment",
+                "segment BraTS tumours in a case folder, a folder of cases or a datalist (brats_mri_segdiff)",
+                "the bundle's own inference (configs/inference.yaml) on plain BraTS-named files; each flag sets one\n"
+                "of its config keys.\n"
+                "  meddiff3d segment -i /data/BraTS2021_00000 -o outputs/segmentation"),
+    "detect": ("meddiff3d.tasks.detect",
+               "detect anomalies in a T1 file, a folder of T1 files or a datalist (brain_mri_anomaly_ldm)",
+               "the bundle's own inference (configs/inference.yaml), thresholds from a calibration; each flag sets\n"
+               "one of its config keys.\n"
+               "  meddiff3d detect -i /data/t1 --calibration outputs/calibration/calibration.json -o outputs/anomaly"),
+    "calibrate": ("meddiff3d.tasks.calibrate",
+                  "calibrate the anomaly detector on a folder of healthy T1 files or a datalist",
+                  "the bundle's own configs/calibrate.yaml; writes a calibration JSON for detect --calibration\n"
+                  "(never into the bundle).\n"
+                  "  meddiff3d calibrate -i /data/healthy_t1 -o outputs/calibration/calibration.json"),
     "synth": ("meddiff3d.data.synthetic.cli",
               "generate synthetic cohorts with known answers (NIfTI + datalist)",
               "healthy T1 brains, BraTS-like tumour cases (4 sequences + labels) or T1 brains with lesions, each\n"
@@ -48,10 +69,12 @@ meddiff3d {__version__}: 3D diffusion models for brain MRI, shipped as MONAI bun
   brats_mri_segdiff       segment BraTS tumours (WT/TC/ET) with uncertainty maps (diffusion ensemble)
   brain_mri_anomaly_ldm   detect and localise anomalies in T1 volumes (diffusion healing)
 
-Run, train and evaluate a bundle with MONAI's bundle runner, from the bundle's folder, e.g.
+generate, segment, detect and calibrate run a bundle's own configs on plain files and folders (outputs in
+./outputs/<task> unless -o says otherwise). Train and evaluate a bundle, or run any of its configs, with MONAI's
+bundle runner, from the bundle's folder, e.g.
   cd bundles/brain_mri_ldm
   python -m monai.bundle run --config_file "['configs/common.yaml','configs/inference.yaml']"
-(each bundle's docs/README.md lists its commands, inputs and outputs). This command prepares data and serves
+(each bundle's docs/README.md lists its commands, inputs and outputs). The other commands prepare data and serve
 the bundles to 3D Slicer."""
 
 

@@ -68,7 +68,7 @@ def test_bad_datalists_and_models_fail_clearly(setup, tmp_path):
     empty.write_text(json.dumps({**doc, "test": []}))
     out = tmp_path / "out"
     with pytest.raises(InputError, match="empty.json.*section 'test' must be a non-empty list"):
-        detect_anomalies(codec, diffusion, cal, empty, out, **RUN)
+        detect_anomalies(codec, diffusion, cal, empty, out, section="test", **RUN)  # asked for: an error
     with pytest.raises(InputError, match="no input images"):
         detect_anomalies(codec, diffusion, cal, [], out, **RUN)
     other_codec, other_diffusion = untrained_pair(tmp_path / "other", seed=1)

@@ -18,7 +18,7 @@ LAYERS = [
     {"anomaly"},
     {"pipelines"},
     {"evaluation"},
-    {"label", "cli", "__main__"},
+    {"label", "tasks", "cli", "__main__"},
 ]
 MAX_LINES = 400
 

@@ -88,8 +88,9 @@ def test_readme_commands_name_existing_configs():
 
 # ------------------------------------------------------------------------------------------------ end to end
 def check_outputs(out_dir, datalist, section="test"):
+    """The outputs of ``section``'s cases (``None``: every section's, the default of a run without --section)."""
     doc = json.loads(Path(datalist).read_text())
-    items = doc[section]
+    items = doc[section] if section else [it for s in ("training", "validation", "test") for it in doc.get(s) or []]
     assert sorted(p.name for p in Path(out_dir).iterdir() if p.is_dir()) == sorted(i["id"] for i in items)
     for item in items:
         ref = nib.load(str(Path(datalist).parent / item["image"][0]))
@@ -149,7 +150,7 @@ def test_sliding_window_inference_and_bad_overrides_on_the_command_line(tmp_path
     result = run_bundle(infer, tmp_path, *base, "--num_samples", "2", "--steps", "2", "--roi_size", "[16,24,16]",
                         "--sampler", "dpmpp_2m", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    check_outputs(out, datalist)
+    check_outputs(out, datalist, section=None)  # no --section: every section with items
     case = json.loads(Path(datalist).read_text())["test"][0]["id"]
     info = json.loads((out / case / f"{case}_segdiff.json").read_text())
     assert info["inference"]["sliding_window"]["roi_size"] == [16, 24, 16] and info["sampler"] == "dpmpp_2m"

@@ -202,7 +202,9 @@ def test_segmentation_inference_yaml_runs_alone_and_equals_its_evaluator(tmp_pat
     wf = workflow(SEG, ["inference.yaml"], datalist=str(brats_cohort), num_samples=1, steps=2,
                   output_dir=str(tmp_path / "components"))
     folders = wf.evaluator.run()
-    assert [f.name for f in folders] == sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert sorted(f.name for f in folders) == sorted(p.name for p in out.iterdir() if p.is_dir())
+    sections = json.loads(Path(brats_cohort).read_text())  # no --section: every section with items
+    assert len(folders) == sum(len(sections.get(s) or []) for s in ("training", "validation", "test")) > 1
     for kind in ("prob", "seg"):
         a = np.asarray(nib.load(out / case / f"{case}_{kind}.nii.gz").dataobj)
         b = np.asarray(nib.load(tmp_path / "components" / case / f"{case}_{kind}.nii.gz").dataobj)
@@ -276,3 +278,18 @@ def test_segmentation_denoiser_exports_with_its_timestep_input(tmp_path):
     t = torch.tensor([10, 700])
     with torch.no_grad():
         torch.testing.assert_close(ts(x, t), net(x, timesteps=t), atol=1e-4, rtol=1e-4)
+
+
+def test_inputs_default_to_every_section_with_items_and_say_which(brats_cohort, caplog):
+    import logging
+
+    from meddiff3d.pipelines.components import resolve_inputs
+
+    doc = json.loads(Path(brats_cohort).read_text())
+    counts = {s: len(doc.get(s) or []) for s in ("training", "validation", "test") if doc.get(s)}
+    with caplog.at_level(logging.INFO, logger="meddiff3d.pipelines"):
+        items = resolve_inputs(brats_cohort, None, modalities=4)
+    assert len(items) == sum(counts.values()) and len({it["id"] for it in items}) == len(items)
+    for name, n in counts.items():
+        assert f"{name} {n} case(s)" in caplog.text
+    assert [it["id"] for it in resolve_inputs(brats_cohort, "test", modalities=4)] == [it["id"] for it in doc["test"]]

@@ -187,7 +187,8 @@ def test_readme_model_zoo_commands(zoo, tmp_path):
     argv = shlex.split(run)
     assert argv[:4] == ["python", "-m", "monai.bundle", "run"] and "configs/inference_anchor.yaml" in run
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, *argv[1:], "--bundle_root", str(tmp_path), "--steps", "2"], cwd=BUNDLE,
+    result = subprocess.run([sys.executable, *argv[1:], "--bundle_root", str(tmp_path), "--steps", "2",
+                             "--output_dir", str(tmp_path / "outputs")], cwd=BUNDLE,
                             capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (nifti,) = (tmp_path / "outputs").glob("*.nii.gz")
@@ -195,7 +196,7 @@ def test_readme_model_zoo_commands(zoo, tmp_path):
     side = json.loads(nifti.with_name(nifti.name.replace(".nii.gz", ".json")).read_text())
     assert side["covariates"] == {"sex": 0.0, "age": 0.1, "ventricular_volume": 0.2, "brain_volume": 0.4}
     result = subprocess.run([sys.executable, *argv[1:], "--bundle_root", str(tmp_path), "--steps", "2",
-                             "--guidance_scale", "2"], cwd=BUNDLE, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=600)
+                             "--guidance_scale", "2", "--output_dir", str(tmp_path / "outputs2")], cwd=BUNDLE, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=600)
     assert result.returncode == 2 and "error: " in result.stderr and "guidance" in result.stderr
 
 

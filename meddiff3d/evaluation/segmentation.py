@@ -61,11 +61,11 @@ import numpy as np
 import torch
 
 from meddiff3d.data.brats import BRATS_LABELS, BRATS_REGIONS, region_masks
+from meddiff3d.data.images import GRID_ATOL_MM
 from meddiff3d.errors import InputError
+from meddiff3d.evaluation.anomaly_metrics import dice
 from meddiff3d.models.segdiff import binary_entropy
 from meddiff3d.utils.io import atomic_path, read_channels, save_json
-
-from .anomaly_metrics import dice
 
 __all__ = ["region_metrics", "case_metrics", "calibration_error", "error_capture", "binary_entropy",
            "evaluate_segmentation_dir", "read_prediction", "summarise", "comparison_table", "UNCERTAINTY_FILES"]
@@ -73,7 +73,6 @@ __all__ = ["region_metrics", "case_metrics", "calibration_error", "error_capture
 #: optional per-region maps of the contract: file suffix -> uncertainty source name
 UNCERTAINTY_FILES = {"variance": "variance", "entropy": "entropy"}
 logger = logging.getLogger("meddiff3d.evaluation")
-GRID_ATOL_MM = 1e-3
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
@@ -295,7 +294,7 @@ def case_metrics(pred_dir: str | os.PathLike, item: Mapping, *, domain: str = "b
 
 
 # ------------------------------------------------------------------------------------------------- directories
-def evaluate_segmentation_dir(pred_dir: str | os.PathLike, datalist: str | os.PathLike, section: str = "test",
+def evaluate_segmentation_dir(pred_dir: str | os.PathLike, datalist: str | os.PathLike, section: str | None = "test",
                               out_csv: str | os.PathLike | None = None, out_json: str | os.PathLike | None = None, *,
                               top_percent: float = 5.0, bins: int = 10, empty_hd95: str | float = "diagonal",
                               domain: str = "brain") -> dict[str, Any]:
@@ -305,7 +304,7 @@ def evaluate_segmentation_dir(pred_dir: str | os.PathLike, datalist: str | os.Pa
     Returns ``{"cases": [row, ...], "summary": {metric: {"mean", "median", "std", "n"}}, "settings": {...}}``; NaN
     values (e.g. no error to capture) are left out of the statistics, ``n`` counts the rest.
     """
-    from meddiff3d.data.datalist import load_datalist
+    from meddiff3d.data.datalist import check_datalist
 
     if domain not in ("brain", "volume"):
         raise ValueError(f"domain must be 'brain' or 'volume', got {domain!r}")
@@ -313,7 +312,8 @@ def evaluate_segmentation_dir(pred_dir: str | os.PathLike, datalist: str | os.Pa
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise InputError(f"prediction folder {pred_dir} does not exist")
-    items = load_datalist(datalist, section, require_label=True, check_images="header")
+    sections = check_datalist(datalist, [section] if section else None, require_label=True, check_images="header")
+    items = [it for found in sections.values() for it in found]  # section None: every one with items
     rows = []
     for item in items:
         metrics = case_metrics(pred_dir, item, top_percent=top_percent, bins=bins, empty_hd95=empty_hd95,

@@ -314,7 +314,7 @@ class AnomalyEvaluator:
 
 def detect_anomalies(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike | None,
                      calibration_path: str | os.PathLike, inputs: str | os.PathLike | Sequence[str], output_dir:
-                     str | os.PathLike, *, section: str = "test", device: str = "auto", amp: str = "auto",
+                     str | os.PathLike, *, section: str | None = None, device: str = "auto", amp: str = "auto",
                      decode_split: int | None = None, check_models: bool = True,
                      progress: bool = True) -> list[dict[str, Any]]:
     """Detect anomalies in ``inputs`` (a datalist JSON and its ``section``, or image files); writes the four files

@@ -21,6 +21,7 @@ hold (a generative bundle's ``network_def`` has more than one tensor input, so M
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,8 @@ from meddiff3d.engine.precision import prepare_for_inference, resolve_device, re
 from meddiff3d.errors import InputError
 from meddiff3d.models.loading import LoadedModel, load_model
 from meddiff3d.models.segdiff import ensemble_statistics
+
+logger = logging.getLogger("meddiff3d.pipelines")
 
 __all__ = ["model_file", "inference_network", "anomaly_models", "resolve_inputs", "DatalistDataset", "GenerationRequests",
            "EnsembleStatisticsd", "SelectChannelsd", "ToInputGridd", "segmentation_postprocessing",
@@ -95,15 +98,22 @@ def _first(image: Any) -> Any:
     return image[0] if isinstance(image, (list, tuple)) else image
 
 
-def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], section: str = "test",
+def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], section: str | None = None,
                    modalities: int | None = 1) -> list[dict]:
     """Items ``{"id", "image", ...}`` from a datalist JSON (its ``section``) or from image files (one per case),
     every voxel of every file read and checked as a model input (:func:`~meddiff3d.data.datalist.load_datalist`,
     :func:`~meddiff3d.data.images.check_image` with ``content=True``: real, not constant, plausible spacing)."""
-    from meddiff3d.data.datalist import load_datalist
+    from meddiff3d.data.datalist import check_datalist, load_datalist
 
     if isinstance(inputs, (str, os.PathLike)) and str(inputs).lower().endswith(".json"):
-        items = load_datalist(inputs, section, modalities=modalities, check_images=True, content=True)
+        if section is None:  # every section with items, in datalist order
+            sections = check_datalist(inputs, modalities=modalities, check_images=True, content=True)
+            items = [it for found in sections.values() for it in found]
+            logger.info("datalist %s: %s", inputs, ", ".join(f"{name} {len(found)} case(s)"
+                                                             for name, found in sections.items() if found))
+        else:
+            items = load_datalist(inputs, section, modalities=modalities, check_images=True, content=True)
+            logger.info("datalist %s: %s %d case(s)", inputs, section, len(items))
         return [dict(it, id=str(it.get("id") or _case_id(Path(_first(it["image"]))))) for it in items]
     files = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs or [])
     if not files:
@@ -126,13 +136,15 @@ class DatalistDataset(Dataset):
 
     Args:
         datalist: a meddiff3d datalist JSON, or image files (one case each).
-        section: the datalist section.
+        section: the datalist section; ``None``: every section that has items (which ones, and how many cases, is
+            logged).
         transform: the bundle's ``preprocessing``.
         modalities: image channels each item must have (``None``: the datalist's own ``modalities``).
         keys: keep only these item keys (e.g. ``["id", "image"]`` not to load labels); ``None``: all.
     """
 
-    def __init__(self, datalist: Any, section: str = "test", transform: Any = None, *, modalities: int | None = None,
+    def __init__(self, datalist: Any, section: str | None = None, transform: Any = None, *,
+                 modalities: int | None = None,
                  keys: Sequence[str] | None = None) -> None:
         self.datalist, self.section, self.modalities = datalist, section, modalities
         self.keys = None if keys is None else list(keys)

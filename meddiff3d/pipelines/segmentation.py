@@ -138,7 +138,7 @@ def segment(
     model_path: str | os.PathLike,
     datalist: str | os.PathLike,
     *,
-    section: str = "test",
+    section: str | None = None,
     output_dir: str | os.PathLike = "outputs",
     num_samples: int = 5,
     sampler: str = "ddim",
@@ -158,7 +158,7 @@ def segment(
     Args:
         model_path: a segmentation diffusion model file (``train_segmentation_diffusion``'s ``out``).
         datalist: datalist JSON whose items have the 4 sequences (t1, t1ce, t2, flair); labels are not needed.
-        section: ``training``, ``validation`` or ``test``.
+        section: ``training``, ``validation`` or ``test``; ``None``: every section that has items.
         num_samples: ensemble size N; sample ``i`` uses seed ``seed + i``.
         sampler, steps: a sampler of :data:`meddiff3d.diffusion.SAMPLERS` (``ddim`` or ``dpmpp_2m`` recommended) and
             its number of denoiser evaluations.
