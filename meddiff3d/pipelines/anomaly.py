@@ -329,10 +329,8 @@ def detect_anomalies(codec_path: str | os.PathLike, diffusion_path: str | os.Pat
     items = resolve_inputs(inputs, section)
     if not settings.uses_diffusion:
         diffusion_path = None
-    model_paths = {"codec": codec_path, "diffusion": diffusion_path}
-    if check_models:  # before the models are read (the evaluator checks again, before anything is written)
+    if check_models:  # before the models are read; the evaluator need not hash the files again
         check_calibrated_models(calibration, codec_path, diffusion_path, str(calibration_path))
     models = load_anomaly_models(codec_path, diffusion_path, device=device, amp=amp, decode_split=decode_split)
     return AnomalyEvaluator(Detector(models, settings, calibration), items, output_dir,
-                            calibration_path=calibration_path, model_paths=model_paths, check_models=check_models,
-                            progress=progress).run()
+                            calibration_path=calibration_path, check_models=False, progress=progress).run()
