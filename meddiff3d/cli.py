@@ -30,7 +30,8 @@ SUBCOMMANDS = {
                 "of its config keys.\n"
                 "  meddiff3d segment -i /data/BraTS2021_00000 -o outputs/segmentation"),
     "detect": ("meddiff3d.tasks.detect",
-               "detect anomalies in a T1 file, a folder of T1 files or a datalist (brain_mri_anomaly_ldm)",
+               "detect anomalies in a T1 file or DICOM series folder, a folder of them, or a datalist "
+               "(brain_mri_anomaly_ldm)",
                "the bundle's own inference (configs/inference.yaml), thresholds from a calibration; each flag sets\n"
                "one of its config keys.\n"
                "  meddiff3d detect -i /data/t1 --calibration outputs/calibration/calibration.json -o outputs/anomaly"),

@@ -9,10 +9,11 @@ The recipe is the bundle's, not this script's: each stage is
         'configs/data/synthetic_healthy.yaml','configs/presets/demo.yaml']" --bundle_root WORK
 
 (bundles/brain_mri_ldm/docs/README.md, "Retrain the demo weights"), run in this process on the bundle's configs with
-WORK as the bundle root, so the cohort (WORK/data/), the runs (WORK/runs/, resumed after a kill) and the weights
-(WORK/models/) stay out of the repository. This script only orchestrates: it keeps the stages' summaries in
-WORK/demo_training.json (the model card quotes them) and, with ``--install``, copies WORK/models/{autoencoder,model}.pt
-and the record into the bundle's models/ and the weights into brain_mri_anomaly_ldm's models/ (the same pair).
+WORK as the bundle root and run_dir / data_dir under WORK, so the cohort (WORK/data/), the runs (WORK/runs/,
+resumed after a kill) and the weights (WORK/models/) stay out of the repository. This script only orchestrates: it
+keeps the stages' summaries in WORK/demo_training.json (the model card quotes them) and, with ``--install``, copies
+WORK/models/{autoencoder,model}.pt and the record into the bundle's models/ and the weights into
+brain_mri_anomaly_ldm's models/ (the same pair).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def run_stage(stage: str, work: Path, **overrides) -> dict:
     start = time.perf_counter()
     workflow = ConfigWorkflow(config_file=[str(f) for f in files], workflow_type="train",
                               meta_file=str(configs / "metadata.json"), logging_file=str(configs / "logging.conf"),
-                              bundle_root=str(work), **overrides)
+                              bundle_root=str(work), run_dir=str(work / "runs"),
+                              data_dir=str(work / "data" / "synthetic_healthy"), **overrides)
     workflow.initialize()
     (summary,) = workflow.run()
     workflow.finalize()

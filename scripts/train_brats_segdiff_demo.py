@@ -8,10 +8,11 @@ The recipe is the bundle's, not this script's:
         'configs/data/synthetic_brats.yaml','configs/presets/demo.yaml']" --bundle_root WORK
 
 (bundles/brats_mri_segdiff/docs/README.md, "Retrain the demo weights"), run in this process on the bundle's configs
-with WORK as the bundle root, so the cohort (WORK/data/), the run (WORK/runs/, resumed after a kill) and the weights
-(WORK/models/model.pt) stay out of the repository. This script only orchestrates: it keeps the summary in
-WORK/demo_training.json and, with ``--install``, copies model.pt and that record into the bundle's models/. Held-out
-Dice/HD95 come from the bundle's inference + evaluate configs on the test split (see the bundle README).
+with WORK as the bundle root and run_dir / data_dir under WORK, so the cohort (WORK/data/), the run (WORK/runs/,
+resumed after a kill) and the weights (WORK/models/model.pt) stay out of the repository. This script only
+orchestrates: it keeps the summary in WORK/demo_training.json and, with ``--install``, copies model.pt and that
+record into the bundle's models/. Held-out Dice/HD95 come from the bundle's inference + evaluate configs on the
+test split (see the bundle README).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def run_training(work: Path, **overrides) -> dict:
     start = time.perf_counter()
     workflow = ConfigWorkflow(config_file=[str(f) for f in files], workflow_type="train",
                               meta_file=str(configs / "metadata.json"), logging_file=str(configs / "logging.conf"),
-                              bundle_root=str(work), **overrides)
+                              bundle_root=str(work), run_dir=str(work / "runs"),
+                              data_dir=str(work / "data" / "synthetic_brats"), **overrides)
     workflow.initialize()
     datalist = workflow.parser.get_parsed_content("datalist")
     (summary,) = workflow.run()

@@ -129,9 +129,10 @@ def test_readme_calibrate_detect_evaluate_run_end_to_end(tiny_bundle):
 
     result = run_bundle(evaluate, root, *data, "--amp", "none")
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((root / "evaluation" / "metrics.json").read_text())
+    evaluation = root / "outputs" / "evaluation"  # under the current folder (the copy), not the bundle's
+    metrics = json.loads((evaluation / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"diffusion", "autoencoder"}
-    assert (root / "evaluation" / "summary.csv").is_file() and (root / "evaluation" / "per_volume.csv").is_file()
+    assert (evaluation / "summary.csv").is_file() and (evaluation / "per_volume.csv").is_file()
 
     # bad input on the command line: one error line, exit status 2, nothing written
     out = root / "bad"

@@ -112,7 +112,7 @@ def test_readme_tiny_cpu_commands_run_end_to_end(tmp_path):
     meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
     assert meta["network"]["args"]["channels"] == [8, 16, 32, 32] and meta["image"]["shape"] == [32, 48, 32]
     assert meta["patch"]["size"] == [16, 16, 16] and meta["coordinates"]["full_shape"] == [32, 48, 32]
-    datalist = tmp_path / "data" / "synthetic_brats" / "datalist.json"
+    datalist = tmp_path / "outputs" / "data" / "synthetic_brats" / "datalist.json"  # under the current folder
     out = tmp_path / "out"
     result = run_bundle(infer, tmp_path, *data, *TINY, "--num_samples", "2", "--steps", "2", "--output_dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]

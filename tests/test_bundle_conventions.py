@@ -274,9 +274,12 @@ def test_bundle_folder_copied_alone_parses_every_readme_command(name, tmp_path):
         parser["bundle_root"] = str(copy)
         run = parser["run"]  # the config's evaluator, or one recipe call
         assert run == "$@evaluator.run()" or run["_target_"].startswith("meddiff3d.pipelines.commands."), cmd
-        for key in ("model_dir", "run_dir"):
+        if "model_dir" in parser:  # the weights belong to the bundle (MONAI's convention)
+            assert Path(parser.get_parsed_content("model_dir")).resolve().is_relative_to(copy.resolve()), cmd
+        for key in ("run_dir", "data_dir", "evaluation_dir", "output_dir"):  # what a run writes: the current folder
             if key in parser:
-                assert Path(parser.get_parsed_content(key)).resolve().is_relative_to(copy.resolve()), (key, cmd)
+                value = parser.get_parsed_content(key)
+                assert not Path(value).is_absolute() and Path(value).parts[0] == "outputs", (key, value, cmd)
 
 
 @pytest.mark.parametrize("name", BUNDLES)

@@ -162,3 +162,29 @@ def test_a_huge_header_fails_before_reading(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDDIFF3D_MAX_MEMORY_GB", "0.001")
     with pytest.raises(ImageError, match=r"reading .*small.nii.gz needs about 2.1 MB of memory"):
         read_image(small)
+
+
+def test_t1_inputs_of_one_series_folder_and_of_series_sub_folders(tmp_path):
+    """``datalist t1`` / ``detect -i`` find one volume in a folder that is itself one DICOM series (named after it),
+    and one per series sub-folder; a folder holding two series' slices is refused, naming it."""
+    from meddiff3d.data.t1_conversion import find_t1_inputs
+    from meddiff3d.errors import InputError
+
+    one = write_dicom_series(volume(), oblique_affine(), tmp_path / "sub-01")
+    assert find_t1_inputs(one) == {"sub-01": one}
+    write_dicom_series(volume(), oblique_affine(), tmp_path / "cohort" / "sub-02")
+    assert set(find_t1_inputs(tmp_path / "cohort")) == {"sub-02"}
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for path in sorted(one.iterdir())[:3]:
+        (mixed / path.name).write_bytes(path.read_bytes())
+    other = write_dicom_series(volume(), oblique_affine(), tmp_path / "other")
+    for path in sorted(other.iterdir())[:3]:  # another series UID: the tags above are the same, so rewrite one
+        image = sitk.ReadImage(str(path))
+        image.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.9")
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(mixed / f"b_{path.name}"))
+        writer.Execute(image)
+    with pytest.raises(InputError, match=r"mixed: holds the slices of 2 DICOM series"):
+        find_t1_inputs(mixed)

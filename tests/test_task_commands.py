@@ -3,11 +3,12 @@ inputs: what each kind of ``-i`` becomes for the bundle (fast: the bundle run re
 with the shipped demo weights and the smallest settings (outputs, names, exit status 0, nothing written into the
 bundle), and bad inputs (exit status 2, one ``error:`` line, nothing written).
 
-Inputs are tiny synthetic cohorts (:func:`meddiff3d.data.synthetic.write_cohort`, 32x48x32 procedural); the
-anomaly bundle works on its model grid whatever the input, so detection uses a calibration cut to one starting step
-and 2 DDIM steps (as ``tests/test_bundle_components.py``'s ``fast_anomaly_bundle`` does), passed with
-``--calibration``. The commands run in this process through :func:`meddiff3d.cli.main`, in a temporary current
-folder (the default outputs go to ``./outputs/<task>``).
+Inputs are tiny synthetic cohorts (:func:`meddiff3d.data.synthetic.write_cohort`, 32x48x32 procedural; one T1 also
+as a DICOM series, written as ``tests/test_datalist_readers.py`` writes one); the anomaly bundle works on its model
+grid whatever the input, so detection uses a calibration cut to one starting step and 2 DDIM steps (as
+``tests/test_bundle_components.py``'s ``fast_anomaly_bundle`` does), passed with ``--calibration``. The commands run
+in this process through :func:`meddiff3d.cli.main`, in a temporary current folder (the default outputs go to
+``./outputs/<task>``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,39 @@ def fast_calibration(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def dicom(t1, tmp_path_factory):
+    """The first T1 volume as a DICOM series (int16, one file a slice): ``series`` one series folder (id
+    ``sub-dicom``), ``parent`` a folder of two series sub-folders, and folders that are neither: ``two_series`` (the
+    slices of two series side by side), ``beside_nifti`` (a series' slices beside a NIfTI file), ``not_dicom`` (a
+    NIfTI file beside a ``.dcm`` file that is no DICOM)."""
+    import SimpleITK as sitk
+    from test_datalist_readers import write_dicom_series
+
+    root = tmp_path_factory.mktemp("dicom")
+    image = nib.load(t1.files[0])
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    data = np.round(data / data.max() * 1000).astype(np.int16)
+    series = write_dicom_series(data, image.affine, root / "sub-dicom")
+    for name in ("a", "b"):
+        shutil.copytree(series, root / "parent" / name)
+    shutil.copytree(series, root / "two_series")
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k, slice_file in enumerate(sorted(series.iterdir())):  # the same slices as another series
+        slice_ = sitk.ReadImage(str(slice_file))
+        slice_.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.9")
+        writer.SetFileName(str(root / "two_series" / f"other{k:03d}.dcm"))
+        writer.Execute(slice_)
+    shutil.copytree(series, root / "beside_nifti")
+    (root / "not_dicom").mkdir()
+    for folder in ("beside_nifti", "not_dicom"):
+        shutil.copy(t1.files[0], root / folder / t1.files[0].name)
+    (root / "not_dicom" / "notes.dcm").write_text("not a DICOM file")
+    return SimpleNamespace(series=series, parent=root / "parent", two_series=root / "two_series",
+                           beside_nifti=root / "beside_nifti", not_dicom=root / "not_dicom", shape=data.shape)
+
+
 @pytest.fixture
 def here(tmp_path, monkeypatch):
     """A fresh current folder."""
@@ -128,6 +162,7 @@ def probe(monkeypatch):
     """Replace the bundle run by a probe recording ``(bundle, config, keys)`` and what a datalist it is given holds
     (read during the run: a datalist the command makes is gone afterwards)."""
     from meddiff3d.data.datalist import read_datalist
+    from meddiff3d.utils.io import save_json
 
     calls = []
 
@@ -135,8 +170,19 @@ def probe(monkeypatch):
         datalist = keys.get("datalist") or keys.get("inputs")
         held = read_datalist(datalist) if isinstance(datalist, str) and datalist.endswith(".json") else None
         calls.append(SimpleNamespace(root=root, config=config, keys=dict(keys), datalist=held, prepare=prepare))
-        return {"detector": {"calibration": keys.get("calibration_path"), "method": "m", "volumes": 1,
-                             "threshold": 1.0, "volume_threshold": 1.0}} if config == "calibrate.yaml" else []
+        if config != "calibrate.yaml":
+            return []
+        summary = {}
+        for role, key in (("detector", "calibration_path"), ("baseline", "baseline_calibration_path")):
+            # what calibrate_anomaly writes: the healthy volumes' datalist and section as the config had them, or
+            # the calibration_source given instead (with no section)
+            source = keys.get("calibration_source")
+            save_json({"healthy": {"datalist": source or keys["datalist"],
+                                   "section": None if source else keys.get("calibration_section"), "ids": ["x"]}},
+                      keys[key])
+            summary[role] = {"calibration": keys[key], "method": "m", "volumes": 1, "threshold": 1.0,
+                             "volume_threshold": 1.0}
+        return summary
 
     for module in ("generate", "segment", "detect", "calibrate"):
         monkeypatch.setattr(f"meddiff3d.tasks.{module}.run_bundle", fake)
@@ -186,6 +232,32 @@ def test_calibrate_writes_outside_the_bundle_and_makes_a_validation_section(prob
     assert call.keys["detector#steps"] == 2 and call.keys["detector#start_steps"] == [200]
     assert call.keys["calibration_max_volumes"] == 1
     assert f"--calibration {call.keys['calibration_path']}" in result.out
+
+
+def test_a_dicom_series_folder_is_one_volume(probe, capsys, here, dicom):
+    """-i a folder holding one series' slices: that one volume, named after the folder (not each slice a volume); a
+    folder of series sub-folders: each sub-folder a volume."""
+    assert cli(capsys, "detect", "-i", dicom.series).code == 0
+    assert cli(capsys, "detect", "-i", dicom.parent).code == 0
+    assert cli(capsys, "calibrate", "-i", dicom.series).code == 0  # a 1-volume calibration, as a 1-file folder
+    series, parent, calibration = probe
+    assert series.keys["inputs"] == [str(dicom.series)]
+    assert parent.keys["inputs"] == [str(dicom.parent / "a"), str(dicom.parent / "b")]
+    (item,) = calibration.datalist["validation"]
+    assert item["id"] == "sub-dicom" and Path(item["image"]).name == "sub-dicom"
+
+
+def test_calibrate_records_the_input_it_was_given(probe, capsys, here, t1):
+    """A folder -i: the calibration files name the folder as their healthy datalist, not the temporary datalist made
+    of it (which is gone); a datalist -i: the datalist and its section, as the bundle wrote them."""
+    assert cli(capsys, "calibrate", "-i", t1.folder).code == 0
+    assert cli(capsys, "calibrate", "-i", t1.datalist, "-o", "listed.json").code == 0
+    for name in ("calibration.json", "calibration_autoencoder.json"):
+        healthy = json.loads((here / "outputs" / "calibration" / name).read_text())["healthy"]
+        assert healthy == {"datalist": str(t1.folder), "section": None, "ids": ["x"]}
+    for name in ("listed.json", "listed_autoencoder.json"):
+        healthy = json.loads((here / name).read_text())["healthy"]
+        assert healthy["datalist"] == str(t1.datalist) and "section" in healthy
 
 
 def test_generate_covariates_given_replace_only_their_names(probe, capsys, here):
@@ -250,6 +322,17 @@ def test_detect_a_folder_of_t1_files(capsys, here, t1, tmp_path_factory, fast_ca
 
 
 @pytest.mark.slow
+def test_detect_a_dicom_series_folder(capsys, here, dicom, fast_calibration):
+    result = cli(capsys, "detect", "-i", dicom.series, "--calibration", fast_calibration, *FAST)
+    assert result.code == 0, result.err[-2000:]
+    out = here / "outputs" / "anomaly"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(f"sub-dicom_{n}" for n in ANOMALY_FILES),
+                                                            "summary.json"])
+    assert nib.load(out / "sub-dicom_mask.nii.gz").shape == dicom.shape  # the series' grid
+    assert "1 case(s)" in result.out
+
+
+@pytest.mark.slow
 def test_detect_a_file_and_a_datalist(capsys, here, t1, fast_calibration):
     file = cli(capsys, "detect", "-i", t1.files[1], "--calibration", fast_calibration, "-o", "file", *FAST)
     assert file.code == 0, file.err[-2000:]
@@ -273,6 +356,7 @@ def test_calibrate_a_healthy_folder_then_detect_with_it(capsys, here, t1, tmp_pa
     cal = json.loads((out / "calibration.json").read_text())
     assert cal["settings"]["start_steps"] == [200] and cal["healthy"]["ids"] == [folder.iterdir().__next__().name
                                                                                    .removesuffix(".nii.gz")]
+    assert cal["healthy"]["datalist"] == str(folder)  # -i as given, not the temporary datalist made of it
     assert tree(ANOMALY) == before  # never the bundle's models/calibration.json
     detect = cli(capsys, "detect", "-i", t1.files[1], "--calibration", out / "calibration.json", *FAST)
     assert detect.code == 0, detect.err[-2000:]
@@ -311,6 +395,14 @@ BAD = {
     "detect, a missing calibration": (["detect", "-i", "{t1_file}", "--calibration", "{here}/c.json"],
                                       "--calibration {here}/c.json: no such file or folder"),
     "calibrate, an empty folder": (["calibrate", "-i", "{empty}"], "no NIfTI/NRRD files or DICOM series folders"),
+    "detect, two DICOM series in one folder": (["detect", "-i", "{two_series}"],
+                                               "{two_series}: holds the slices of 2 DICOM series"),
+    "detect, DICOM slices beside a NIfTI file": (["detect", "-i", "{beside_nifti}"],
+                                                 "{beside_nifti}: holds DICOM slices beside image files"),
+    "detect, a .dcm file that is no DICOM": (["detect", "-i", "{not_dicom}"],
+                                             "{not_dicom}: 1 .dcm file(s) (notes.dcm) that form no DICOM series"),
+    "calibrate, two DICOM series in one folder": (["calibrate", "-i", "{two_series}"],
+                                                  "{two_series}: holds the slices of 2 DICOM series"),
     "calibrate, -o not a JSON": (["calibrate", "-i", "{t1_folder}", "-o", "{here}/cal.txt"], "-o {here}/cal.txt"),
     "generate, a covariate outside [0, 1]": (["generate", "--covariates", "age=2"], "age=2 is outside [0, 1]"),
     "generate, an unknown covariate": (["generate", "--covariates", "iq=0.5"], "unknown covariate(s) ['iq']"),
@@ -322,11 +414,12 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
-def test_bad_inputs_exit_2_with_one_error_line_and_write_nothing(case, capsys, here, brats, t1):
+def test_bad_inputs_exit_2_with_one_error_line_and_write_nothing(case, capsys, here, brats, t1, dicom):
     argv, message = BAD[case]
     (here / "empty").mkdir()
     names = {"here": here, "empty": here / "empty", "cases": brats.cases, "datalist": brats.datalist,
-             "t1_file": t1.files[0], "t1_folder": t1.folder, "incomplete": None, "constant": None}
+             "t1_file": t1.files[0], "t1_folder": t1.folder, "incomplete": None, "constant": None,
+             "two_series": dicom.two_series, "beside_nifti": dicom.beside_nifti, "not_dicom": dicom.not_dicom}
     if "{incomplete}" in argv:
         names["incomplete"] = _incomplete_case(here, brats)
     if "{constant}" in argv:

@@ -4,7 +4,8 @@
 once) and reports every entry it cannot use - a broken symbolic link, a symlink loop, an unreadable folder - instead
 of dropping it, so a conversion never loses a subject silently. :func:`staged_folder` lets a conversion write a
 whole dataset into a temporary folder beside its target and renames it into place only when every subject succeeded:
-a failure (or a kill) leaves no half-converted cohort behind.
+a failure (or a kill) leaves no half-converted cohort behind. :func:`dicom_series_folder` tells a folder that is
+itself one DICOM series (one volume) from a folder of volumes, and refuses one that is both or several series.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from meddiff3d.checks import check_output_dir
+from meddiff3d.checks import check_output_dir, raise_problems
 from meddiff3d.errors import InputError
 
-__all__ = ["scan_folder", "staged_folder"]
+__all__ = ["series_ids", "scan_folder", "staged_folder", "dicom_series_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,59 @@ def scan_folder(folder: str | os.PathLike, problems: list[str], *, recursive: bo
             elif is_folder or stat.S_ISREG(info.st_mode):
                 found.append((path, is_folder))
     return sorted(found)
+
+
+def dicom_series_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is itself one DICOM series: the slice files of one volume directly in it (the series as
+    :func:`~meddiff3d.data.images.read_sitk` reads it, SimpleITK/GDCM), nothing else that is a volume.
+
+    ``False`` for a folder of image files or of series sub-folders (each one a volume). An :class:`InputError`
+    naming ``folder`` when it cannot be either: the slices of several series in it, DICOM slices beside image files
+    or beside series sub-folders, ``.dcm`` files that form no readable series, or (a series folder) entries that
+    cannot be read (:func:`scan_folder`'s problems: a slice behind a broken link would be missing from the volume).
+    GDCM looks at the folder only when it holds files that are no NIfTI/NRRD/MetaImage file.
+    """
+    from meddiff3d.data.images import ITK_SUFFIXES, NIFTI_SUFFIXES
+
+    problems: list[str] = []
+    entries = scan_folder(folder, problems)
+    files = [path for path, is_folder in entries if not is_folder]
+    images = [path.name for path in files if path.name.lower().endswith(NIFTI_SUFFIXES + ITK_SUFFIXES)]
+    if len(images) == len(files):
+        return False
+    series = series_ids(folder)
+    if not series:
+        dcm = [path.name for path in files if path.name.lower().endswith(".dcm")]
+        if dcm:
+            raise InputError(f"{folder}: {len(dcm)} .dcm file(s) ({_some(dcm)}) that form no DICOM series SimpleITK "
+                             f"can read (damaged, or no image slices); remove them or give a readable series' folder")
+        return False
+    if len(series) > 1:
+        raise InputError(f"{folder}: holds the slices of {len(series)} DICOM series; give each series its own "
+                         f"sub-folder (one volume each), or give one series' folder")
+    sub = [path.name for path, is_folder in entries if is_folder and series_ids(path)]
+    if images or sub:
+        beside = f"image files ({_some(images)})" if images else f"DICOM series sub-folders ({_some(sub)})"
+        raise InputError(f"{folder}: holds DICOM slices beside {beside}; give a folder of one kind (the slices of "
+                         f"one series, image files, or series sub-folders)")
+    raise_problems(f"DICOM series folder {folder}", problems)
+    return True
+
+
+def series_ids(folder: str | os.PathLike) -> tuple[str, ...]:
+    """The DICOM series UIDs of the files directly in ``folder`` (GDCM), without ITK's "No Series were found"."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _some(names: list[str]) -> str:
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import numpy as np
 from meddiff3d.checks import (check_int, check_memory, check_number, check_sizes, check_voxels, raise_problems,
                               safe_name)
 from meddiff3d.data.datalist import split_ids, write_checked_datalist
-from meddiff3d.data.folders import scan_folder, staged_folder
+from meddiff3d.data.folders import dicom_series_folder, scan_folder, series_ids, staged_folder
 from meddiff3d.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -40,18 +40,20 @@ T1_BYTES_PER_VOXEL = 16
 
 # -------------------------------------------------------------------------------------------------------- T1 cohort
 def find_t1_inputs(src: str | os.PathLike) -> dict[str, Path]:
-    """``{id: path}``: image files directly in ``src`` (id = name without suffix) and DICOM series sub-folders.
+    """``{id: path}``: image files directly in ``src`` (id = name without suffix) and DICOM series sub-folders, or
+    ``src`` itself when it is one DICOM series (id = its name; :func:`~meddiff3d.data.folders.dicom_series_folder`,
+    which refuses a folder mixing series, or slices and image files).
 
     Broken symbolic links, symlink loops, unreadable entries, ids that are no safe file name and two inputs for one
     id are reported together in one :class:`InputError`; a sub-folder without a DICOM series is skipped with a warning.
     """
-    import SimpleITK as sitk
-
     from meddiff3d.data.images import ITK_SUFFIXES, NIFTI_SUFFIXES
 
     src = Path(src)
     if not src.is_dir():
         raise InputError(f"{src}: T1 cohort folder not found")
+    if dicom_series_folder(src):
+        return {safe_name(f"T1 case id (from {src})", src.name): src}
     problems: list[str] = []
     found: dict[str, Path] = {}
     for entry, is_folder in scan_folder(src, problems):
@@ -61,7 +63,7 @@ def find_t1_inputs(src: str | os.PathLike) -> dict[str, Path]:
         elif is_folder and not os.access(entry, os.R_OK | os.X_OK):
             problems.append(f"{entry}: unreadable folder (permission denied)")
             continue
-        elif is_folder and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(entry)):
+        elif is_folder and series_ids(entry):
             case = name
         else:
             if is_folder:

@@ -150,7 +150,8 @@ def calibrate_anomaly(codec_path: str | os.PathLike, diffusion_path: str | os.Pa
                       datalist: str | os.PathLike, out: str | os.PathLike, *, settings: Mapping[str, Any] | None = None,
                       section: str = "validation", target_fpr: float = 0.05, max_volumes: int | None = None,
                       baseline_out: str | os.PathLike | None = None, device: str = "auto", amp: str = "auto",
-                      decode_split: int | None = None, progress: bool = True) -> dict[str, Any]:
+                      decode_split: int | None = None, source: str | os.PathLike | None = None,
+                      progress: bool = True) -> dict[str, Any]:
     """Calibrate a detector on the healthy volumes of ``datalist[section]`` and write the calibration file ``out``.
 
     Args:
@@ -159,6 +160,8 @@ def calibrate_anomaly(codec_path: str | os.PathLike, diffusion_path: str | os.Pa
             target_fpr`` quantile of the healthy anomaly maps).
         max_volumes: use at most this many volumes of the section.
         baseline_out: also calibrate the autoencoder baseline (same smoothing, brain mask and FPR) into this file.
+        source: what the healthy volumes are as the user gave them (e.g. the folder a temporary datalist was made
+            of), recorded as the calibration's ``healthy.datalist`` with no section; default: ``datalist`` itself.
 
     Returns ``{"calibration": path, "threshold", ..., "baseline": {...}}``.
     """
@@ -179,7 +182,7 @@ def calibrate_anomaly(codec_path: str | os.PathLike, diffusion_path: str | os.Pa
         detector = Detector(models, run_settings)
         cal = _fit(detector, items, float(target_fpr), progress)
         cal.models = {"codec": _model_entry(codec_path), "diffusion": _model_entry(run_diffusion)}
-        cal.healthy.update(datalist=str(Path(datalist).absolute()), section=section)
+        cal.healthy.update(datalist=str(Path(source or datalist).absolute()), section=None if source else section)
         save_calibration(cal, run_out)
         result = {"calibration": str(run_out), "method": run_settings.method, "threshold": cal.threshold,
                   "calibration_fpr": cal.calibration_fpr, "volumes": len(items),

@@ -11,8 +11,9 @@ MONAI wraps it) propagates to :func:`meddiff3d.cli.main`: one ``error:`` line, e
   that ships with the package (``bundles/<name>`` beside the installed ``meddiff3d`` package: an editable install or
   a clone). A bundle's kind is the ``evaluator`` its ``configs/inference.yaml`` runs
   (:data:`meddiff3d.label.bundles.KINDS`, the table the MONAI Label server uses too).
-- :func:`scratch`: a temporary folder for what a plain input becomes (a datalist of a case folder), removed after
-  the run; :func:`named_as` puts the user's ``-i`` back into an error message that names a file in it.
+- :func:`datalist_input`: ``-i`` as the config's ``datalist``: a datalist JSON as given, a folder as a datalist made
+  in a :func:`scratch` folder (removed after the run), with :func:`named_as` putting the user's ``-i`` back into
+  the messages that name it. :func:`t1_inputs`: the T1 volumes of a folder (one DICOM series folder is one volume).
 - Outputs go where ``-o`` says, by default ``./outputs/<task>`` under the current folder (:func:`default_output`),
   never into the bundle.
 """
@@ -24,12 +25,13 @@ import contextlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from meddiff3d.errors import InputError, find_input_error
 
 __all__ = ["SHIPPED", "shipped_bundle", "find_bundle", "bundle_kind", "add_bundle_arguments", "epilog", "common_overrides",
-           "default_output", "absolute", "input_path", "no_section_for", "t1_inputs", "scratch", "named_as", "run_bundle", "setup_logging"]
+           "default_output", "absolute", "input_path", "no_section_for", "t1_inputs", "scratch",
+           "named_as", "datalist_input", "run_bundle", "setup_logging"]
 
 #: bundle kind -> the folder of the shipped bundle under ``bundles/``
 SHIPPED = {"generation": "brain_mri_ldm", "segmentation": "brats_mri_segdiff", "anomaly": "brain_mri_anomaly_ldm"}
@@ -148,8 +150,9 @@ def no_section_for(section: str | None, src: Path) -> None:
 
 
 def t1_inputs(folder: Path) -> dict[str, str]:
-    """``{id: absolute path}`` of the T1 inputs directly in ``folder`` (image files, DICOM series folders; id = the
-    name without suffix), found as ``meddiff3d datalist t1`` finds them."""
+    """``{id: absolute path}`` of the T1 volumes of ``folder``, found as ``meddiff3d datalist t1`` finds them
+    (:func:`~meddiff3d.data.t1_conversion.find_t1_inputs`): the folder itself when it is one DICOM series (id = its
+    name), else the image files and DICOM series sub-folders directly in it (id = the name without suffix)."""
     from meddiff3d.data.t1_conversion import find_t1_inputs
 
     return {case: absolute(path) for case, path in find_t1_inputs(folder).items()}
@@ -182,12 +185,9 @@ class _Rename(logging.Filter):
 
 
 @contextlib.contextmanager
-def named_as(scratch_file: Path | None, name: str) -> Iterator[None]:
+def named_as(scratch_file: Path, name: str) -> Iterator[None]:
     """Messages naming ``scratch_file`` (a datalist the command made) name ``name`` instead: a user error raised in
     the block, and the log lines of the bundle meanwhile (which sections, how many cases)."""
-    if scratch_file is None:
-        yield
-        return
     rename = _Rename({str(scratch_file), str(scratch_file.resolve())}, name)
     handlers = logging.getLogger().handlers
     for handler in handlers:
@@ -202,6 +202,29 @@ def named_as(scratch_file: Path | None, name: str) -> Iterator[None]:
     finally:
         for handler in handlers:
             handler.removeFilter(rename)
+
+
+@contextlib.contextmanager
+def datalist_input(command: str, src: Path, section: str | None, make: Callable[[Path, Path], str], expected: str,
+                   section_key: str = "section") -> Iterator[dict[str, Any]]:
+    """The config keys ``datalist`` and ``section_key`` for ``-i src``, valid inside the block.
+
+    A datalist JSON is used as given (``--section`` -> ``section_key``, unset: the config's own). A folder becomes a
+    temporary datalist: ``make(src, path)`` writes it at ``path`` and returns the section holding its items
+    (``--section`` is refused, the folder is used whole); messages naming it name ``-i`` instead
+    (:func:`named_as`), and it is removed after the block. Anything else: an :class:`InputError` saying ``-i``
+    should be ``expected``."""
+    if src.is_dir():
+        no_section_for(section, src)
+        with scratch(command) as tmp:
+            made = tmp / "datalist.json"
+            with named_as(made, f"made from -i {src}"):
+                made_section = make(src, made)
+                yield {"datalist": str(made), section_key: made_section}
+        return
+    if not src.name.lower().endswith(".json"):
+        raise InputError(f"-i {src}: expected {expected}")
+    yield {"datalist": absolute(src), **({section_key: section} if section is not None else {})}
 
 
 def run_bundle(root: Path, config: str, overrides: Mapping[str, Any], prepare=None) -> Any:

@@ -3,15 +3,18 @@
 
     meddiff3d calibrate [--bundle B] -i HEALTHY_FOLDER | DATALIST.json [--section S] [-o CALIBRATION.json]
 
-``-i`` is a folder of healthy T1 files (each file a volume; a temporary datalist holds them as its ``validation``
-section) or a datalist JSON (its ``validation`` section, or ``--section``). Writes the calibration file (detector
-settings, heal-mask thresholds, healthy residual statistics, the voxel and volume thresholds, model hashes) and the
-autoencoder baseline's beside it (``<name>_autoencoder.json``); give it to detect with ``--calibration``. The bundle's
-own ``models/calibration.json`` is never written.
+``-i`` is a folder of healthy T1 volumes (each file or DICOM series sub-folder a volume, or the folder one DICOM
+series: a 1-volume calibration, as a folder of one file is; a temporary datalist holds them as its ``validation``
+section, and the calibration records the folder as its ``healthy.datalist``) or a datalist JSON (its
+``validation`` section, or ``--section``). Writes the calibration file (detector settings, heal-mask thresholds,
+healthy residual statistics, the voxel and volume thresholds, model hashes) and the autoencoder baseline's beside it
+(``<name>_autoencoder.json``); give it to detect with ``--calibration``. The bundle's own ``models/calibration.json``
+is never written.
 
 flag                  bundle config key          meaning
 --bundle B            bundle_root                bundle folder (default: the shipped brain_mri_anomaly_ldm)
--i, --input IN        datalist                   healthy T1 folder (a temporary datalist) or a datalist JSON
+-i, --input IN        datalist                   healthy T1 folder (a temporary datalist; the folder is
+                      (calibration_source)       recorded as the calibration's healthy.datalist) or a datalist JSON
 --section S           calibration_section        datalist section (default: the config's, validation)
 -o, --output C        calibration_path           default ./outputs/calibration/calibration.json (an existing
                                                  folder: C/calibration.json); the baseline's beside it,
@@ -33,15 +36,15 @@ import argparse
 from pathlib import Path
 
 from meddiff3d.errors import InputError
-from meddiff3d.tasks.bundle import (absolute, add_bundle_arguments, common_overrides, default_output, find_bundle,
-                                    input_path, named_as, no_section_for, run_bundle, scratch, setup_logging,
-                                    t1_inputs)
+from meddiff3d.tasks.bundle import (absolute, add_bundle_arguments, common_overrides, datalist_input, default_output,
+                                    find_bundle, input_path, run_bundle, setup_logging, t1_inputs)
 
 __all__ = ["add_arguments", "run", "calibration_paths"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-i", "--input", required=True, metavar="IN", help="folder of healthy T1 files, or datalist")
+    parser.add_argument("-i", "--input", required=True, metavar="IN",
+                        help="folder of healthy T1 files (or one DICOM series folder), or datalist")
     parser.add_argument("--section", choices=("training", "validation", "test"),
                         help="datalist section (default: validation)")
     parser.add_argument("-o", "--output", metavar="C",
@@ -76,29 +79,27 @@ def overrides(args: argparse.Namespace) -> dict:
             "baseline_calibration_path": str(baseline), **common_overrides(args)}
 
 
+def healthy_datalist(src: Path, out: Path) -> str:
+    """Write a datalist ``out`` of the T1 volumes of the folder ``src`` (each file or DICOM series sub-folder a volume,
+    or ``src`` itself one DICOM series: :func:`~meddiff3d.tasks.bundle.t1_inputs`), all in the ``validation``
+    section (returned)."""
+    from meddiff3d.data.datalist import write_datalist
+
+    items = [{"id": case, "image": path} for case, path in t1_inputs(src).items()]
+    write_datalist(out, {"validation": items}, modalities=["t1"],
+                   description=f"healthy T1 folder {src} (meddiff3d calibrate)")
+    return "validation"
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     bundle = find_bundle(args.bundle, "anomaly", "calibrate")
     src = input_path(args.input)
     keys = overrides(args)
-    with scratch("calibrate") as tmp:
-        made = tmp / "datalist.json" if src.is_dir() else None
-        with named_as(made, f"made from -i {src}"):
-            if made is not None:
-                no_section_for(args.section, src)
-                from meddiff3d.data.datalist import write_datalist
-
-                items = [{"id": case, "image": path} for case, path in t1_inputs(src).items()]
-                write_datalist(made, {"validation": items}, modalities=["t1"],
-                               description=f"healthy T1 folder {src} (meddiff3d calibrate)")
-                keys.update(datalist=str(made), calibration_section="validation")
-            elif src.name.lower().endswith(".json"):
-                keys["datalist"] = absolute(src)
-                if args.section is not None:
-                    keys["calibration_section"] = args.section
-            else:
-                raise InputError(f"-i {src}: expected a folder of healthy T1 files or a datalist JSON")
-            summary = run_bundle(bundle, "calibrate.yaml", keys)
+    with datalist_input("calibrate", src, args.section, healthy_datalist,
+                        "a folder of healthy T1 files or a datalist JSON", section_key="calibration_section") as given:
+        source = {"calibration_source": absolute(src)} if src.is_dir() else {}  # recorded, not the temporary datalist
+        summary = run_bundle(bundle, "calibrate.yaml", {**keys, **given, **source})
     detector = summary["detector"]
     print(f"meddiff3d calibrate: {detector['method']} calibrated on {detector['volumes']} volume(s): voxel "
           f"threshold z > {detector['threshold']:.3g}, volume threshold {detector['volume_threshold']:.3g}")

@@ -3,14 +3,17 @@
     meddiff3d detect [--bundle B] -i T1_FILE | FOLDER_OF_T1 | DATALIST.json [--section S] [--calibration C] [-o OUT]
 
 ``-i`` is a T1 file (NIfTI, NRRD, MetaImage), a folder of them (each file a case, id = its name without suffix;
-DICOM series sub-folders too), or a datalist JSON (every section that has items, or ``--section``). Writes per case
-``OUT/<id>_healed.nii.gz``, ``_anomaly_map.nii.gz`` (z-scores), ``_mask.nii.gz`` (uint8) on the input's grid and
-affine, ``_preview.png``, and ``OUT/summary.json`` (volume scores, which cases are anomalous). Detector settings and
-thresholds come from the calibration file only (``meddiff3d calibrate`` makes one).
+DICOM series sub-folders too, id = the sub-folder's name), one DICOM series folder (its slice files directly in it:
+one case, id = the folder's name; a folder mixing series, or slices and image files, is refused), or a datalist JSON
+(every section that has items, or ``--section``). Writes per case ``OUT/<id>_healed.nii.gz``,
+``_anomaly_map.nii.gz`` (z-scores), ``_mask.nii.gz`` (uint8) on the input's grid and affine, ``_preview.png``, and
+``OUT/summary.json`` (volume scores, which cases are anomalous). Detector settings and thresholds come from the
+calibration file only (``meddiff3d calibrate`` makes one).
 
 flag                  bundle config key   meaning
 --bundle B            bundle_root         bundle folder (default: the shipped brain_mri_anomaly_ldm)
--i, --input IN        inputs              T1 file(s) (a folder: every image file in it), or a datalist JSON
+-i, --input IN        inputs              T1 file(s) (a folder: every image file or series sub-folder in it;
+                                          a DICOM series folder: that one volume), or a datalist JSON
 --section S           section             training | validation | test (a datalist -i only; default: the
                                           config's, every section that has items)
 --calibration C       calibration_path    calibration JSON (default: the bundle's; meddiff3d calibrate -o)
@@ -32,7 +35,7 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--input", required=True, metavar="IN",
-                        help="T1 file, folder of T1 files, or datalist JSON")
+                        help="T1 file, folder of T1 files, DICOM series folder, or datalist JSON")
     parser.add_argument("--section", choices=("training", "validation", "test"),
                         help="datalist section (default: every section that has items)")
     parser.add_argument("--calibration", metavar="C", help="calibration JSON (made by meddiff3d calibrate)")
@@ -41,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def inputs_of(src, section: str | None) -> dict:
-    """``inputs`` (and ``section``) for ``-i``: a datalist JSON, or the list of T1 files of a file or folder."""
+    """``inputs`` (and ``section``) for ``-i``: a datalist JSON, or the T1 volumes of a file or folder."""
     if src.is_dir() or not src.name.lower().endswith(".json"):
         no_section_for(section, src)
         return {"inputs": list(t1_inputs(src).values()) if src.is_dir() else [absolute(src)]}

@@ -34,9 +34,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from meddiff3d.errors import InputError
-from meddiff3d.tasks.bundle import (absolute, add_bundle_arguments, common_overrides, default_output, find_bundle,
-                                    input_path, named_as, no_section_for, run_bundle, scratch, setup_logging)
+from meddiff3d.tasks.bundle import (absolute, add_bundle_arguments, common_overrides, datalist_input, default_output,
+                                    find_bundle, input_path, run_bundle, setup_logging)
 
 __all__ = ["add_arguments", "run"]
 
@@ -67,34 +66,24 @@ def overrides(args: argparse.Namespace) -> dict:
     return {**out, **common_overrides(args)}
 
 
-def case_datalist(src: Path, out: Path, skip_incomplete: bool = False) -> Path:
-    """A datalist ``out`` of every BraTS case in the folder ``src`` (a case folder or a folder of them), all in the
-    ``test`` section; the indexing of ``meddiff3d datalist brats`` (headers checked here, voxels by the bundle)."""
+def case_datalist(src: Path, out: Path, skip_incomplete: bool = False) -> str:
+    """Write a datalist ``out`` of every BraTS case in the folder ``src`` (a case folder or a folder of them), all in
+    the ``test`` section (returned); the indexing of ``meddiff3d datalist brats`` (headers checked here, voxels by the
+    bundle)."""
     from meddiff3d.data.preprocess import brats_to_datalist
 
-    return brats_to_datalist(src, out, fractions=(0.0, 0.0, 1.0), skip_incomplete=skip_incomplete,
-                             check_images="header")
+    brats_to_datalist(src, out, fractions=(0.0, 0.0, 1.0), skip_incomplete=skip_incomplete, check_images="header")
+    return "test"
 
 
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     bundle = find_bundle(args.bundle, "segmentation", "segment")
-    src = input_path(args.input)
     keys = overrides(args)
-    with scratch("segment") as tmp:
-        made = tmp / "datalist.json" if src.is_dir() else None
-        with named_as(made, f"made from -i {src}"):
-            if made is not None:
-                no_section_for(args.section, src)
-                keys.update(datalist=str(case_datalist(src, made, args.skip_incomplete)), section="test")
-            elif src.name.lower().endswith(".json"):
-                keys["datalist"] = absolute(src)
-                if args.section is not None:
-                    keys["section"] = args.section
-            else:
-                raise InputError(f"-i {src}: expected a BraTS case folder, a folder of case folders or a datalist "
-                                 f"JSON")
-            folders = [Path(f) for f in run_bundle(bundle, "inference.yaml", keys)]
+    with datalist_input("segment", input_path(args.input), args.section,
+                        lambda src, out: case_datalist(src, out, args.skip_incomplete),
+                        "a BraTS case folder, a folder of case folders or a datalist JSON") as given:
+        folders = [Path(f) for f in run_bundle(bundle, "inference.yaml", {**keys, **given})]
     print(f"meddiff3d segment: {len(folders)} case(s) segmented into {keys['output_dir']}")
     for folder in folders:
         files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
