@@ -49,10 +49,12 @@ test: venv label-venv
 	$(PY) -m pytest tests
 	$(MAKE) test-label
 
-# the MONAI Label server tests in their own environment; MEDDIFF3D_REQUIRE_LABEL=1 turns a missing MONAI Label into
-# a failure (without it, tests/test_label_server.py skips itself, as in .venv)
+# the MONAI Label server tests and docs/slicer.md's commands (run as printed) in their own environment;
+# MEDDIFF3D_REQUIRE_LABEL=1 turns a missing MONAI Label into a failure (without it, these tests skip themselves, as
+# in .venv)
 test-label: label-venv
-	MEDDIFF3D_REQUIRE_LABEL=1 $(LABEL_PY) -m pytest tests/test_label_server.py tests/test_label_units.py
+	MEDDIFF3D_REQUIRE_LABEL=1 $(LABEL_PY) -m pytest tests/test_label_server.py tests/test_label_units.py \
+	    tests/test_label_doc_commands.py
 
 test-fast: venv
 	$(PY) -m pytest tests -m "not slow"

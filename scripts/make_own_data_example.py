@@ -11,6 +11,9 @@ The volumes are the project's synthetic subjects (``meddiff3d synth``: warps of 
 and T1 brains with lesions of known extent), so every answer is known; the T1 files are skull-stripped, 1 mm.
 Two T1 files are written in LPS voxel order (axes flipped, affine adjusted: the same image in world space) to show
 that orientation does not matter. Nothing is resampled.
+
+The doc-command tests build their small inputs with :func:`write_brats_cases` and :func:`write_t1_files` (keyword
+``cohort`` = ``write_cohort`` arguments such as a small ``shape`` and ``source="procedural"``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,44 @@ def as_lps(src: Path, dst: Path) -> None:
     nib.save(nib.Nifti1Image(np.ascontiguousarray(data), img.affine @ flip), str(dst))
 
 
+def write_brats_cases(out: Path, n: int, seed: int, **cohort) -> list[str]:
+    """``n`` synthetic BraTS cases as BraTS 2021 names them, ``out/BraTS2021_0000k/BraTS2021_0000k_<seq>.nii.gz``
+    (t1, t1ce, t2, flair, seg); returns the case names."""
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        datalist = write_cohort("brats", Path(tmp) / "brats", n=n, seed=seed, val_fraction=0.0, test_fraction=0.0,
+                                progress=False, **cohort).datalist
+        root = Path(datalist).parent  # datalist paths are relative to the datalist
+        cases = []
+        for i, item in enumerate(json.loads(Path(datalist).read_text())["training"]):
+            case = f"BraTS2021_{i:05d}"
+            folder = out / case
+            folder.mkdir(parents=True)
+            for seq, path in zip(SEQUENCES, item["image"]):
+                shutil.copy(root / path, folder / f"{case}_{seq}.nii.gz")
+            shutil.copy(root / item["label"], folder / f"{case}_seg.nii.gz")
+            cases.append(case)
+    return cases
+
+
+def write_t1_files(out: Path, kind: str, n: int, seed: int, prefix: str, *, lps_every: int = 0,
+                   **cohort) -> list[Path]:
+    """``n`` synthetic T1 volumes (``kind`` "anomaly": with lesions; "healthy") as ``out/<prefix>-0k_T1w.nii.gz``;
+    with ``lps_every`` = 2 every second file is stored in LPS voxel order. Returns the files."""
+    out = Path(out)
+    out.mkdir(parents=True)
+    section = "test" if kind == "anomaly" else "training"
+    with tempfile.TemporaryDirectory() as tmp:
+        datalist = write_cohort(kind, Path(tmp) / kind, n=n, seed=seed, val_fraction=0.0,
+                                test_fraction=1.0 if section == "test" else 0.0, progress=False, **cohort).datalist
+        files = []
+        for i, item in enumerate(json.loads(Path(datalist).read_text())[section]):
+            dst = out / f"{prefix}-{i + 1:02d}_T1w.nii.gz"
+            (as_lps if lps_every and i % lps_every else shutil.copy)(Path(datalist).parent / item["image"], dst)
+            files.append(dst)
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to create (must not exist)")
@@ -48,29 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         print(f"error: --out {out} exists; give a new folder", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        brats = write_cohort("brats", Path(tmp) / "brats", n=4, seed=args.seed, val_fraction=0.0, test_fraction=0.0,
-                             progress=False).datalist
-        t1 = write_cohort("anomaly", Path(tmp) / "t1", n=4, seed=args.seed + 1, val_fraction=0.0, test_fraction=1.0,
-                          progress=False).datalist
-        healthy = write_cohort("healthy", Path(tmp) / "healthy", n=2, seed=args.seed + 2, val_fraction=0.0,
-                               test_fraction=0.0, progress=False).datalist
+    with tempfile.TemporaryDirectory() as tmp:  # all or nothing: written there, moved to --out at the end
         staging = Path(tmp) / "out"
-        root_b, root_t = Path(brats).parent, Path(t1).parent  # datalist paths are relative to the datalist
-        for i, item in enumerate(json.loads(Path(brats).read_text())["training"]):
-            case = f"BraTS2021_{i:05d}"
-            folder = staging / "brats" / case
-            folder.mkdir(parents=True)
-            for seq, path in zip(SEQUENCES, item["image"]):
-                shutil.copy(root_b / path, folder / f"{case}_{seq}.nii.gz")
-            shutil.copy(root_b / item["label"], folder / f"{case}_seg.nii.gz")
-        (staging / "t1").mkdir()
-        for i, item in enumerate(json.loads(Path(t1).read_text())["test"]):
-            dst = staging / "t1" / f"sub-{i + 1:02d}_T1w.nii.gz"
-            (as_lps if i % 2 else shutil.copy)(root_t / item["image"], dst)
-        (staging / "t1_healthy").mkdir()
-        for i, item in enumerate(json.loads(Path(healthy).read_text())["training"]):
-            shutil.copy(Path(healthy).parent / item["image"], staging / "t1_healthy" / f"ctrl-{i + 1:02d}_T1w.nii.gz")
+        write_brats_cases(staging / "brats", 4, args.seed)
+        write_t1_files(staging / "t1", "anomaly", 4, args.seed + 1, "sub", lps_every=2)
+        write_t1_files(staging / "t1_healthy", "healthy", 2, args.seed + 2, "ctrl")
         shutil.move(str(staging), str(out))
     print(f"wrote {out}/brats (4 BraTS-named cases), {out}/t1 (4 T1 volumes with lesions, 2 of them LPS) and "
           f"{out}/t1_healthy (2 healthy T1 volumes)")

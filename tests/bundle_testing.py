@@ -1,5 +1,6 @@
 """What every bundle test needs: parse a bundle's configs, read its README's commands, run them in a copy of the
-bundle folder (as a user who copied the folder elsewhere would), verify metadata."""
+bundle folder (as a user who copied the folder elsewhere would) -- with test overrides (:meth:`Bundle.run`) or
+exactly as printed (:func:`run_as_printed`, :func:`run_until_first_step`) --, check their outputs, verify metadata."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -41,10 +46,10 @@ class Bundle:
         blocks = re.findall(r"```bash\n(.*?)```", body, re.S)
         return [line.strip() for block in blocks for line in block.splitlines() if "monai.bundle run" in line]
 
-    def copy_to(self, folder) -> Path:
-        """Copy the bundle folder into ``folder`` (created if needed) without the contents of ``models/`` but its
-        README (the tests train or bring their own models) and without replacing a file already there (a test's
-        models, an earlier run's data)."""
+    def copy_to(self, folder, models: bool = False) -> Path:
+        """Copy the bundle folder into ``folder`` (created if needed) without replacing a file already there (a test's
+        models, an earlier run's data), and without the contents of ``models/`` but its README (the tests train or
+        bring their own models) unless ``models`` (the shipped weights, as a user's copy of the folder has them)."""
         folder = Path(folder)
 
         def copy(src: str, dst: str) -> None:
@@ -52,7 +57,7 @@ class Bundle:
                 shutil.copy2(src, dst)
 
         def ignore(directory: str, names: list[str]) -> list[str]:
-            if Path(directory) == self.path / "models":
+            if Path(directory) == self.path / "models" and not models:
                 return [n for n in names if n != "README.md"]
             skip = ("runs", "outputs", "data", "evaluation") if Path(directory) == self.path else ()
             return [n for n in names if n in skip or n == "__pycache__"]
@@ -79,6 +84,104 @@ class Bundle:
 
         verify_metadata(meta_file=str(self.path / "configs" / "metadata.json"), filepath=str(SCHEMA))
         return json.loads((self.path / "configs" / "metadata.json").read_text())
+
+
+def shell_env(**variables) -> dict[str, str]:
+    """The environment a README command runs in: this interpreter's folder first on ``PATH`` (``python`` is the
+    venv's), one thread (as :meth:`Bundle.run`: two threads on the 2 shared cores ran the commands 2-3x slower),
+    warnings off, and ``variables`` (the README's placeholders, ``DATA=...``) as shell variables."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+            **{k: str(v) for k, v in variables.items()}}
+
+
+def run_as_printed(command: str, cwd, timeout: int = 1800, **variables) -> subprocess.CompletedProcess:
+    """``bash -c command`` in ``cwd``: a README's text, unchanged, with ``variables`` set (:func:`shell_env`)."""
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=shell_env(**variables), capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=timeout)
+
+
+class Stopped(NamedTuple):
+    """What :func:`run_until_first_step` saw: the command's output (stdout and stderr), whether it was stopped after
+    a completed training iteration (else it ended by itself or timed out), and its exit status."""
+    output: str
+    stopped: bool
+    returncode: int
+
+
+#: the training progress bar (meddiff3d.engine.monitoring) after at least one completed iteration
+FIRST_STEP = re.compile(r"train:[^\r\n]*\|\s*[1-9]\d*/\d+")
+
+
+def run_until_first_step(command: str, cwd, timeout: int = 1800, **variables) -> Stopped:
+    """Start ``bash -c command`` in ``cwd`` in its own process group, wait until its training progress bar shows a
+    completed iteration, then stop it as Ctrl-C does: SIGINT to the group (SIGKILL if it is still there a minute
+    later). SIGINT is reset to its default in the child, so a test run from a shell that ignores it still stops it."""
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=shell_env(**variables), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        stopped, deadline = False, time.monotonic() + timeout
+
+        def output() -> str:
+            out.seek(0)
+            return out.read().decode("utf-8", errors="replace")
+
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+                if FIRST_STEP.search(output()):
+                    os.killpg(proc.pid, signal.SIGINT)
+                    stopped = True
+                    try:
+                        proc.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        pass  # killed below
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return Stopped(output(), stopped, proc.returncode)
+
+
+def check_generated(out_dir, n: int, shape, affine=None) -> list[Path]:
+    """``out_dir`` holds ``n`` generated volumes (brain_mri_ldm's contract): float32 NIfTI of ``shape`` with a RAS
+    affine (``affine`` if given), each with its PNG preview and JSON sidecar."""
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    niftis = sorted(Path(out_dir).glob("*.nii.gz"))
+    assert len(niftis) == n, sorted(p.name for p in Path(out_dir).iterdir())
+    for path in niftis:
+        img = nib.load(str(path))
+        assert img.shape == tuple(shape) and img.get_data_dtype() == np.float32
+        assert nib.aff2axcodes(img.affine) == ("R", "A", "S") and not np.allclose(img.affine, np.eye(4))
+        if affine is not None:
+            np.testing.assert_allclose(img.affine, affine, atol=1e-4)
+        stem = str(path)[: -len(".nii.gz")]
+        assert Image.open(stem + ".png").size[0] > shape[0]
+        assert json.loads(Path(stem + ".json").read_text())["file"] == path.name
+    return niftis
+
+
+def check_segmented(out_dir, datalist, section: str | None = "test") -> None:
+    """``out_dir`` holds brats_mri_segdiff's outputs for ``section``'s cases (``None``: every section's, the default
+    of a run without --section): label map and WT/TC/ET vector images on each case's input grid."""
+    import nibabel as nib
+    import numpy as np
+
+    doc = json.loads(Path(datalist).read_text())
+    items = doc[section] if section else [it for s in ("training", "validation", "test") for it in doc.get(s) or []]
+    assert sorted(p.name for p in Path(out_dir).iterdir() if p.is_dir()) == sorted(i["id"] for i in items)
+    for item in items:
+        ref = nib.load(str(Path(datalist).parent / item["image"][0]))
+        seg = nib.load(str(Path(out_dir) / item["id"] / f"{item['id']}_seg.nii.gz"))
+        prob = nib.load(str(Path(out_dir) / item["id"] / f"{item['id']}_prob.nii.gz"))
+        assert seg.shape == ref.shape and prob.shape == (*ref.shape, 1, 3)  # a WT/TC/ET vector per voxel
+        assert int(prob.header["intent_code"]) == 1007  # NIFTI_INTENT_VECTOR
+        np.testing.assert_allclose(seg.affine, ref.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 4}
 
 
 def references(config) -> set[str]:

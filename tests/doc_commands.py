@@ -1,6 +1,7 @@
 """The shell commands printed in the project's markdown files, as a reader would copy them: every line of every
 ```bash block, continuation lines (ending in a backslash) joined, comments after `  # ` dropped, blank lines skipped.
-The doc-command tests run these texts as printed and check that none is left out."""
+The doc-command tests run these texts as printed (``bundle_testing.run_as_printed``) and check that none is left
+out."""
 
 from __future__ import annotations
 
@@ -34,10 +35,9 @@ def commands(path: Path) -> list[str]:
 
 
 #: what a fresh clone gives a reader who ran `make venv` / `make label-venv`, as seen from a scratch folder: these
-#: are linked (read-only for the commands: environments, scripts, build files), ``COPIED`` are copied (a command may
-#: write beside them, e.g. a bundle's outputs, and must not write into the repository)
+#: are linked (read-only for the commands: environments, scripts, build files, the package); a test whose commands
+#: name ``bundles/...`` copies the bundles (``copy=("bundles",)``), so that nothing is written into the repository
 LINKED = (".venv", ".venv-label", "scripts", "Makefile", "setup.cfg", "pyproject.toml", "meddiff3d")
-COPIED = ("bundles",)
 
 
 def user_folder(path: Path, *, link: tuple[str, ...] = LINKED, copy: tuple[str, ...] = ()) -> Path:
@@ -54,16 +54,6 @@ def user_folder(path: Path, *, link: tuple[str, ...] = LINKED, copy: tuple[str, 
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__", "outputs"))
     return path
-
-
-def run_as_printed(command: str, cwd: Path, env: dict | None = None, timeout: float = 1800):
-    """``command`` run by bash exactly as printed (the string unchanged), in ``cwd``, with ``env`` added to this
-    process's environment; returns the ``CompletedProcess`` (text output)."""
-    import os
-    import subprocess
-
-    return subprocess.run(["bash", "-c", command], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
-                          text=True, encoding="utf-8", errors="replace", timeout=timeout)
 
 
 def label_commands() -> list[str]:
@@ -84,7 +74,8 @@ def user_datasets(path: Path, *, t1: bool = True) -> Path:
     ``my_t1s/`` (3 T1 files, one stored LPS) and ``my_t1s_covariates.csv`` (id, age in years, sex)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_own_data_example", ROOT / "scripts" / "make_own_data_example.py")
+    script = ROOT / "scripts" / "make_own_data_example.py"
+    spec = importlib.util.spec_from_file_location("make_own_data_example", script)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     path = Path(path)

@@ -1,18 +1,16 @@
-"""The brats_mri_segdiff bundle: metadata, configs, the README's commands run end to end, user errors on the command
-line."""
+"""The brats_mri_segdiff bundle: metadata, configs, sliding-window inference and user errors on the command line (the
+README's commands run as printed in tests/test_bundle_readme_commands.py)."""
 
 import json
 import re
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 
 from meddiff3d.models.segdiff import save_untrained_model
 
-from bundle_testing import Bundle, assert_run_drives_the_components
+from bundle_testing import Bundle, assert_run_drives_the_components, check_segmented
 
 BUNDLE_UNDER_TEST = Bundle("brats_mri_segdiff")
 BUNDLE = BUNDLE_UNDER_TEST.path
@@ -20,7 +18,6 @@ parse, readme_commands, run_bundle = (BUNDLE_UNDER_TEST.parse, BUNDLE_UNDER_TEST
                                        BUNDLE_UNDER_TEST.run)
 INFERENCE_KEYS = ("model_path", "datalist", "section", "output_dir", "num_samples", "sampler", "steps", "batch_size",
                   "roi_size", "overlap", "sw_batch_size", "threshold", "seed", "device", "amp")
-TINY = ("--image_shape", "[32,48,32]", "--spacing", "[5.0,5.0,5.0]")  # 5 mm instead of the preset's 2 mm
 
 
 # ------------------------------------------------------------------------------------------------ static
@@ -70,8 +67,8 @@ def test_multi_gpu_overlay_takes_the_device_from_local_rank(monkeypatch):
 def test_tiny_preset_and_data_config_merge():
     parser = parse("common.yaml", "train.yaml", "configs/data/synthetic_brats.yaml",
                    "configs/presets/tiny_cpu.yaml")
-    assert parser.get_parsed_content("image_shape") == [80, 112, 80]
-    assert parser.get_parsed_content("spacing") == [2.0, 2.0, 2.0]
+    assert parser.get_parsed_content("image_shape") == [32, 48, 32]
+    assert parser.get_parsed_content("spacing") == [5.0, 5.0, 5.0]
     assert parser["datalist"]["_target_"] == "meddiff3d.pipelines.commands.synthetic_datalist"
     assert parser["datalist"]["kind"] == "brats" and parser["datalist"]["test_fraction"] > 0
     assert parser["segdiff_network"] == "tiny_cpu"
@@ -87,43 +84,8 @@ def test_readme_commands_name_existing_configs():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def check_outputs(out_dir, datalist, section="test"):
-    """The outputs of ``section``'s cases (``None``: every section's, the default of a run without --section)."""
-    doc = json.loads(Path(datalist).read_text())
-    items = doc[section] if section else [it for s in ("training", "validation", "test") for it in doc.get(s) or []]
-    assert sorted(p.name for p in Path(out_dir).iterdir() if p.is_dir()) == sorted(i["id"] for i in items)
-    for item in items:
-        ref = nib.load(str(Path(datalist).parent / item["image"][0]))
-        seg = nib.load(str(Path(out_dir) / item["id"] / f"{item['id']}_seg.nii.gz"))
-        prob = nib.load(str(Path(out_dir) / item["id"] / f"{item['id']}_prob.nii.gz"))
-        assert seg.shape == ref.shape and prob.shape == (*ref.shape, 1, 3)  # a WT/TC/ET vector per voxel
-        assert int(prob.header["intent_code"]) == 1007  # NIFTI_INTENT_VECTOR
-        np.testing.assert_allclose(seg.affine, ref.affine, atol=1e-5)
-        assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 4}
-
-
-@pytest.mark.slow
-def test_readme_tiny_cpu_commands_run_end_to_end(tmp_path):
-    """Train (2 iterations), segment (N = 2, 2 steps), evaluate: the README's CPU commands on 5 mm volumes."""
-    train, infer, evaluate = readme_commands("On a CPU in minutes (tiny preset, synthetic data)")
-    data = ("--synthetic_n", "6")
-    result = run_bundle(train, tmp_path, *data, *TINY, "--patch_size", "[16,16,16]", "--max_iterations", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
-    assert meta["network"]["args"]["channels"] == [8, 16, 32, 32] and meta["image"]["shape"] == [32, 48, 32]
-    assert meta["patch"]["size"] == [16, 16, 16] and meta["coordinates"]["full_shape"] == [32, 48, 32]
-    datalist = tmp_path / "outputs" / "data" / "synthetic_brats" / "datalist.json"  # under the current folder
-    out = tmp_path / "out"
-    result = run_bundle(infer, tmp_path, *data, *TINY, "--num_samples", "2", "--steps", "2", "--output_dir", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    check_outputs(out, datalist)
-    result = run_bundle(evaluate, tmp_path, *data, *TINY, "--output_dir", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["cases"]) == len(json.loads(datalist.read_text())["test"])
-    assert (out / "metrics.csv").read_text().startswith("id,")
-
-
+# The README's commands run as printed in tests/test_bundle_readme_commands.py; here: sliding-window inference and
+# user errors on the command line, on an untrained model.
 @pytest.mark.slow
 def test_sliding_window_inference_and_bad_overrides_on_the_command_line(tmp_path):
     from meddiff3d.data.synthetic import write_cohort
@@ -150,7 +112,7 @@ def test_sliding_window_inference_and_bad_overrides_on_the_command_line(tmp_path
     result = run_bundle(infer, tmp_path, *base, "--num_samples", "2", "--steps", "2", "--roi_size", "[16,24,16]",
                         "--sampler", "dpmpp_2m", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    check_outputs(out, datalist, section=None)  # no --section: every section with items
+    check_segmented(out, datalist, section=None)  # no --section: every section with items
     case = json.loads(Path(datalist).read_text())["test"][0]["id"]
     info = json.loads((out / case / f"{case}_segdiff.json").read_text())
     assert info["inference"]["sliding_window"]["roi_size"] == [16, 24, 16] and info["sampler"] == "dpmpp_2m"

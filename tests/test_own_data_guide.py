@@ -1,22 +1,19 @@
 """docs/own_data.md's example, run as printed in a fresh folder: every command succeeds and every output the guide
 names is there (nothing is written into the bundles).
 
-The commands are run from a temporary folder instead of the clone: ``.venv/bin/python`` becomes this interpreter and
-``scripts/`` the clone's scripts folder; nothing else of a command is changed."""
+Each command runs by bash, unchanged, in a temporary folder laid out as the clone (``.venv`` and ``scripts/`` linked:
+tests/doc_commands.py ``user_folder``), so that the outputs land there and not in the repository."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shlex
-import subprocess
-import sys
 
 import nibabel as nib
 import pytest
 
-from bundle_testing import ROOT
+from bundle_testing import ROOT, run_as_printed
+from doc_commands import user_folder
 
 GUIDE = ROOT / "docs" / "own_data.md"
 
@@ -36,12 +33,9 @@ def test_the_guide_names_the_task_commands():
 @pytest.mark.slow
 def test_the_guide_runs_as_printed(tmp_path):
     bundles_before = sorted(p for p in (ROOT / "bundles").rglob("*") if "__pycache__" not in p.parts)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    user_folder(tmp_path)
     for command in guide_commands():
-        argv = shlex.split(command)
-        argv = [sys.executable, *(str(ROOT / a) if a.startswith("scripts/") else a for a in argv[1:])]
-        result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, encoding="utf-8",
-                                errors="replace", env=env, timeout=1200)
+        result = run_as_printed(command, tmp_path, timeout=1200)
         assert result.returncode == 0, (command, result.stderr[-3000:])
     out = tmp_path / "outputs"
     cases = sorted(p.name for p in (tmp_path / "my_data" / "brats").iterdir())

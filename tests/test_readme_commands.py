@@ -1,14 +1,14 @@
 """The README's two commands stay true: CI runs the test one, this file runs the main one."""
 
 import re
-import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from bundle_testing import run_as_printed
+from doc_commands import user_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,15 +32,18 @@ def test_readme_names_main_and_test_commands():
 
 @pytest.mark.slow
 def test_main_command_runs(tmp_path):
-    (cmd,) = make_recipe("demo")
-    argv = shlex.split(cmd)
-    argv[0] = sys.executable
-    # write into tmp_path instead of the repo: replace the output folder
-    argv[argv.index("--output_dir") + 1] = str(tmp_path / "demo")
-    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace",
-                            timeout=600)
+    """`make demo` as printed, in a scratch folder laid out as the clone (environment and build files linked, the
+    bundles copied), so that its outputs land there and not in the repository."""
+    command = readme_commands()[0]
+    (recipe,) = make_recipe("demo")
+    clone = user_folder(tmp_path / "clone", copy=("bundles",))
+    planned = run_as_printed(f"{command} -n", clone)  # what make would run: the recipe only (.venv up to date)
+    assert planned.returncode == 0 and planned.stdout.splitlines() == [recipe], (
+        "make would rebuild .venv first (run `make venv`):\n" + planned.stdout)
+    result = run_as_printed(command, clone, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    (nifti,) = (tmp_path / "demo").rglob("*.nii.gz")
+    demo = clone / "outputs" / "demo_brain_ldm"
+    (nifti,) = demo.rglob("*.nii.gz")
     img = nib.load(nifti)
     assert img.shape == (160, 224, 160) and img.get_data_dtype() == np.float32
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S") and not np.allclose(img.affine, np.eye(4))
@@ -57,4 +60,4 @@ def test_main_command_runs(tmp_path):
     tissue = anatomy["wm"] + 0.6 * anatomy["gm"]
     assert np.corrcoef(data.ravel(), tissue.ravel())[0, 1] > 0.85
     assert data[anatomy["wm"] > 0.9].mean() > data[anatomy["gm"] > 0.6].mean()  # T1: white matter brighter
-    assert list((tmp_path / "demo").rglob("*.png")), "no PNG preview"
+    assert list(demo.rglob("*.png")), "no PNG preview"
