@@ -89,9 +89,12 @@ class Bundle:
 def shell_env(**variables) -> dict[str, str]:
     """The environment a README command runs in: this interpreter's folder first on ``PATH`` (``python`` is the
     venv's), one thread (as :meth:`Bundle.run`: two threads on the 2 shared cores ran the commands 2-3x slower),
-    warnings off, and ``variables`` (the README's placeholders, ``DATA=...``) as shell variables."""
+    warnings off, and ``variables`` (the README's placeholders, ``DATA=...``) as shell variables. A reader's shell has
+    no enclosing make: the variables a parent ``make test`` exports (``MAKELEVEL``, ``MAKEFLAGS``, ...) are dropped, or a
+    printed ``make`` command would run as a sub-make (printing "Entering directory", inheriting the parent's flags)."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
+    return {**inherited, "PATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
             **{k: str(v) for k, v in variables.items()}}
 
 
