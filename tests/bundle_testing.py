@@ -72,9 +72,8 @@ class Bundle:
         assert argv[:4] == ["python", "-m", "monai.bundle", "run"], cmd
         root = self.copy_to(bundle_root)
         argv = [sys.executable, *argv[1:], "--bundle_root", str(root), *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         return subprocess.run(argv, cwd=root, capture_output=True, text=True, encoding="utf-8",
-                              errors="replace", timeout=timeout, env=env)
+                              errors="replace", timeout=timeout, env=shell_env())
 
     def verified_metadata(self) -> dict:
         """``configs/metadata.json`` after MONAI's ``verify_metadata`` against the schema (offline), as a dict."""
