@@ -7,27 +7,34 @@ The normalisation ``z = (latent - shift) * scale`` lives in the codec's ``state_
 the weights: it is computed once after autoencoder training (:meth:`LatentCodec.calibrate`) and never recomputed at
 inference (the MONAI tutorials compute ``scale_factor`` in training and lose it at inference).
 
-Two ways to bound memory:
+Decoding whole volumes, three ways:
 
-* ``split=N`` (exact): convolutions run in N slabs along the first spatial axis (with halos) while GroupNorm keeps
+* the streamed decode (default for images of at least :data:`STREAM_MIN_VOXELS` voxels; ``stream=True`` always):
+  :func:`~meddiff3d.models.streamed_decode.streamed_decode` runs the decoder block by block over slabs along the
+  first spatial axis, GroupNorm with whole-volume statistics, every activation freed once consumed. Exact (the same
+  float operations as one pass, other order of additions) and memory-bounded: on the anchor autoencoder (model-zoo
+  brain LDM, 160x224x160, bf16, 2 threads) 2.5 GB peak RSS and faster than one pass (4.8 GB), within bf16 rounding of
+  it; in float32 8.5e-5 max from one pass (see its module for figures).
+* ``split=N``: convolutions run in N slabs along the first spatial axis (with halos) while GroupNorm keeps
   whole-volume statistics, as MONAI's MAISI autoencoder does. Equal to the one-pass result up to float rounding
   (measured max |diff| 2e-6; tested at 1e-4). It shrinks the temporaries of convolutions and norms, not the
-  activations themselves.
+  activations themselves (anchor: 7.6 GB, and slower). ``split=1`` is the plain one-pass forward.
 * ``decode_tile`` / ``encode_tile`` (approximate): MONAI :func:`sliding_window_inference` with Gaussian blending, so
   peak memory is bounded by the tile. GroupNorm then normalises over each tile, whose intensity mix (background vs
   brain) differs from the whole volume's, so tiles are *not* faithful for these networks: on a trained tiny AE with
   tiles of half the volume and overlap 0.5 the decode differs by 0.06 mean / 0.4 max on [0, 1] images
-  (``tests/test_codec.py``). Use it only when a whole-volume pass cannot fit.
+  (``tests/test_codec.py``). The last resort, when even the streamed decode does not fit.
 
 Decode speed on CPU: ``amp_dtype=torch.bfloat16`` and ``channels_last=True`` (``torch.channels_last_3d``). Measured on
-2 threads, tiny KL AE (1.4 M parameters), 3x20x28x20 -> 160x224x160: fp32 11.1 s / 3.0 GB peak RSS, bf16 8.5 s /
-1.7 GB, bf16 + channels_last 5.7 s / 1.6 GB.
+2 threads, tiny KL AE (1.4 M parameters), 3x20x28x20 -> 160x224x160, one pass: fp32 11.1 s / 3.0 GB peak RSS, bf16
+8.5 s / 1.7 GB, bf16 + channels_last 5.7 s / 1.6 GB.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import types
 from contextlib import contextmanager
@@ -42,7 +49,12 @@ from monai.inferers import sliding_window_inference
 
 from meddiff3d.engine.checkpoint import CODEC_FORMAT, jsonable
 from meddiff3d.engine.precision import autocast
+from meddiff3d.models.streamed_decode import can_stream, streamed_decode
 from meddiff3d.utils.io import atomic_path
+
+
+#: ``LatentCodec(stream=None)`` streams decodes of images with at least this many voxels (128^3)
+STREAM_MIN_VOXELS = 2**21
 
 
 def _bounds(size: int, parts: int) -> list[tuple[int, int]]:
@@ -149,6 +161,11 @@ class LatentCodec(nn.Module):
             up to float rounding. Combined with tiles, it applies within each tile.
         amp_dtype: autocast dtype for encode/decode (``torch.bfloat16`` on CPUs that support it), or ``None``.
         channels_last: run the autoencoder in ``torch.channels_last_3d`` memory format (often faster on CPU).
+        stream: decode whole volumes with :func:`~meddiff3d.models.streamed_decode.streamed_decode` (exact,
+            memory-bounded, faster) when neither ``decode_tile`` nor ``split`` asks otherwise and the autoencoder is a
+            MONAI ``AutoencoderKL`` / ``VQVAE``; ``None`` (default): on the CPU, for images of at least
+            :data:`STREAM_MIN_VOXELS` voxels (smaller ones fit anyway and decode faster in one pass); ``False``:
+            never. ``split=1`` also asks for the plain one-pass forward.
     """
 
     def __init__(
@@ -164,6 +181,7 @@ class LatentCodec(nn.Module):
         split: int | None = None,
         amp_dtype: torch.dtype | None = None,
         channels_last: bool = False,
+        stream: bool | None = None,
     ) -> None:
         super().__init__()
         self.autoencoder = autoencoder
@@ -176,6 +194,8 @@ class LatentCodec(nn.Module):
         self.split = split
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
+        self.stream = stream
+        self.on_decoder_block = None  # set by decode_progress: called after each decoder block when streaming
         if channels_last:
             self.autoencoder.to(memory_format=torch.channels_last_3d)
 
@@ -236,10 +256,25 @@ class LatentCodec(nn.Module):
         latent = self._tiled(self._encode_raw, image, self.encode_tile)
         return (latent - self.latent_shift) * self.latent_scale
 
+    def streams(self, latent_shape: Sequence[int]) -> bool:
+        """Whether :meth:`decode` of latents ``(B, C, *spatial)`` streams (:attr:`stream`; no tile smaller than the
+        latent and no ``split`` asked for; a MONAI autoencoder)."""
+        tile = self.decode_tile
+        untiled = tile is None or all(t >= s for t, s in zip(tile, latent_shape[2:]))
+        if self.stream is False or not untiled or self.split is not None or not can_stream(self.autoencoder):
+            return False
+        if self.stream is None:  # measured on CPUs only: elsewhere it has to be asked for
+            voxels = math.prod(int(s) * self.downsample_factor for s in latent_shape[2:])
+            return voxels >= STREAM_MIN_VOXELS and self.latent_scale.device.type == "cpu"
+        return True
+
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latent -> image."""
         latent = z / self.latent_scale + self.latent_shift
+        if self.streams(latent.shape):
+            with autocast(latent.device, self.amp_dtype):
+                return streamed_decode(self.autoencoder, latent, self.on_decoder_block)
         return self._tiled(self._decode_raw, latent, self.decode_tile)
 
     @torch.no_grad()
@@ -275,12 +310,19 @@ def _decoder_blocks(codec: LatentCodec) -> list[nn.Module]:
 
 def decode_steps(codec: LatentCodec, latent_shape: Sequence[int], tile: Sequence[int] | None = None) -> int:
     """How often :func:`decode_progress` reports during one ``codec.decode`` of latents ``(B, C, *spatial)`` with
-    latent tile size ``tile`` (the ``decode_tile`` in use; ``None``: one pass): once per top-level decoder block, per
-    tile and batch item when tiled (windows as MONAI's ``sliding_window_inference`` lays them out)."""
+    latent tile size ``tile`` (the ``decode_tile`` in use; ``None``: whole volumes): once per top-level decoder block,
+    per batch item when streamed (:meth:`LatentCodec.streams`, with the codec's ``split``), per tile and batch item when
+    tiled (windows as MONAI's ``sliding_window_inference`` lays them out)."""
     blocks = len(_decoder_blocks(codec))
     batch, shape = int(latent_shape[0]), [int(s) for s in latent_shape[2:]]
     if tile is None or all(t >= s for t, s in zip(tile, shape)):
-        return blocks
+        saved = codec.decode_tile
+        codec.decode_tile = tile
+        try:
+            streamed = codec.streams(latent_shape)
+        finally:
+            codec.decode_tile = saved
+        return blocks * batch if streamed else blocks
     from monai.data.utils import dense_patch_slices
     from monai.inferers.utils import _get_scan_interval
 
@@ -300,9 +342,11 @@ def decode_progress(codec: LatentCodec, callback):
         callback()
 
     handles = [block.register_forward_hook(hook) for block in _decoder_blocks(codec)]
+    codec.on_decoder_block = callback  # the streamed decode bypasses the blocks' forward (and so these hooks)
     try:
         yield
     finally:
+        codec.on_decoder_block = None
         for handle in handles:
             handle.remove()
 

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from meddiff3d.models.loading import load_model
 from meddiff3d.models.ldm import ANCHOR_SCHEDULE, BRAIN_COVARIATES, latent_diffusion_meta, latent_unet_spec
 from meddiff3d.data.images import canonical_affine
 
-__all__ = ["untrained_pair", "peak_rss_mb", "run_child", "main"]
+__all__ = ["untrained_pair", "peak_rss_mb", "run_child", "count_flops", "conv3d_peak", "main"]
 
 
 def untrained_pair(out_dir: str | os.PathLike, *, shape: Sequence[int] = (32, 48, 32),
@@ -68,9 +68,50 @@ def untrained_pair(out_dir: str | os.PathLike, *, shape: Sequence[int] = (32, 48
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process in MiB: on Linux the high-water mark of its own address space
+    (``VmHWM``), since ``ru_maxrss`` survives ``exec`` and so starts a child of a large parent at the parent's size;
+    elsewhere ``ru_maxrss`` (macOS reports bytes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of ``fn()`` as ``torch.utils.flop_counter`` counts them (convolutions and matrix
+    products, 2 per multiply-add; elementwise work not counted). Build its modules and inputs on the ``meta`` device
+    (``with torch.device("meta"): ...``) to count without computing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return int(counter.get_total_flops())
+
+
+def conv3d_peak(dtype: torch.dtype, channels: Sequence[int] = (128, 64), shape: Sequence[int] = (16, 224, 160),
+                repeats: int = 3) -> dict[str, float]:
+    """Achieved GFLOP/s of a large 3x3x3 stride-1 ``conv3d`` (batch 1, ``C -> C`` channels, channels-last, padding 1,
+    the best of ``repeats`` after a warm-up) for each channel count in ``channels``: the machine's convolution peak
+    in ``dtype`` as PyTorch (oneDNN) reaches it, the yardstick for a network's achieved GFLOP/s."""
+    import torch.nn.functional as F
+
+    out = {}
+    for c in channels:
+        x = torch.randn(1, c, *shape).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+        w = (0.01 * torch.randn(c, c, 3, 3, 3)).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+        best = float("inf")
+        with torch.no_grad():
+            F.conv3d(x, w, padding=1)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                F.conv3d(x, w, padding=1)
+                best = min(best, time.perf_counter() - start)
+        out[str(c)] = round(2 * c * c * 27 * x[0, 0].numel() / best / 1e9, 1)
+    return out
 
 
 def run_child(cmd: Sequence[str], timeout: float | None = None) -> dict:
