@@ -21,6 +21,11 @@ child killed by the OOM killer reports "does not fit", one over ``--timeout`` "t
 * ``ours_dpmpp_tiled``: ``ours_dpmpp`` with tiled decoding (``--tile``, latent tiles, Gaussian blending): bounded
   memory, approximate (GroupNorm statistics per tile); its difference to ``ours_dpmpp`` measures the approximation.
 * ``ours_fp32``: ``ours_ddim`` with ``amp="none"``: must agree with the reference to float rounding.
+* ``ours_fast``: the bundle's default sampling (``--fast SAMPLER:STEPS``, default ``dpmpp_2m:10``: the fastest
+  configuration of equal quality in the model card's quality-versus-steps table), the sampler's default spacing.
+* ``ours_student``: DDIM at ``--student-steps`` (default 4) on the "trailing" grid: the sampling of a progressively
+  distilled student (``configs/train_distillation.yaml``) of the anchor U-Net's size (a student has its teacher's
+  architecture, so random weights time it exactly).
 
 ``ours_*`` decode whole volumes with the codec's default, the exact streamed decode
 (:mod:`meddiff3d.models.streamed_decode`); ``--decode-split 1`` asks for the plain one-pass decode instead.
@@ -55,7 +60,8 @@ from pathlib import Path
 
 import numpy as np
 
-CONFIGS = ("reference", "ours_ddim", "ours_ddim_tiled", "ours_dpmpp", "ours_dpmpp_tiled", "ours_fp32")
+CONFIGS = ("reference", "ours_ddim", "ours_ddim_tiled", "ours_dpmpp", "ours_dpmpp_tiled", "ours_fp32", "ours_fast",
+           "ours_student")
 DECODE_CONFIGS = ("decode_fp32", "decode_bf16", "decode_split", "decode_tiled", "decode_streamed",
                   "decode_streamed_fp32")
 COVARIATES = {"sex": 1.0, "age": 0.5, "ventricular_volume": 0.3, "brain_volume": 0.6}  # model-zoo order
@@ -119,7 +125,9 @@ def run_ours(models: Path, steps: int, seed: int, out: Path, *, sampler: str, am
     sidecar = json.loads(paths[0].with_name(paths[0].name.replace(".nii.gz", ".json")).read_text())
     np.save(out, np.asarray(nib.load(paths[0]).dataobj, dtype=np.float32))
     return {"sampling_s": sidecar["seconds"]["sampling"], "decoding_s": sidecar["seconds"]["decoding"],
-            "total_s": total, "amp": sidecar["amp"], "timestep_spacing": sidecar["timestep_spacing"]}
+            "total_s": total, "amp": sidecar["amp"], "timestep_spacing": sidecar["timestep_spacing"],
+            "sampler": sidecar["sampler"], "steps": sidecar["steps"],
+            "denoiser_evaluations": sidecar["denoiser_evaluations"]}
 
 
 def run_decode(models: Path, mode: str, seed: int, out: Path, *, split: int | None,
@@ -164,6 +172,18 @@ def run_conv_peak(quick: bool) -> dict:
     return {"conv3d_gflops": peak, "total_s": time.perf_counter() - t0}
 
 
+def ours_sampling(args: argparse.Namespace) -> tuple[str, int, str | None]:
+    """``(sampler, steps, spacing)`` of an ``ours_*`` configuration."""
+    if args.child == "ours_fast":
+        sampler, _, steps = args.fast.partition(":")
+        return sampler, int(steps), None
+    if args.child == "ours_student":
+        return "ddim", args.student_steps, "trailing"
+    if args.child.startswith("ours_dpmpp"):
+        return "dpmpp_2m", args.dpm_steps, None
+    return "ddim", args.steps, "monai"
+
+
 def child(args: argparse.Namespace) -> int:
     import torch
 
@@ -177,10 +197,10 @@ def child(args: argparse.Namespace) -> int:
     elif args.child == "reference":
         result = run_reference(models, args.steps, args.seed, out)
     else:
-        sampler = "dpmpp_2m" if args.child.startswith("ours_dpmpp") else "ddim"
-        result = run_ours(models, args.dpm_steps if sampler == "dpmpp_2m" else args.steps, args.seed, out,
-                          sampler=sampler, amp="none" if args.child == "ours_fp32" else "auto",
-                          spacing=None if sampler == "dpmpp_2m" else "monai", decode_split=args.decode_split or None,
+        sampler, steps, spacing = ours_sampling(args)
+        result = run_ours(models, steps, args.seed, out, sampler=sampler,
+                          amp="none" if args.child == "ours_fp32" else "auto", spacing=spacing,
+                          decode_split=args.decode_split or None,
                           decode_tile=args.tile if args.child.endswith("_tiled") else None)
     from meddiff3d.pipelines.benchmark import peak_rss_mb
 
@@ -212,7 +232,8 @@ def make_models(workdir: Path, shape: list[int], autoencoder: str, unet: str, se
 
 def spawn(name: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--workdir", str(args.workdir),
-           "--steps", str(args.steps), "--dpm-steps", str(args.dpm_steps), "--seed", str(args.seed)]
+           "--steps", str(args.steps), "--dpm-steps", str(args.dpm_steps), "--seed", str(args.seed),
+           "--fast", args.fast, "--student-steps", str(args.student_steps)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.quick:
@@ -290,7 +311,7 @@ def parent(args: argparse.Namespace) -> int:
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
         "image_shape": shape, "autoencoder": autoencoder, "unet": unet, "steps": args.steps,
-        "dpm_steps": args.dpm_steps, "seed": args.seed, "covariates": COVARIATES, "decode_split": args.decode_split,
+        "dpm_steps": args.dpm_steps, "fast": args.fast, "student_steps": args.student_steps, "seed": args.seed, "covariates": COVARIATES, "decode_split": args.decode_split,
         "tile": args.tile, "make_models_s": round(make_s, 1), "gflop": {k: round(v / 1e9, 1) for k, v in flops.items()},
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "native_bf16": cpu_has_bf16(), "torch": torch.__version__, "note": args.note},
@@ -346,7 +367,7 @@ def efficiency(results: dict[str, dict], peaks: dict[str, dict], flops: dict[str
         peak = max(peaks[dtype].values()) if dtype in peaks else None
         r["dtype"] = dtype
         if r.get("sampling_s"):
-            steps = args.dpm_steps if name.startswith("ours_dpmpp") else args.steps
+            steps = r.get("denoiser_evaluations", args.steps)
             r["unet_gflops"] = round(flops["unet_step"] * steps / r["sampling_s"] / 1e9, 1)
         mode = r.get("decode_mode")
         if r.get("decoding_s") and mode in ("one-pass", "split", "streamed"):
@@ -394,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet", default=None, help="U-Net preset")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--dpm-steps", type=int, default=20)
+    p.add_argument("--fast", default="dpmpp_2m:10", metavar="SAMPLER:STEPS", help="ours_fast's sampling")
+    p.add_argument("--student-steps", type=int, default=4, help="ours_student's DDIM steps (trailing grid)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS + DECODE_CONFIGS)
     p.add_argument("--decode-split", type=int, default=0,

@@ -1,19 +1,20 @@
 """Retrain the brain_mri_ldm demo weights: the bundle's two training commands with its demo preset, and a record.
 
-    .venv/bin/python scripts/train_brain_ldm_demo.py [--stage autoencoder|diffusion|all] [--work data/brain_demo]
-        [--threads N] [--install]
+    .venv/bin/python scripts/train_brain_ldm_demo.py [--stage autoencoder|diffusion|all|flow|distillation]
+        [--work data/brain_demo] [--threads N] [--install]
 
 The recipe is the bundle's, not this script's: each stage is
 
     python -m monai.bundle run --config_file "['configs/common.yaml','configs/train_<stage>.yaml',
         'configs/data/synthetic_healthy.yaml','configs/presets/demo.yaml']" --bundle_root WORK
 
-(bundles/brain_mri_ldm/docs/README.md, "Retrain the demo weights"), run in this process on the bundle's configs with
+(bundles/brain_mri_ldm/docs/README.md, "Retrain the demo weights"; the stages ``flow`` and ``distillation`` merge
+``configs/presets/demo_flow.yaml`` / ``demo_distill.yaml`` after it and write models/model_flow.pt /
+models/model_distilled.pt, the distillation from WORK/models/model.pt), run in this process on the bundle's configs with
 WORK as the bundle root and run_dir / data_dir under WORK, so the cohort (WORK/data/), the runs (WORK/runs/,
 resumed after a kill) and the weights (WORK/models/) stay out of the repository. This script only orchestrates: it
 keeps the stages' summaries in WORK/demo_training.json (the model card quotes them) and, with ``--install``, copies
-WORK/models/{autoencoder,model}.pt and the record into the bundle's models/ and the weights into
-brain_mri_anomaly_ldm's models/ (the same pair).
+the trained files and the record into the bundle's models/, the pair also into brain_mri_anomaly_ldm's models/.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "brain_mri_ldm"
 ANOMALY_MODELS = ROOT / "bundles" / "brain_mri_anomaly_ldm" / "models"
-STAGES = {"autoencoder": "train_autoencoder.yaml", "diffusion": "train_diffusion.yaml"}
+#: stage -> (training config, presets merged after presets/demo.yaml); "all" trains the shipped pair (the first two)
+STAGES = {"autoencoder": ("train_autoencoder.yaml", ()), "diffusion": ("train_diffusion.yaml", ()),
+          "flow": ("train_diffusion.yaml", ("demo_flow.yaml",)),  # -> models/model_flow.pt
+          "distillation": ("train_distillation.yaml", ("demo_distill.yaml",))}  # -> models/model_distilled.pt
+PAIR = ("autoencoder", "diffusion")
+#: what --install copies into brain_mri_ldm/models/ after a stage (the pair also into brain_mri_anomaly_ldm's)
+INSTALLS = {"autoencoder": "autoencoder.pt", "diffusion": "model.pt", "flow": "model_flow.pt",
+            "distillation": "model_distilled.pt"}
 
 
 def run_stage(stage: str, work: Path, **overrides) -> dict:
@@ -35,8 +43,9 @@ def run_stage(stage: str, work: Path, **overrides) -> dict:
     from monai.bundle import ConfigWorkflow
 
     configs = BUNDLE / "configs"
-    files = [configs / "common.yaml", configs / STAGES[stage], configs / "data" / "synthetic_healthy.yaml",
-             configs / "presets" / "demo.yaml"]
+    config, presets = STAGES[stage]
+    files = [configs / "common.yaml", configs / config, configs / "data" / "synthetic_healthy.yaml",
+             configs / "presets" / "demo.yaml", *[configs / "presets" / p for p in presets]]
     start = time.perf_counter()
     workflow = ConfigWorkflow(config_file=[str(f) for f in files], workflow_type="train",
                               meta_file=str(configs / "metadata.json"), logging_file=str(configs / "logging.conf"),
@@ -63,12 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     record_path = work / "demo_training.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    for stage in STAGES if args.stage == "all" else [args.stage]:
+    stages = PAIR if args.stage == "all" else [args.stage]
+    for stage in stages:
         record[stage] = run_stage(stage, work)
         record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     if args.install:
-        for models in (BUNDLE / "models", ANOMALY_MODELS):
-            for name in ("autoencoder.pt", "model.pt"):
+        for stage in stages:
+            name = INSTALLS[stage]
+            for models in (BUNDLE / "models", ANOMALY_MODELS) if stage in PAIR else (BUNDLE / "models",):
                 shutil.copyfile(work / "models" / name, models / name)
         shutil.copyfile(record_path, BUNDLE / "models" / "demo_training.json")
     print(json.dumps(record, indent=2, default=str))

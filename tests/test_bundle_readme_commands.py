@@ -131,6 +131,13 @@ EXEMPT: dict[str, dict[str, str]] = {
             "weights in tests/test_model_zoo.py::test_readme_model_zoo_commands"),
         bundle_run("train_autoencoder.yaml", "data/synthetic_healthy.yaml", "presets/demo.yaml"): _BRAIN_DEMO,
         bundle_run("train_diffusion.yaml", "data/synthetic_healthy.yaml", "presets/demo.yaml"): _BRAIN_DEMO,
+        bundle_run("train_distillation.yaml", "data/synthetic_healthy.yaml", "presets/demo.yaml",
+                   "presets/demo_distill.yaml"): (
+            "the demo cohort first (~11 min, as the demo recipe), then 4 rounds of 500 distillation steps (~50 min); "
+            "the same config chain runs to its first step on the shipped teacher and 6 small subjects in "
+            "tests/test_distillation.py::test_demo_preset_starts_on_the_shipped_teacher"),
+        bundle_run("train_diffusion.yaml", "data/synthetic_healthy.yaml", "presets/demo.yaml", "presets/demo_flow.yaml"):
+            _BRAIN_DEMO + "; the flow preset's merged config is checked in tests/test_flow_training.py",
         "python scripts/bench_brain_ldm.py --threads 2 --tile 20 28 8 --out bench.json --configs reference ours_ddim "
         "ours_ddim_tiled ours_dpmpp ours_dpmpp_tiled": (
             "the benchmark: five full-size anchor generations, 632 s on the quiet machine (the README's 2026-12-01 "

@@ -55,7 +55,7 @@ def test_adapters_recover_exact_denoiser(prediction, schedule):
     torch.testing.assert_close(denoiser.eps(x, t), exact.eps(x, t), atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler", "heun"])
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "euler", "heun"])
 @pytest.mark.parametrize("schedule", [NoiseSchedule(), NoiseSchedule("cosine"), FlowSchedule()],
                          ids=["linear", "cosine", "flow"])
 def test_deterministic_samplers_converge_to_probability_flow(name, schedule):

@@ -181,7 +181,10 @@ def test_check_guidance_support_rules():
         check_guidance_support(m, "m.pt", conditional=False, guidance_scale=1.0)  # anomaly detection's call
     check_guidance_support(meta, "m.pt", conditional=True, guidance_scale=3.0)
     check_guidance_support(no_dropout, "m.pt", conditional=True, guidance_scale=1.0)
+    folded = {**meta, "distillation": {"guidance_scale": 2.0}}
+    check_guidance_support(folded, "m.pt", conditional=True, guidance_scale=1.0)
     for m, conditional, scale, message in [
+        (folded, True, 3.0, "m.pt was distilled with guidance 2 folded in; sample it with guidance_scale 1"),
         (unconditional, False, 2.0, ("guidance_scale=2 needs conditional sampling: the diffusion model m.pt is "
                                      "unconditional")),
         (meta, False, 0.5, "guidance_scale=0.5 needs conditional sampling: covariates are null"),

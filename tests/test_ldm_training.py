@@ -189,3 +189,32 @@ def test_train_with_coordinates_and_v_prediction_then_generate(cohort, tmp_path)
     assert meta["network"]["args"]["in_channels"] == 10
     (path,) = generate(codec, out, covariates=None, steps=2, output_dir=tmp_path / "u", amp="none", progress=False)
     assert path.is_file()
+
+
+def test_the_models_own_sampling_is_saved_and_used_when_the_request_leaves_it_open(cohort, tmp_path):
+    """``sampling`` given to the recipe lands in the meta (checked before any encoding); generation with sampler /
+    steps None samples that way (the sidecar says so), an explicit sampler or steps still wins, and a model without
+    it falls back to its schedule type's default."""
+    from meddiff3d.pipelines.inferers import DEFAULT_SAMPLING, LatentDiffusionInferer, model_sampling
+
+    _, datalist, codec = cohort
+    kwargs = dict(network="test", max_iterations=1, batch_size=2, device="cpu", amp="none", progress=False)
+    with pytest.raises(InputError, match="sampling: unknown sampler 'plms'"):
+        train_latent_diffusion(codec, datalist, tmp_path / "bad", out=tmp_path / "bad.pt",
+                               sampling={"sampler": "plms", "steps": 3}, **kwargs)
+    assert not (tmp_path / "bad" / "latents").exists()  # refused before encoding
+    out = tmp_path / "own.pt"
+    train_latent_diffusion(codec, datalist, tmp_path / "run", out=out, sampling={"sampler": "dpmpp_2m", "steps": 3},
+                           **kwargs)
+    meta = torch.load(out, weights_only=True)["meta"]
+    assert meta["sampling"] == {"sampler": "dpmpp_2m", "steps": 3, "spacing": None}
+    (path,) = generate(codec, out, covariates=None, output_dir=tmp_path / "g", amp="none", progress=False)
+    side = json.loads(path.with_name("sample_seed0.json").read_text())
+    assert (side["sampler"], side["steps"], side["timestep_spacing"]) == ("dpmpp_2m", 3, "log_snr")
+    explicit = LatentDiffusionInferer(meta, "ddim", None)
+    assert (explicit.sampler, explicit.steps, explicit.spacing) == ("ddim", 3, "linspace")
+    assert LatentDiffusionInferer(meta, None, 7).steps == 7
+    bare = {k: v for k, v in meta.items() if k != "sampling"}
+    assert model_sampling(bare) == DEFAULT_SAMPLING["NoiseSchedule"] == {"sampler": "ddim", "steps": 50}
+    flow = {**bare, "schedule": {"type": "FlowSchedule", "num_train_timesteps": 1000}}
+    assert model_sampling(flow)["sampler"] == "dpmpp_2m"

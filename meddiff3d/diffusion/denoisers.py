@@ -18,7 +18,8 @@ FlowDenoiser       u = x0 - noise (MONAI RFlow)  (x_t + b u) / (a + b)
 =================  ===========================  ===============================
 
 Each adapter also gives ``.eps(x_t, t, **cond)``, the implied noise ``(x_t - a x0_hat) / b``.
-:class:`GaussianDenoiser` is the exact denoiser of a Gaussian data distribution, for tests and sanity checks.
+:class:`GaussianDenoiser` is the exact denoiser of a Gaussian data distribution, :class:`GaussianMixtureDenoiser` that
+of a mixture of isotropic Gaussians (a multi-modal toy whose flow map is not affine), for tests and sanity checks.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "X0Denoiser",
     "FlowDenoiser",
     "GaussianDenoiser",
+    "GaussianMixtureDenoiser",
     "PREDICTION_TYPES",
     "make_denoiser",
     "eps_from_x0",
@@ -159,3 +161,40 @@ class GaussianDenoiser:
         a1, b1 = affine(t_end)
         z = (x_start - a0 * self.mean) / (a0**2 * var + b0**2) ** 0.5
         return (a1 * self.mean + (a1**2 * var + b1**2) ** 0.5 * z).to(x_start.dtype)
+
+
+class GaussianMixtureDenoiser:
+    """The exact denoiser ``E[x0 | x_t]`` when each sample (all non-batch dims flattened to ``D`` values) comes from
+    the mixture ``sum_k w_k N(mu_k, std^2 I)``.
+
+    Component ``k`` gives ``x_t ~ N(a mu_k, (a^2 std^2 + b^2) I)`` and ``E[x0 | x_t, k] = mu_k + std^2 a /
+    (a^2 std^2 + b^2) (x_t - a mu_k)``; ``x0_hat`` averages these with the posterior responsibilities. ``means`` is
+    ``(K, D)``, ``weights`` ``(K,)`` (normalised here). Conditioning keywords are accepted and ignored.
+    """
+
+    def __init__(self, means: torch.Tensor, std: float, schedule: Schedule,
+                 weights: torch.Tensor | None = None) -> None:
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        k = self.means.shape[0]
+        w = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.log_weights, self.std, self.schedule = (w / w.sum()).log(), float(std), schedule
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        a, b = self.schedule.scaling(batch_timesteps(t, x).to(x.device), 2)  # (B, 1)
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
+        means = self.means.to(x.device)
+        var_t = a**2 * self.std**2 + b**2  # (B, 1)
+        dist2 = (flat[:, None, :] - a[:, None] * means[None]).square().sum(-1)  # (B, K)
+        logits = self.log_weights.to(x.device) - 0.5 * dist2 / var_t
+        resp = torch.softmax(logits, dim=1)  # (B, K)
+        per_component = means[None] + (self.std**2 * a / var_t)[:, None] * (flat[:, None, :] - a[:, None] * means[None])
+        return (resp[..., None] * per_component).sum(1).reshape(x.shape).to(x.dtype)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        return eps_from_x0(x, self(x, t), t, self.schedule)
+
+    def sample_data(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws from the mixture, ``(n, D)`` float32."""
+        k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
+        noise = torch.randn((n, self.means.shape[1]), generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.std * noise).to(torch.float32)

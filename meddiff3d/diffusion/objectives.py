@@ -20,6 +20,13 @@ x0          x0                     X0Denoiser
 flow        x0 - noise             FlowDenoiser (with FlowSchedule)
 ==========  =====================  ============================
 
+Timesteps come from ``schedule.sample_timesteps``: uniform integers for a :class:`NoiseSchedule`; for a
+:class:`FlowSchedule` ``t = s T`` with flow time ``s`` uniform or logit-normal (``sample_method``, ``loc``,
+``scale``; optionally shifted), as MONAI's ``RFlowScheduler`` draws them. Rectified-flow training is
+``DiffusionObjective(FlowSchedule(), "flow")``: MONAI's velocity ``x0 - noise``, unweighted as in MAISI-v2 (uniform
+``s``; ``FlowSchedule(sample_method="logit-normal")`` for SD3's). ``"epsilon"`` is refused on a flow schedule: its
+``x0`` estimate ``(x_t - s eps) / (1 - s)`` is undefined at pure noise (``s = 1``), where every flow sampler starts.
+
 Randomness (timesteps, noise, dropout -- drawn in that order) comes from the global torch RNG, which the engine
 seeds and checkpoints, unless a ``generator`` is given.
 """
@@ -36,7 +43,7 @@ from meddiff3d.errors import InputError
 from .conditioning import ConcatConditioning
 from .denoisers import PREDICTION_TYPES
 from .guidance import null_conditioning
-from .schedules import Schedule
+from .schedules import FlowSchedule, Schedule
 from .tensor_utils import append_dims, rand, randn
 
 __all__ = ["prediction_target", "min_snr_weight", "DiffusionObjective"]
@@ -68,7 +75,8 @@ def min_snr_weight(prediction: str, t: torch.Tensor, schedule: Schedule, gamma: 
 
     The x0-space weight ``min(SNR, gamma)`` (``SNR = a^2 / b^2``) converted to the prediction's space by the squared
     derivative of x0_hat with respect to the prediction: ``min(SNR, gamma) / SNR`` for epsilon,
-    ``min(SNR, gamma) / (SNR + 1)`` for v (VP), ``min(SNR, gamma)`` for x0, ``min(SNR, gamma) b^2 / (a + b)^2`` for flow.
+    ``min(SNR, gamma) / (SNR + 1)`` for v (VP), ``min(SNR, gamma)`` for x0, ``min(SNR, gamma) b^2 / (a + b)^2`` for flow
+    (on a :class:`FlowSchedule`: ``min(((1 - s) / s)^2, gamma) s^2``, which vanishes towards pure noise).
     """
     _check_prediction(prediction)
     a, b = schedule.scaling(t)
@@ -112,6 +120,9 @@ class DiffusionObjective:
                  generator: torch.Generator | None = None,
                  network_wrapper: Callable[[Any], Callable[..., torch.Tensor]] | None = None) -> None:
         _check_prediction(prediction)
+        if prediction == "epsilon" and isinstance(schedule, FlowSchedule):
+            raise InputError("prediction 'epsilon' cannot be sampled on a FlowSchedule (x0 = (x_t - s eps) / (1 - s) "
+                             "is undefined at pure noise, s = 1); use prediction 'flow' (MONAI RFlow), 'v' or 'x0'")
         if not 0.0 <= cond_dropout <= 1.0:
             raise InputError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
         if loss not in LOSSES:
@@ -134,19 +145,25 @@ class DiffusionObjective:
             cond = {k: torch.where(append_dims(drop, v.ndim), null[k], v) for k, v in cond.items()}
         return cond
 
+    def conditioned_network(self, network: Any, cond: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
+        """``network`` as training feeds it: the ``network_wrapper`` (e.g. coordinates), then the concat keys present
+        in ``cond`` as channels (:class:`ConcatConditioning`); call it with :meth:`network_keywords`."""
+        if self.network_wrapper is not None:
+            network = self.network_wrapper(network)
+        concat = [k for k in self.concat_keys if k in cond]
+        return ConcatConditioning(network, concat) if concat else network
+
+    def network_keywords(self, cond: Mapping[str, Any]) -> dict[str, Any]:
+        """The conditioning as keywords of :meth:`conditioned_network` (the context key becomes ``context=``)."""
+        return {("context" if k == self.context_key else k): v for k, v in cond.items()}
+
     def __call__(self, network: Any, batch: Mapping[str, Any]) -> torch.Tensor:
         x0 = batch["image"]
         t = self.schedule.sample_timesteps(x0.shape[0], self.generator, x0.device)
         noise = randn(x0.shape, self.generator, x0)
         x_t = self.schedule.add_noise(x0, noise, t)
         cond = self.conditioning(batch, x0)
-        net_kwargs = {"context": cond.pop(self.context_key)} if self.context_key in cond else {}
-        if self.network_wrapper is not None:
-            network = self.network_wrapper(network)
-        if cond:  # what remains is channel conditioning
-            network = ConcatConditioning(network, [k for k in self.concat_keys if k in cond])
-            net_kwargs.update(cond)
-        output = network(x_t, timesteps=t, **net_kwargs)
+        output = self.conditioned_network(network, cond)(x_t, timesteps=t, **self.network_keywords(cond))
         error = output - prediction_target(self.prediction, x0, noise, t, self.schedule)
         per_sample = (error.square() if self.loss == "mse" else error.abs()).flatten(1).mean(1)
         if self.min_snr_gamma is not None:

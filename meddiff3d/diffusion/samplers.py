@@ -11,7 +11,8 @@ All coefficients come from ``schedule.scaling(t) = (a, b)`` with ``x_t = a x0 + 
 with both VP (:class:`NoiseSchedule`) and rectified-flow (:class:`FlowSchedule`) schedules, in 2D and 3D.
 Randomness comes only from ``generator`` (a ``torch.Generator`` or an int seed; ``None`` = global RNG). Multistep
 history is a local variable. ``callback(step_index, t, x, x0_hat)`` is called once per denoiser evaluation of the
-main trajectory, e.g. ``callback=lambda *a: progress.update()``.
+main trajectory, e.g. ``callback=lambda *a: progress.update()``. The multistep solvers' coefficients (DPM-Solver++,
+UniPC) are in :mod:`.multistep`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from meddiff3d.errors import InputError
 
+from .multistep import dpmpp_update, half_log_snr, multistep_order, unipc_rhos
 from .schedules import Schedule
 from .tensor_utils import append_dims, as_generator, batch_timesteps, randn
 
@@ -36,6 +38,8 @@ __all__ = [
     "sample_ddpm",
     "sample_ddim",
     "sample_dpmpp_2m",
+    "sample_dpmpp_3m",
+    "sample_unipc",
     "sample_euler",
     "sample_heun",
     "SAMPLERS",
@@ -176,6 +180,93 @@ def sample_dpmpp_2m(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, time
     return x
 
 
+@torch.no_grad()
+def sample_dpmpp_3m(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, timesteps: Timesteps, schedule: Schedule,
+                    *, generator: torch.Generator | int | None = None, callback: Callback | None = None,
+                    cond: Mapping[str, Any] | None = None, prev_timesteps: Timesteps | None = None) -> torch.Tensor:
+    """DPM-Solver++(3M) (Lu et al. 2022): third-order multistep in ``lambda = log(a / b)``, data prediction,
+    deterministic; ``generator`` is unused.
+
+    ``x0_hat`` is interpolated through the last three evaluations and integrated exactly (:func:`.dpmpp_update`;
+    k-diffusion's and diffusers' 3M are second order). Lower order on the first two steps (warm-up) and, below
+    :data:`.LOWER_ORDER_FINAL_BELOW` steps, on the last two before clean data (first order landing on the last
+    timestep, second order on the step before: a long extrapolation in ``lambda`` overshoots where ``x0_hat``
+    saturates at low noise); the final step to clean data is ``x0_hat``, as in :func:`sample_dpmpp_2m`.
+    Recommended spacing ``"time_quadratic"``.
+    """
+    cond = dict(cond or {})
+    pairs = list(step_pairs(timesteps, prev_timesteps))
+    n_noisy = sum(t_next is not None for _, t_next in pairs)
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (lambda, x0_hat) of earlier evaluations, newest last
+    for i, (t, t_next) in enumerate(pairs):
+        x0 = denoiser(x, batch_timesteps(t, x), **cond)
+        if callback is not None:
+            callback(i, t, x, x0)
+        if t_next is None:
+            x = x0
+            continue
+        (a_t, b_t), (a_s, b_s) = _coefs(schedule, t, x), _coefs(schedule, t_next, x)
+        lam = half_log_snr((a_t, b_t))
+        order = multistep_order(3, history, lam, n_noisy - i, len(pairs))
+        x = dpmpp_update(x, x0, history, lam, half_log_snr((a_s, b_s)) - lam, b_s / b_t, a_s, order).to(x.dtype)
+        if bool(torch.isfinite(lam).all()):
+            history = (history + [(lam, x0)])[-2:]
+    return x
+
+
+@torch.no_grad()
+def sample_unipc(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, timesteps: Timesteps, schedule: Schedule, *,
+                 order: int = 2, generator: torch.Generator | int | None = None, callback: Callback | None = None,
+                 cond: Mapping[str, Any] | None = None, prev_timesteps: Timesteps | None = None) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023), bh2 variant, data prediction, deterministic; ``generator`` is unused.
+
+    Each step predicts with UniP-``order`` (``x0_hat`` interpolated in ``lambda`` through the last ``order``
+    evaluations; UniP-2 is DPM-Solver++(2M)), then, once the denoiser has been evaluated at the predicted sample
+    for the next step, corrects that sample with UniC, the same update with the new ``x0_hat`` as one more
+    interpolation point, one order higher (``order=2``: third order, ``3``: fourth). No extra denoiser calls: the
+    corrected sample continues with the ``x0_hat`` evaluated at the predicted one. Warm-up and final orders as
+    :func:`sample_dpmpp_3m`. The final step to clean data is ``x0_hat + (x_corrected - x) / a``, the step taken with
+    the model's noise estimate, so the last correction is not discarded (``x0_hat`` alone ignores it). ``order=2``
+    (the default) beat ``3`` at 8-15 steps on the toy mixture; recommended spacing ``"time_quadratic"``.
+    """
+    if order not in (1, 2, 3):
+        raise InputError(f"unipc order must be 1, 2 or 3, got {order!r}")
+    cond = dict(cond or {})
+    pairs = list(step_pairs(timesteps, prev_timesteps))
+    n_noisy = sum(t_next is not None for _, t_next in pairs)
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (lambda, x0_hat) of earlier evaluations, newest last
+    last = None  # the previous step, for the corrector: (first-order part, a_next * B(h), h, r_k, D_k, x0_hat)
+    for i, (t, t_next) in enumerate(pairs):
+        x0 = denoiser(x, batch_timesteps(t, x), **cond)
+        if callback is not None:
+            callback(i, t, x, x0)
+        if last is not None:
+            base, a_bh, h_prev, rs, ds, x0_prev = last
+            rho = unipc_rhos(rs + [torch.ones_like(h_prev)], h_prev)
+            corrected = base - a_bh * (sum((r * d for r, d in zip(rho, ds)), rho[-1] * (x0 - x0_prev)))
+            if t_next is None:
+                x0 = x0 + (corrected - x) / _coefs(schedule, t, x)[0]
+            x = corrected.to(x.dtype)
+        if t_next is None:
+            x = x0.to(x.dtype)
+            continue
+        (a_t, b_t), (a_s, b_s) = _coefs(schedule, t, x), _coefs(schedule, t_next, x)
+        lam = half_log_snr((a_t, b_t))
+        h = half_log_snr((a_s, b_s)) - lam
+        p = multistep_order(order, history, lam, n_noisy - i, len(pairs))
+        past = history[::-1][:p - 1]  # newest first
+        rs = [(lam_k - lam) / h for lam_k, _ in past]
+        ds = [(x0_k - x0) / r for (_, x0_k), r in zip(past, rs)]
+        a_bh = a_s * torch.expm1(-h)
+        base = (b_s / b_t) * x - a_bh * x0
+        x_next = base if p == 1 else base - a_bh * sum(r * d for r, d in zip(unipc_rhos(rs, h), ds))
+        last = (base, a_bh, h, rs, ds, x0)
+        x = x_next.to(x.dtype)
+        if bool(torch.isfinite(lam).all()):
+            history = (history + [(lam, x0)])[-2:]
+    return x
+
+
 def _rectified(coefs: Coefs) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale ``c = a + b`` and flow time ``tau = b / c``: ``x / c = (1 - tau) x0 + tau noise`` for any schedule."""
     a, b = coefs
@@ -227,6 +318,8 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "euler": sample_euler,
     "heun": sample_heun,
+    "dpmpp_3m": sample_dpmpp_3m,
+    "unipc": sample_unipc,
 }
 
 

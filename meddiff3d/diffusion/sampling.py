@@ -17,20 +17,27 @@ import torch
 from meddiff3d.errors import InputError
 
 from .samplers import get_sampler
-from .schedules import NoiseSchedule
+from .schedules import FlowSchedule, NoiseSchedule
 
-__all__ = ["TIMESTEP_SPACING", "MONAI_SPACING", "default_spacing", "sampling_timesteps", "initial_noise", "sample"]
+__all__ = ["TIMESTEP_SPACING", "FLOW_TIMESTEP_SPACING", "MONAI_SPACING", "default_spacing", "sampling_timesteps",
+           "initial_noise", "sample"]
 
-#: timestep spacing per sampler (others: ``"linspace"``, MONAI's DDIM); DPM-Solver++ wants uniform log-SNR steps
-TIMESTEP_SPACING = {"dpmpp_2m": "log_snr"}
+#: timestep spacing per sampler on a VP :class:`NoiseSchedule` (others: ``"linspace"``, MONAI's DDIM), measured with
+#: exact denoisers: ``time_quadratic`` gives dpmpp_3m / unipc 4-11x lower error than ``log_snr`` at 6-20 steps on the
+#: toy mixture; dpmpp_2m keeps ``log_snr`` (``time_quadratic`` wins on the mixture, loses on Gaussian data)
+TIMESTEP_SPACING = {"dpmpp_2m": "log_snr", "dpmpp_3m": "time_quadratic", "unipc": "time_quadratic"}
+#: the same for a :class:`FlowSchedule` (which has ``"linspace"`` and ``"log_snr"`` only; others: ``"linspace"``)
+FLOW_TIMESTEP_SPACING = {"dpmpp_2m": "log_snr", "dpmpp_3m": "log_snr", "unipc": "log_snr"}
 #: spacing name for MONAI ``DDIMScheduler`` stepping: ``"linspace"`` timesteps, each step landing on ``t - T // n``
 #: (not on the next timestep), so a DDIM run reproduces a model-zoo ``scheduler.step`` loop exactly
 MONAI_SPACING = "monai"
 
 
-def default_spacing(sampler: str, spacing: str | None = None) -> str:
-    """``spacing`` if given, else the sampler's default (:data:`TIMESTEP_SPACING`, ``"linspace"`` otherwise)."""
-    return spacing or TIMESTEP_SPACING.get(sampler, "linspace")
+def default_spacing(sampler: str, spacing: str | None = None, schedule: Any = None) -> str:
+    """``spacing`` if given, else the sampler's default for ``schedule``'s family (:data:`FLOW_TIMESTEP_SPACING` for
+    a :class:`FlowSchedule`, else :data:`TIMESTEP_SPACING`; ``"linspace"`` for samplers in neither)."""
+    table = FLOW_TIMESTEP_SPACING if isinstance(schedule, FlowSchedule) else TIMESTEP_SPACING
+    return spacing or table.get(sampler, "linspace")
 
 
 def sampling_timesteps(schedule: Any, steps: int, spacing: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -57,6 +64,6 @@ def sample(denoiser: Callable[..., torch.Tensor], noise: torch.Tensor, schedule:
            generator: torch.Generator | int | None = None, callback: Callable | None = None) -> torch.Tensor:
     """Run the sampler named ``sampler`` from ``noise`` over ``steps`` timesteps of ``schedule`` (spacing: the
     sampler's default unless given; :data:`MONAI_SPACING` for MONAI ``DDIMScheduler`` stepping)."""
-    timesteps, prev = sampling_timesteps(schedule, steps, default_spacing(sampler, spacing))
+    timesteps, prev = sampling_timesteps(schedule, steps, default_spacing(sampler, spacing, schedule))
     return get_sampler(sampler)(denoiser, noise, timesteps, schedule, generator=generator, callback=callback,
                                 cond=cond, prev_timesteps=prev)

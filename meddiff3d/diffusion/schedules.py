@@ -9,7 +9,7 @@ Every schedule answers one question for the samplers and objectives, :meth:`scal
   network was trained on; fractional timesteps interpolate ``log(alpha_bar)`` (the continuous VP-SDE view) and
   ``t = -1`` is clean data (``alpha_bar = 1``).
 * :class:`FlowSchedule` -- rectified flow, ``x_t = (1 - s) x0 + s noise`` with flow time ``s = t / T``; timesteps are
-  floats in ``[0, T]`` as in MONAI's ``RFlowScheduler``.
+  floats in ``[0, T]`` as in MONAI's ``RFlowScheduler``, training times uniform or logit-normal (optionally shifted).
 
 Both are frozen dataclasses that serialise to a plain dict (``to_dict``) saved next to the weights;
 :func:`schedule_from_dict` rebuilds either.
@@ -17,9 +17,10 @@ Both are frozen dataclasses that serialise to a plain dict (``to_dict``) saved n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import torch
 
@@ -64,7 +65,7 @@ BETA_SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
     "cosine": cosine_beta,
 }
 
-SPACINGS = ("leading", "trailing", "linspace", "log_snr")
+SPACINGS = ("leading", "trailing", "linspace", "log_snr", "time_quadratic")
 
 
 def _as_float64(t: torch.Tensor | float) -> torch.Tensor:
@@ -200,6 +201,11 @@ class NoiseSchedule(_AffineSchedule):
         * ``"log_snr"``: fractional timesteps uniform in log-SNR from T-1 to 0 (float32). Recommended for
           ``dpmpp_2m``: integer spacings put most of the log-SNR range into the last step or two, where the
           second-order extrapolation overshoots.
+        * ``"time_quadratic"``: fractional timesteps ``(T-1) (1 - k/(n-1))^2`` (float32; DPM-Solver's
+          ``time_quadratic``): few steps at high noise, where the flow is nearly straight, then roughly uniform
+          log-SNR steps. Recommended for ``dpmpp_3m`` and ``unipc``: on the toy mixture (exact denoiser, 6-20 steps)
+          its error is 4-11x below ``log_snr``'s; there it also beats ``linspace`` for DDIM (2-3x) and ``log_snr``
+          for ``dpmpp_2m`` (2-14x), which keeps ``log_snr`` as it does better on single-Gaussian data.
         """
         T = self.num_train_timesteps
         if not 1 <= int(n_steps) <= T:
@@ -214,6 +220,8 @@ class NoiseSchedule(_AffineSchedule):
             ends = self.log_snr(torch.tensor([T - 1.0, 0.0], dtype=torch.float64))
             log_snr = torch.linspace(float(ends[0]), float(ends[1]), n_steps, dtype=torch.float64)
             return self.alpha_bar_to_t(torch.sigmoid(log_snr)).clamp(0, T - 1).to(torch.float32)
+        elif spacing == "time_quadratic":
+            return ((T - 1) * torch.linspace(1.0, 0.0, n_steps, dtype=torch.float64) ** 2).to(torch.float32)
         elif spacing == "trailing":
             steps = torch.arange(T, 0, -T / n_steps, dtype=torch.float64).round().long() - 1
         else:
@@ -226,23 +234,71 @@ class FlowSchedule(_AffineSchedule):
     """Rectified flow, ``x_t = (1 - s) x0 + s noise`` with flow time ``s = t / T`` (MONAI ``RFlowScheduler``).
 
     Args:
-        num_train_timesteps: T; networks see timesteps ``t = s * T`` as in MONAI.
-        shift: resolution shift of the inference timesteps, ``s' = shift s / (1 + (shift - 1) s)`` (1 = none).
+        num_train_timesteps: T; networks see timesteps ``t = s * T`` (floats) as in MONAI.
+        shift: resolution shift ``s' = shift s / (1 + (shift - 1) s)`` of the inference timesteps (1 = none; > 1
+            spends more steps at high noise); MONAI's ratio for an image size is :meth:`resolution_shift`.
+        sample_method: distribution of the training flow time, MONAI's names: ``"uniform"`` (``s ~ U[0, 1)``) or
+            ``"logit-normal"`` (``s = sigmoid(loc + scale z)``, ``z ~ N(0, 1)``; SD3's; MAISI-v2 trains uniform).
+        loc, scale: of the logit-normal (``loc > 0`` favours noisier times; ``0, 1``: mode at ``s = 1/2``).
+        shift_training: pass the training times through the same shift (MONAI ``use_timestep_transform`` shifts
+            both training and inference times); off: the network is trained on the unshifted distribution.
+
+    A model's file keeps all of them (:meth:`to_dict`), so it says how it was trained; a dict without the training
+    fields (files written before they existed) loads as uniform, unshifted training -- how those models were trained.
     """
+
+    SAMPLE_METHODS: ClassVar[tuple[str, ...]] = ("uniform", "logit-normal")
 
     num_train_timesteps: int = 1000
     shift: float = 1.0
+    sample_method: str = "uniform"
+    loc: float = 0.0
+    scale: float = 1.0
+    shift_training: bool = False
+
+    def __post_init__(self) -> None:
+        steps = self.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps != int(steps) or steps < 1:
+            raise InputError(f"FlowSchedule num_train_timesteps must be an integer >= 1, got {steps!r}")
+        for name in ("shift", "loc", "scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"FlowSchedule {name} must be a finite number, got {value!r}")
+        if self.shift <= 0 or self.scale <= 0:
+            raise InputError(f"FlowSchedule shift and scale must be > 0, got shift={self.shift}, scale={self.scale}")
+        if self.sample_method not in self.SAMPLE_METHODS:
+            raise InputError(f"FlowSchedule sample_method must be one of {list(self.SAMPLE_METHODS)}, "
+                             f"got {self.sample_method!r}")
+        if not isinstance(self.shift_training, bool):
+            raise InputError(f"FlowSchedule shift_training must be true or false, got {self.shift_training!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "FlowSchedule", **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FlowSchedule:
-        return cls(**{k: v for k, v in d.items() if k != "type"})
+        fields = {k: v for k, v in d.items() if k != "type"}
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise InputError(f"unknown FlowSchedule field(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
+        return cls(**fields)
+
+    @staticmethod
+    def resolution_shift(spatial_shape: Sequence[int], base_img_size_numel: int = 32 * 32 * 32,
+                         transform_scale: float = 1.0) -> float:
+        """MONAI's timestep-transform ratio for images (latents) of ``spatial_shape``:
+        ``(prod(shape) / base_img_size_numel) ** (1 / len(shape)) * transform_scale``
+        (``monai.networks.schedulers.rectified_flow.timestep_transform``); pass it as ``shift``."""
+        numel = math.prod(int(n) for n in spatial_shape)
+        return (numel / base_img_size_numel) ** (1.0 / len(spatial_shape)) * float(transform_scale)
 
     def flow_time(self, t: torch.Tensor | float) -> torch.Tensor:
         """Flow time ``s = t / T`` in ``[0, 1]`` (0 = data, 1 = noise)."""
         return (_as_float64(t) / self.num_train_timesteps).clamp(0.0, 1.0)
+
+    def shifted(self, s: torch.Tensor) -> torch.Tensor:
+        """The resolution shift of flow times ``s`` in ``[0, 1]``: ``shift s / (1 + (shift - 1) s)``."""
+        return self.shift * s / (1.0 + (self.shift - 1.0) * s)
 
     def _coefficients(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.flow_time(t)
@@ -250,20 +306,40 @@ class FlowSchedule(_AffineSchedule):
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None,
                          device: torch.device | str = "cpu") -> torch.Tensor:
-        """Training timesteps ``s * T`` with flow time ``s`` uniform in ``[0, 1)``, float ``(B,)``."""
+        """Training timesteps ``s * T``, float ``(B,)``: flow time ``s`` from :attr:`sample_method` (then shifted
+        with ``shift_training``). With the global RNG the draws equal MONAI ``RFlowScheduler.sample_timesteps``
+        (``use_discrete_timesteps=False``; ``use_timestep_transform`` = ``shift_training`` with ``shift`` =
+        :meth:`resolution_shift`)."""
         gen_device = generator.device if generator is not None else device
-        s = torch.rand((batch_size,), generator=generator, device=gen_device, dtype=torch.float32)
+        if self.sample_method == "uniform":
+            s = torch.rand((batch_size,), generator=generator, device=gen_device, dtype=torch.float32)
+        else:
+            z = torch.randn((batch_size,), generator=generator, device=gen_device, dtype=torch.float32)
+            s = torch.sigmoid(z * self.scale + self.loc)
+        if self.shift_training:
+            s = self.shifted(s)
         return (s * self.num_train_timesteps).to(device)
 
     def timesteps(self, n_steps: int, spacing: str = "linspace", steps_offset: int = 0) -> torch.Tensor:
-        """``n_steps`` descending float timesteps from ``T`` (pure noise); the sampler then lands on ``t = 0``."""
-        if int(n_steps) < 1:
-            raise InputError(f"steps must be >= 1, got {n_steps}")
-        if spacing != "linspace" or steps_offset:
-            raise InputError("FlowSchedule.timesteps supports spacing='linspace' without steps_offset only")
-        s = torch.linspace(1.0, 0.0, int(n_steps) + 1, dtype=torch.float64)[:-1]
-        s = self.shift * s / (1.0 + (self.shift - 1.0) * s)
-        return (s * self.num_train_timesteps).to(torch.float32)
+        """``n_steps`` descending float timesteps from ``T`` (pure noise); the sampler then lands on ``t = 0``.
+
+        * ``"linspace"``: flow times ``1, (n-1)/n, ..., 1/n``, then the shift (MONAI ``RFlowScheduler.set_timesteps``
+          with ``use_discrete_timesteps=False``);
+        * ``"log_snr"``: the same first two and last timesteps, the ones between uniform in log-SNR
+          ``2 log((1 - s) / s)`` (the shift only offsets log-SNR, so it keeps the grid uniform). With ``n <= 4`` the
+          two spacings agree; on the toy mixture dpmpp_2m does as well on either.
+        """
+        if isinstance(n_steps, bool) or int(n_steps) != n_steps or int(n_steps) < 1:
+            raise InputError(f"steps must be an integer >= 1, got {n_steps!r}")
+        if spacing not in ("linspace", "log_snr") or steps_offset:
+            raise InputError(f"a FlowSchedule has the timestep spacings 'linspace' and 'log_snr' (no steps_offset), "
+                             f"got spacing={spacing!r}, steps_offset={steps_offset}")
+        n = int(n_steps)
+        s = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:-1]
+        if spacing == "log_snr" and n > 2:
+            log_snr = torch.linspace(2 * math.log(1.0 / (n - 1)), 2 * math.log(n - 1.0), n - 1, dtype=torch.float64)
+            s = torch.cat([s[:1], torch.sigmoid(-log_snr / 2)])
+        return (self.shifted(s) * self.num_train_timesteps).to(torch.float32)
 
 
 Schedule = Union[NoiseSchedule, FlowSchedule]

@@ -3,7 +3,8 @@ distances on fixed features, nearest-neighbour memorisation checks; :func:`evalu
 Segmentation (BraTS WT/TC/ET Dice, HD95, calibration, uncertainty vs errors): :func:`evaluate_segmentation_dir`."""
 
 from .features import RandomConvFeatures, frechet_distance, handcrafted_features
-from .generative import agreement, evaluate, memorisation, summary_table
+from .generative import agreement, evaluate, memorisation
+from .generative_report import summary_table
 from .morphometry import Calibration, calibrate, measure_volumes, to_model_scale
 from .segmentation import comparison_table, evaluate_segmentation_dir, region_metrics
 from .similarity import ms_ssim, ms_ssim_config, nearest_neighbours, nn_vector, pairwise_ms_ssim

@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-import csv
+import json
 import logging
 import math
 import os
@@ -35,16 +35,17 @@ from typing import Any
 import numpy as np
 
 from meddiff3d.errors import InputError
-from meddiff3d.utils.io import atomic_path, save_json
+from meddiff3d.utils.io import save_json
 
 from .features import RandomConvFeatures, frechet_distance, handcrafted_features
+from .generative_report import summary_table, write_samples_csv
 from .morphometry import MEASURED_COVARIATES, calibrate, measure_volumes, to_model_scale
 from .similarity import _prepare, ms_ssim_config, nearest_neighbours, nn_vector, pair_indices, pairwise_ms_ssim
 
 logger = logging.getLogger("meddiff3d.evaluation")
 
-__all__ = ["evaluate", "VolumeRecord", "describe_volume", "agreement", "memorisation", "summary_table",
-           "load_real_volumes"]
+__all__ = ["evaluate", "RealReference", "measure_reference", "VolumeRecord", "describe_volume", "agreement",
+           "memorisation", "load_real_volumes"]
 
 
 @dataclass
@@ -141,22 +142,80 @@ def _pick_conditions(items: Sequence[Mapping[str, Any]], k: int) -> list[Mapping
     return [items[int(round(i))] for i in np.linspace(0, len(items) - 1, k)]
 
 
+@dataclass
+class RealReference:
+    """The real volumes' side of :func:`evaluate`, measured once per datalist: records, datalist truth, the
+    measurement calibration (fitted on the training volumes) and its ceiling."""
+
+    key: dict[str, Any]
+    net: RandomConvFeatures
+    real: dict[str, list[VolumeRecord]]
+    truth: dict[str, list[dict]]
+    held_items: list[dict]
+    calibration: Any
+    ceiling: dict[str, Any]
+
+
+def _reference_key(datalist, image_meta, scaling, ssim_cfg, max_real) -> dict[str, Any]:
+    return {"datalist": str(Path(datalist).resolve()), "mtime": Path(datalist).stat().st_mtime_ns,
+            "spacing": list(image_meta["spacing"]), "shape": list(image_meta["shape"]), "scaling": dict(scaling),
+            "ssim": dict(ssim_cfg), "max_real": max_real}
+
+
+def measure_reference(datalist: str | os.PathLike, image_meta: Mapping[str, Any], scaling: Mapping[str, Any],
+                      max_real: int | None, ssim_cfg: Mapping[str, Any]) -> RealReference:
+    """Load and measure the datalist's real volumes in the model's geometry (training vs held-out: validation +
+    test), fit the measurement calibration on the training volumes, and its ceiling per group."""
+    net = RandomConvFeatures()
+    spacing = image_meta["spacing"]
+    # ---- real volumes
+    real: dict[str, list[VolumeRecord]] = {"training": [], "held_out": []}
+    truth: dict[str, list[dict]] = {"training": [], "held_out": []}
+    held_items: list[dict] = []
+    for section, item, volume in load_real_volumes(datalist, ("training", "validation", "test"), image_meta,
+                                                   max_real):
+        group = "training" if section == "training" else "held_out"
+        keep_small = group == "training" and len(real["training"]) < 16
+        real[group].append(describe_volume(volume, str(item.get("id")), spacing, scaling, net,
+                                           ssim_factor=ssim_cfg["downsample"] if keep_small else None,
+                                           info={"section": section}))
+        truth[group].append(dict(item.get("covariates") or {}))
+        if group == "held_out":
+            held_items.append(item)
+    if len(real["training"]) < 3:
+        raise InputError(f"datalist {datalist}: need at least 3 training items to calibrate the measurement")
+    logger.info("measured %d training + %d held-out real volumes", len(real["training"]), len(real["held_out"]))
+    calib = calibrate([r.measured for r in real["training"]], truth["training"])
+    ceiling = {}
+    for group in ("training", "held_out"):
+        ceiling[group] = {name: agreement([t.get(name, math.nan) for t in truth[group]],
+                                          [calib(r.measured).get(name, math.nan) for r in real[group]])
+                          for name in MEASURED_COVARIATES}
+    return RealReference(_reference_key(datalist, image_meta, scaling, ssim_cfg, max_real), net, real, truth,
+                         held_items, calib, ceiling)
+
+
 def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, datalist: str | os.PathLike,
              out_dir: str | os.PathLike, *, n_per_condition: int = 4, conditions: int = 8, steps: int = 20,
              sampler: str = "dpmpp_2m", guidance_scale: float = 1.0, seed: int = 0, unconditional: bool = True,
+             timestep_spacing: str | None = None,
              max_real: int | None = 64, max_pairs: int = 24, ssim_max_side: int = 128, device: str = "auto",
-             amp: str = "auto", progress: bool = False) -> dict[str, Any]:
+             amp: str = "auto", progress: bool = False, cache: dict | None = None) -> dict[str, Any]:
     """Run the evaluation of the module docstring; returns the dict also written to ``out_dir/evaluation.json``.
 
     Args:
         n_per_condition, conditions: ``n`` samples for each of ``K`` held-out covariate vectors (and ``K * n``
             unconditional samples when ``unconditional`` and the model supports it).
-        steps, sampler, guidance_scale, seed: generation settings (:func:`meddiff3d.pipelines.generation.generate`);
+        steps, sampler, timestep_spacing, guidance_scale, seed: generation settings
+            (:func:`meddiff3d.pipelines.generation.generate`; ``timestep_spacing`` None: the sampler's default);
             condition ``k`` uses seeds ``seed + 1000 k ...``, unconditional samples ``seed + 100000 ...``.
         max_real: at most this many items per datalist section are loaded (``None``: all).
         max_pairs: at most this many pairs per MS-SSIM comparison (a seeded subset).
         ssim_max_side: volumes are average-pooled by a power of 2 until no side exceeds this before MS-SSIM
             (3D MS-SSIM at 160 x 224 x 160 costs over a minute per pair on a CPU).
+        cache: a dict kept between calls: the real volumes' measurements (:class:`RealReference`) are stored in it
+            and reused by a later call with the same datalist, geometry and settings (a sweep over samplers and
+            seeds measures the real volumes once).
     """
     from meddiff3d.data.datalist import read_datalist
     from meddiff3d.engine.checkpoint import kind_of, read_file
@@ -187,31 +246,12 @@ def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, d
         factor *= 2
     ssim_cfg = ms_ssim_config([s // factor for s in shape])
     ssim_cfg["downsample"] = factor * ssim_cfg["downsample"]
-    net = RandomConvFeatures()
-
-    # ---- real volumes
-    real: dict[str, list[VolumeRecord]] = {"training": [], "held_out": []}
-    truth: dict[str, list[dict]] = {"training": [], "held_out": []}
-    held_items: list[dict] = []
-    for section, item, volume in load_real_volumes(datalist, ("training", "validation", "test"), image_meta,
-                                                   max_real):
-        group = "training" if section == "training" else "held_out"
-        keep_small = group == "training" and len(real["training"]) < 16
-        real[group].append(describe_volume(volume, str(item.get("id")), spacing, scaling, net,
-                                           ssim_factor=ssim_cfg["downsample"] if keep_small else None,
-                                           info={"section": section}))
-        truth[group].append(dict(item.get("covariates") or {}))
-        if group == "held_out":
-            held_items.append(item)
-    if len(real["training"]) < 3:
-        raise InputError(f"datalist {datalist}: need at least 3 training items to calibrate the measurement")
-    logger.info("measured %d training + %d held-out real volumes", len(real["training"]), len(real["held_out"]))
-    calib = calibrate([r.measured for r in real["training"]], truth["training"])
-    ceiling = {}
-    for group in ("training", "held_out"):
-        ceiling[group] = {name: agreement([t.get(name, math.nan) for t in truth[group]],
-                                          [calib(r.measured).get(name, math.nan) for r in real[group]])
-                          for name in MEASURED_COVARIATES}
+    key = json.dumps(_reference_key(datalist, image_meta, scaling, ssim_cfg, max_real), sort_keys=True)
+    reference = (cache or {}).get(key) or measure_reference(datalist, image_meta, scaling, max_real, ssim_cfg)
+    if cache is not None:
+        cache[key] = reference
+    net, real, truth, held_items, calib = (reference.net, reference.real, reference.truth, reference.held_items,
+                                           reference.calibration)
 
     # ---- generation
     conditional_ok = cond_meta["mode"] != "none"
@@ -221,8 +261,9 @@ def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, d
         raise InputError(f"datalist {datalist} has no validation/test items with covariates to draw conditions from")
     with_cov = [it for it in held_items if it.get("covariates")]
     picked = _pick_conditions(with_cov, int(conditions)) if conditional_ok else []
-    settings = {"sampler": sampler, "steps": int(steps), "guidance_scale": float(guidance_scale), "seed": int(seed),
-                "device": device, "amp": amp}
+    settings = {"sampler": sampler, "steps": int(steps), "spacing": timestep_spacing,
+                "guidance_scale": float(guidance_scale),
+                "seed": int(seed), "device": device, "amp": amp}
     samples: list[VolumeRecord] = []
     for k, item in enumerate(picked):
         request = {n: float(item["covariates"][n]) for n in names}
@@ -310,15 +351,15 @@ def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, d
                      "unconditional_skipped": None if uncond_ok else "model trained without conditioning dropout"
                      if unconditional else "not requested", "max_real": max_real, "max_pairs": max_pairs},
         "measurement": {"method": "meddiff3d.evaluation.morphometry.measure_volumes", "calibration": calib.to_dict(),
-                        "ceiling_training_in_sample": ceiling["training"],
-                        "ceiling_held_out": ceiling["held_out"],
+                        "ceiling_training_in_sample": reference.ceiling["training"],
+                        "ceiling_held_out": reference.ceiling["held_out"],
                         "n_real": {k: len(v) for k, v in real.items()}},
         "conditioning": fidelity, "diversity_ms_ssim": diversity, "realism": realism, "memorisation": memo,
         "seconds": round(time.perf_counter() - start, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
     save_json(result, out / "evaluation.json")
-    _write_csv(samples, names, out / "samples.csv")
+    write_samples_csv(samples, names, out / "samples.csv")
     logger.info("generative evaluation of %d sample(s) in %.1f s:\n%s\nwrote %s, %s", len(samples), result["seconds"],
                 summary_table(result), out / "evaluation.json", out / "samples.csv")
     return result
@@ -329,56 +370,3 @@ def _load_sample(path: Path, spacing, scaling, net, factor, info) -> VolumeRecor
 
     volume = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
     return describe_volume(volume, Path(path).name, spacing, scaling, net, factor, info)
-
-
-def _write_csv(samples: Sequence[VolumeRecord], names: Sequence[str], path: Path) -> None:
-    measured = list(MEASURED_COVARIATES)
-    header = (["file", "kind", "condition", "source_id", "seed"] + [f"requested_{n}" for n in names]
-              + [f"measured_{n}" for n in measured] + ["brain_ml", "ventricular_ml", "measurement_valid",
-                                                        "nn_train_id", "nn_similarity", "near_copy"])
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for s in samples:
-            req = s.info.get("requested") or {}
-            cal = s.info.get("calibrated") or {}
-            writer.writerow([s.name, s.info["kind"], s.info.get("condition"), s.info.get("source_id"), s.info["seed"]]
-                            + [req.get(n, "") for n in names] + [_round(cal.get(n)) for n in measured]
-                            + [_round(s.raw.get("brain_ml")), _round(s.raw.get("ventricular_ml")),
-                               s.raw.get("valid"), s.info.get("nn_train_id"), _round(s.info.get("nn_similarity")),
-                               s.info.get("near_copy")])
-
-
-def _round(value, digits: int = 4):
-    return "" if value is None else round(float(value), digits)
-
-
-def summary_table(result: Mapping[str, Any]) -> str:
-    """A short plain-text table of the headline numbers of :func:`evaluate`'s result."""
-    def fmt(x, spec=".3f"):
-        return "-" if x is None else format(x, spec)
-
-    lines = [f"{'':34s}{'ventricular_volume':>22s}{'brain_volume':>22s}", f"{'':34s}{'r':>11s}{'MAE':>11s}"
-             f"{'r':>11s}{'MAE':>11s}"]
-    m, c = result["measurement"], result["conditioning"]
-    rows = [("measurement ceiling (training)", m["ceiling_training_in_sample"]),
-            ("measurement ceiling (held out)", m["ceiling_held_out"]),
-            ("conditional: requested vs measured", c["conditional"]),
-            ("unconditional (chance baseline)", {k: v["paired_with_requests"] for k, v in c["unconditional"].items()})]
-    for label, row in rows:
-        cells = "".join(f"{fmt(row[n]['r']):>11s}{fmt(row[n]['mae']):>11s}" for n in ("ventricular_volume",
-                                                                                      "brain_volume"))
-        lines.append(f"{label:34s}{cells}")
-    d = result["diversity_ms_ssim"]
-    lines.append("MS-SSIM (lower = more diverse): generated %s (within condition %s), training pairs %s" % (
-        fmt(d["generated_all_pairs"]["mean"]), fmt(d["generated_within_condition"]["mean"]),
-        fmt(d["training_pairs"]["mean"])))
-    for key in ("fd_random_cnn", "fd_handcrafted"):
-        fd = result["realism"][key]
-        lines.append(f"FD {key[3:]:12s}: generated vs held-out %s, floor training vs held-out %s" % (
-            fmt((fd["generated_vs_held_out"] or {}).get("fd"), ".2f"),
-            fmt((fd["training_vs_held_out_floor"] or {}).get("fd"), ".2f")))
-    mem = result["memorisation"]
-    lines.append(f"memorisation: {mem['n_flagged']} near-copies (threshold NN corr {mem['threshold']:.4f}); sample NN "
-                 f"corr mean {fmt(mem['sample_nn_similarity']['mean'], '.4f')}")
-    return "\n".join(lines)

@@ -42,6 +42,7 @@ BACKGROUND_FRACTION = 0.1
 MAX_FIT_VOXELS = 200_000
 BIAS_ITERATIONS = 2
 BIAS_SIGMA_MM = 40.0
+BIAS_GRID_FACTOR = 4  # the bias field is smoothed on a grid 4x coarser per axis (see _smooth_field)
 VENTRICLE_MIN_DEPTH_MM = 8.0
 VENTRICLE_CORE_DEPTH = 0.3
 VENTRICLE_BOX = (0.4, 0.6, 0.6)  # |centroid - centre| < box * half-extent, per axis (x, y, z)
@@ -73,6 +74,23 @@ def _fit_mixture(values: np.ndarray):
     return gmm, order
 
 
+def _smooth_field(ratio: np.ndarray, weight: np.ndarray, sigma: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian smoothing (``sigma`` voxels, zeros outside) of ``ratio`` and ``weight``, evaluated on a grid coarser
+    by ``BIAS_GRID_FACTOR`` (block means; the 40 mm field is far smoother than the blocks) and interpolated back
+    (linear): the same field to well under a percent, ~50x faster than smoothing at full resolution."""
+    f = BIAS_GRID_FACTOR
+    shape = ratio.shape
+    padded = [(0, (-n) % f) for n in shape]
+    dims = [(n + pad) // f for n, (_, pad) in zip(shape, padded)]
+    out = []
+    for values in (ratio, weight):
+        small = np.pad(values, padded).reshape(dims[0], f, dims[1], f, dims[2], f).mean(axis=(1, 3, 5))
+        small = ndimage.gaussian_filter(small, [s_ / f for s_ in sigma], mode="constant")
+        full = ndimage.zoom(small, f, order=1, grid_mode=True, mode="nearest")
+        out.append(full[tuple(slice(0, n) for n in shape)])
+    return out[0], out[1]
+
+
 def tissue_model(image: np.ndarray, mask: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """``(bias-corrected image, class means [csf, gm, wm])`` (steps 2-3 of the module docstring)."""
     corrected = image.astype(np.float64).copy()
@@ -89,8 +107,7 @@ def tissue_model(image: np.ndarray, mask: np.ndarray, spacing: Sequence[float]) 
         weight = np.zeros(image.shape)
         ratio[mask] = np.where(confident, corrected[mask] / means[cls], 0.0)
         weight[mask] = confident
-        num = ndimage.gaussian_filter(ratio, sigma, mode="constant")
-        den = ndimage.gaussian_filter(weight, sigma, mode="constant")
+        num, den = _smooth_field(ratio, weight, sigma)
         field = np.where(den > 1e-3, num / np.maximum(den, 1e-3), 1.0)
         corrected[mask] = corrected[mask] / np.clip(field[mask], 0.5, 2.0)
     return corrected, means

@@ -46,8 +46,8 @@ from typing import Any
 import torch
 
 from meddiff3d.checks import parse_covariates
-from meddiff3d.diffusion import (AppendCoordinates, ClassifierFreeGuidance, ConcatConditioning, CoordinateChannels,
-                                 make_denoiser, schedule_from_dict)
+from meddiff3d.diffusion import (SAMPLERS, AppendCoordinates, ClassifierFreeGuidance, ConcatConditioning,
+                                 CoordinateChannels, make_denoiser, schedule_from_dict)
 from meddiff3d.engine.checkpoint import kind_tag
 from meddiff3d.engine.precision import Autocast
 from meddiff3d.errors import InputError
@@ -187,10 +187,12 @@ def latent_diffusion_meta(*, network: Mapping[str, Any], schedule: Mapping[str, 
                           covariates: Sequence[str], conditioning: str, latent_shape: Sequence[int],
                           image: Mapping[str, Any], codec: Any,
                           scaling: Mapping[str, Any] | None = None,
-                          training: Mapping[str, Any] | None = None, coordinates: bool = False) -> dict[str, Any]:
+                          training: Mapping[str, Any] | None = None, coordinates: bool = False,
+                          sampling: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The meta saved with a latent diffusion model (layout in the module docstring); the codec entry (fingerprint,
     latent scale and shift) comes from ``codec``, the loaded codec file
-    (:func:`meddiff3d.models.loading.load_model` ``(path, "codec")``)."""
+    (:func:`meddiff3d.models.loading.load_model` ``(path, "codec")``); ``sampling``: how the model is sampled by
+    default (:func:`sampling_meta`)."""
     _check_mode(conditioning)
     for key in ("shape", "spacing", "affine"):
         if key not in image:
@@ -209,7 +211,23 @@ def latent_diffusion_meta(*, network: Mapping[str, Any], schedule: Mapping[str, 
                   "latent_scale": float(codec.network.latent_scale), "latent_shift": float(codec.network.latent_shift),
                   "kind": codec.meta.get("kind")},
         "training": dict(training or {}),
+        **({"sampling": sampling_meta(sampling)} if sampling else {}),
     }
+
+
+def sampling_meta(sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's own sampling settings ``{"sampler", "steps"[, "spacing"]}``, checked: what the bundle's inference
+    uses when its ``sampler`` / ``steps`` are null (e.g. the fastest configuration of equal quality in a
+    quality-versus-steps table, or a distilled student's training grid)."""
+    if not isinstance(sampling, Mapping) or set(sampling) - {"sampler", "steps", "spacing"} or \
+            not {"sampler", "steps"} <= set(sampling):
+        raise InputError(f"sampling must be {{sampler, steps[, spacing]}}, got {sampling!r}")
+    if sampling["sampler"] not in SAMPLERS:
+        raise InputError(f"sampling: unknown sampler {sampling['sampler']!r}; valid: {list(SAMPLERS)}")
+    steps = sampling["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"sampling: steps must be an integer >= 1, got {steps!r}")
+    return {"sampler": str(sampling["sampler"]), "steps": int(steps), "spacing": sampling.get("spacing")}
 
 
 def coordinate_wrapper(coordinates: bool | Mapping[str, Any]) -> Callable[[Any], Any] | None:
@@ -269,7 +287,9 @@ def check_guidance_support(meta: Mapping[str, Any], source: Any, *, conditional:
       would silently give an unguided sample;
     * a conditional model trained without conditioning dropout (``meta["training"]["cond_dropout"] == 0``, e.g. the
       converted model-zoo anchor) never saw the null condition: unconditional sampling and any guidance (which mixes
-      in the null-condition prediction) would feed it an input it cannot interpret.
+      in the null-condition prediction) would feed it an input it cannot interpret;
+    * guidance on a student distilled with the teacher's guidance folded in (``meta["distillation"]
+      ["guidance_scale"] != 1``): it would apply twice.
 
     ``source`` names the model in messages; ``conditional``: whether the request gives covariates.
     """
@@ -287,6 +307,10 @@ def check_guidance_support(meta: Mapping[str, Any], source: Any, *, conditional:
     if no_dropout and guidance_scale != 1.0:
         raise InputError(f"diffusion model {source} was trained without conditioning dropout, so classifier-free "
                          f"guidance is undefined for it; use guidance_scale 1 (got {guidance_scale:g})")
+    folded = float((meta.get("distillation") or {}).get("guidance_scale", 1.0))
+    if folded != 1.0 and guidance_scale != 1.0:
+        raise InputError(f"diffusion model {source} was distilled with guidance {folded:g} folded in; sample it with "
+                         f"guidance_scale 1 (got {guidance_scale:g})")
 
 
 def model_conditioning(meta: Mapping[str, Any], covariates: torch.Tensor | None, batch: int,

@@ -30,8 +30,8 @@ from typing import Any, Callable
 
 from meddiff3d.errors import InputError, find_input_error
 
-__all__ = ["report_user_errors", "check_command_line", "user_command", "generate", "train_latent_diffusion", "train_autoencoder", "synthetic_datalist",
-           "calibrate_anomaly", "detect_anomalies", "evaluate_anomaly", "train_segmentation_diffusion", "segment",
+__all__ = ["report_user_errors", "check_command_line", "user_command", "generate", "train_latent_diffusion",
+           "distil_latent_diffusion", "train_autoencoder", "synthetic_datalist", "calibrate_anomaly", "detect_anomalies", "evaluate_anomaly", "train_segmentation_diffusion", "segment",
            "evaluate_segmentation"]
 
 
@@ -161,6 +161,7 @@ def _lazy(module: str, name: str) -> Callable[..., Any]:
 
 generate = user_command(_lazy("meddiff3d.pipelines.generation", "generate"))
 train_latent_diffusion = user_command(_lazy("meddiff3d.pipelines.training", "train_latent_diffusion"))
+distil_latent_diffusion = user_command(_lazy("meddiff3d.pipelines.distillation", "distil_latent_diffusion"))
 train_autoencoder = user_command(_lazy("meddiff3d.pipelines.autoencoder_training", "train_autoencoder"))
 synthetic_datalist = user_command(_lazy("meddiff3d.pipelines.data", "synthetic_datalist"))
 calibrate_anomaly = user_command(_lazy("meddiff3d.pipelines.anomaly", "calibrate_anomaly"))

@@ -115,7 +115,7 @@ class GenerationEvaluator:
                 "covariates_raw": None if covariates is None else
                 raw_covariates(covariates, meta["conditioning"].get("scaling") or {}),
                 "conditional": conditional, "sampler": inferer.sampler, "steps": inferer.steps,
-                "denoiser_evaluations": inferer.steps * (2 if inferer.sampler == "heun" else 1),
+                "denoiser_evaluations": 2 * inferer.steps - 1 if inferer.sampler == "heun" else inferer.steps,
                 "timestep_spacing": inferer.spacing,
                 "guidance_scale": inferer.guidance_scale if conditional else None,
                 "amp": str(dtype).replace("torch.", "") if dtype else "float32",
@@ -195,8 +195,8 @@ def generate(
     *,
     covariates: Mapping[str, float] | str | None = None,
     num_samples: int = 1,
-    sampler: str = "ddim",
-    steps: int = 50,
+    sampler: str | None = None,
+    steps: int | None = None,
     guidance_scale: float = 1.0,
     seed: int = 0,
     output_dir: str | os.PathLike = "outputs",
@@ -219,8 +219,10 @@ def generate(
             model was trained with, by conditioning dropout; refused for a model trained without it,
             ``meta["training"]["cond_dropout"] == 0``, as is ``guidance_scale != 1``).
         num_samples: volumes to write; sample ``i`` uses seed ``seed + i``.
-        sampler: a name of :data:`meddiff3d.diffusion.SAMPLERS` (``ddim``, ``ddpm``, ``dpmpp_2m``, ``euler``, ``heun``).
-        steps: denoiser evaluations of the main trajectory (``heun`` makes about twice as many).
+        sampler: a name of :data:`meddiff3d.diffusion.SAMPLERS` (``ddim``, ``ddpm``, ``dpmpp_2m``, ``dpmpp_3m``, ``unipc``,
+            ``euler``, ``heun``); ``None``: the model's own (:func:`meddiff3d.pipelines.inferers.model_sampling`).
+        steps: denoiser evaluations of the main trajectory (``heun`` makes about twice as many); ``None``: the
+            model's own.
         guidance_scale: classifier-free guidance ``w`` (1 = the conditional model, 0 = unconditional); ignored when
             unconditional.
         output_dir: where ``sample_seed{S}.nii.gz`` / ``.png`` / ``.json`` go (created).

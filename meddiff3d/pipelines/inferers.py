@@ -31,7 +31,7 @@ from meddiff3d.engine.precision import AUTOCAST_LOW_PRECISION_LAYERS, Autocast
 from meddiff3d.models.ldm import build_denoiser, model_conditioning
 from meddiff3d.models.segdiff import check_volume_shape, conditioned_network
 
-__all__ = ["autocast_dtype", "ClampedDenoiser", "sample_masks", "LatentDiffusionInferer",
+__all__ = ["DEFAULT_SAMPLING", "model_sampling", "autocast_dtype", "ClampedDenoiser", "sample_masks", "LatentDiffusionInferer",
            "DiffusionSegmentationInferer"]
 
 
@@ -71,15 +71,34 @@ def sample_masks(denoiser: Callable[..., torch.Tensor], image: torch.Tensor, met
     return torch.cat(out)
 
 
-class _SamplingSettings:
-    """Sampler name, steps and timestep spacing, validated against the model's schedule when built."""
+#: how a model is sampled when neither the config nor the model file's meta ``"sampling"`` says, per schedule type
+#: (flow: DPM-Solver++(2M) reached the exact sampler's floor at 8-10 steps on the toy mixture of tests/toy_mixture.py)
+DEFAULT_SAMPLING = {"NoiseSchedule": {"sampler": "ddim", "steps": 50},
+                    "FlowSchedule": {"sampler": "dpmpp_2m", "steps": 10}}
 
-    def __init__(self, meta: Mapping[str, Any], sampler: str, steps: Any, spacing: str | None) -> None:
+
+def model_sampling(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """How the model of ``meta`` is meant to be sampled: ``{"sampler", "steps"[, "spacing"]}`` from its meta's
+    ``"sampling"`` (written by the recipe that made it, e.g. a distilled student's grid), else
+    :data:`DEFAULT_SAMPLING` for its schedule type."""
+    kind = dict(meta["schedule"]).get("type", "NoiseSchedule")
+    return {**DEFAULT_SAMPLING.get(kind, DEFAULT_SAMPLING["NoiseSchedule"]), **dict(meta.get("sampling") or {})}
+
+
+class _SamplingSettings:
+    """Sampler name, steps and timestep spacing, validated against the model's schedule when built; a ``None``
+    sampler or steps is the model's own (:func:`model_sampling`), as is its spacing when the sampler is."""
+
+    def __init__(self, meta: Mapping[str, Any], sampler: str | None, steps: Any, spacing: str | None) -> None:
+        own = model_sampling(meta)
+        if sampler is None:
+            sampler, spacing = own["sampler"], spacing if spacing is not None else own.get("spacing")
+        steps = own["steps"] if steps is None else steps
         check_choice("sampler", sampler, list(SAMPLERS))
         self.meta = meta
         self.schedule = schedule_from_dict(meta["schedule"])
         self.sampler, self.steps = sampler, check_int("steps", steps, 1)
-        self.spacing = default_spacing(sampler, spacing)
+        self.spacing = default_spacing(sampler, spacing, self.schedule)
         sampling_timesteps(self.schedule, self.steps, self.spacing)  # validates steps against the schedule
 
     @property
@@ -94,14 +113,16 @@ class LatentDiffusionInferer(Inferer, _SamplingSettings):
 
     Args:
         meta: the latent diffusion model file's meta (schedule, prediction, conditioning, latent shape).
-        sampler, steps: a sampler of :data:`meddiff3d.diffusion.SAMPLERS` and its denoiser evaluations.
+        sampler, steps: a sampler of :data:`meddiff3d.diffusion.SAMPLERS` and its denoiser evaluations; ``None``:
+            the model's own (:func:`model_sampling`: its meta's ``"sampling"``, else :data:`DEFAULT_SAMPLING`).
         guidance_scale: classifier-free guidance (1: the conditional model); used with conditioning only.
         spacing: timestep spacing override (default per sampler; ``"monai"``: MONAI ``DDIMScheduler`` stepping).
         decode_tile: decode strategy: latent tile size for tiled decoding (``None``: whole volume in one pass);
             ``decode_split``: decode in this many slabs with whole-volume GroupNorm statistics.
     """
 
-    def __init__(self, meta: Mapping[str, Any], sampler: str = "ddim", steps: int = 50, guidance_scale: float = 1.0,
+    def __init__(self, meta: Mapping[str, Any], sampler: str | None = None, steps: int | None = None,
+                 guidance_scale: float = 1.0,
                  spacing: str | None = None, decode_tile: Sequence[int] | int | None = None,
                  decode_split: int | None = None) -> None:
         Inferer.__init__(self)

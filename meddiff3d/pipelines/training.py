@@ -29,6 +29,7 @@ from meddiff3d.models.ldm import (
     latent_diffusion_meta,
     latent_unet_spec,
     null_condition,
+    sampling_meta,
 )
 from meddiff3d.models.loading import load_model
 from meddiff3d.pipelines.preflight import output_file
@@ -85,6 +86,7 @@ def train_latent_diffusion(
     section: str = "training",
     spacing: Sequence[float] | None = None,
     shape: Sequence[int] | None = None,
+    sampling: Mapping[str, Any] | None = None,
     **trainer: Any,
 ) -> dict[str, Any]:
     """Train a covariate-conditioned latent diffusion model; returns a summary dict (see module docstring).
@@ -97,9 +99,13 @@ def train_latent_diffusion(
         covariates: names, in the order the network sees them (values in [0, 1]).
         conditioning: ``"both"``, ``"concat"``, ``"crossattn"`` or ``"none"`` (see :mod:`meddiff3d.models.ldm`).
         network: a U-Net preset name or a full spec; ``network_overrides`` replace preset arguments.
-        schedule: :class:`NoiseSchedule` arguments (default: the anchor's scaled-linear 0.0015-0.0205, T=1000).
+        schedule: the noise schedule's ``to_dict()`` form: :class:`NoiseSchedule` arguments (default: the anchor's
+            scaled-linear 0.0015-0.0205, T=1000) or ``{"type": "FlowSchedule", ...}`` for rectified flow
+            (with ``prediction="flow"``).
         cond_dropout: probability of training a sample with the null condition (classifier-free guidance).
         coordinates: append coordinate channels to the U-Net input (see :mod:`meddiff3d.models.ldm`).
+        sampling: ``{"sampler", "steps"[, "spacing"]}`` saved in the model's meta: how the bundle's inference samples
+            it by default (:func:`meddiff3d.models.ldm.sampling_meta`); ``None``: the default of its schedule type.
         trainer: settings of :class:`~meddiff3d.engine.DiffusionTrainer` (``batch_size``, ``max_iterations``, ``lr``,
             ``ema_decay``, ``amp``, ``device``, ``seed``, ``checkpoint_every``, ``preview_every``, ...) over
             :data:`TRAINER_DEFAULTS`; an unknown name is refused.
@@ -112,6 +118,11 @@ def train_latent_diffusion(
     if conditioning != "none" and not covariates:
         raise InputError(f"conditioning {conditioning!r} needs covariate names")
     schedule_obj = schedule_from_dict(dict(schedule or ANCHOR_SCHEDULE))
+    sampling = sampling_meta(sampling) if sampling else None  # checked, as the objective, before encoding
+    objective = DiffusionObjective(schedule_obj, prediction, min_snr_gamma=min_snr_gamma,
+                                   cond_dropout=cond_dropout if conditioning != "none" else 0.0,
+                                   null_cond=null_condition(len(covariates), conditioning),
+                                   network_wrapper=coordinate_wrapper(coordinates))
     codec_file = load_model(codec, "codec")  # read once: encoder for the latents, fingerprint for the meta
     latent_set = encode_latents(codec_file, datalist, run_dir / "latents", covariates=covariates, section=section,
                                 spacing=spacing, shape=shape, device="cpu", progress=progress)
@@ -121,15 +132,11 @@ def train_latent_diffusion(
     meta = latent_diffusion_meta(
         network=spec, schedule=schedule_obj.to_dict(), prediction=prediction, covariates=covariates,
         conditioning=conditioning, latent_shape=latent_set.latents.shape[1:], image=latent_set.image, codec=codec_file,
-        scaling=latent_set.covariate_scaling, coordinates=coordinates,
+        scaling=latent_set.covariate_scaling, coordinates=coordinates, sampling=sampling,
         training={"datalist": str(datalist), "section": section, "num_volumes": len(latent_set.ids),
                   "cond_dropout": cond_dropout, "batch_size": batch_size, "lr": lr, "seed": seed,
                   "min_snr_gamma": min_snr_gamma, "max_iterations": settings["max_iterations"]})
     conditioning_fn = partial(covariate_conditioning, mode=conditioning)
-    objective = DiffusionObjective(schedule_obj, prediction, min_snr_gamma=min_snr_gamma,
-                                   cond_dropout=cond_dropout if conditioning != "none" else 0.0,
-                                   null_cond=null_condition(len(covariates), conditioning),
-                                   network_wrapper=coordinate_wrapper(coordinates))
     seed_everything(seed)  # the initial weights are a function of the seed
     net = build_network(spec)
     if settings.get("preview_every"):

@@ -11,7 +11,8 @@ that recipe trains on and with, built from the same config keys:
 ``train#dataset``          :class:`~meddiff3d.pipelines.components.DatalistDataset`: the section the recipe trains on
                            (read on first use, not when the config is parsed)
 ``train#inferer``          the recipe's training objective: :func:`latent_diffusion_objective`,
-                           :func:`segmentation_objective`, ``meddiff3d.models.autoencoder.AutoencoderObjective``
+                           :func:`latent_distillation_objective`, :func:`segmentation_objective`,
+                           ``meddiff3d.models.autoencoder.AutoencoderObjective``
 ``train#trainer``          :class:`RecipeTrainer`: the recipe's step budget; ``max_epochs`` (MONAI's unit) becomes the
                            ``max_iterations`` that ``run`` reads (``$@train#trainer.max_iterations``)
 ``network_def``            the untrained network the recipe builds from the same settings (:func:`autoencoder_network`,
@@ -34,8 +35,8 @@ from meddiff3d.models.autoencoder import autoencoder_spec
 from meddiff3d.models.ldm import ANCHOR_SCHEDULE, coordinate_wrapper, null_condition
 from meddiff3d.models.segdiff import SEGDIFF_SCHEDULE, segdiff_unet_spec
 
-__all__ = ["RecipeTrainer", "latent_diffusion_objective", "segmentation_objective", "autoencoder_network",
-           "latent_diffusion_network", "segmentation_network"]
+__all__ = ["RecipeTrainer", "latent_diffusion_objective", "latent_distillation_objective", "segmentation_objective",
+           "autoencoder_network", "latent_diffusion_network", "segmentation_network"]
 
 
 class RecipeTrainer:
@@ -83,6 +84,18 @@ def latent_diffusion_objective(*, schedule: Mapping[str, Any] | None = None, pre
                               min_snr_gamma=min_snr_gamma, cond_dropout=cond_dropout if conditional else 0.0,
                               null_cond=null_condition(len(covariates or ()) if conditional else 0, conditioning),
                               network_wrapper=coordinate_wrapper(coordinates))
+
+
+def latent_distillation_objective(*, teacher: str | os.PathLike, start_steps: int = 64, guidance_scale: float = 1.0,
+                                  cond_dropout: float | None = None, prediction: str | None = None) -> Any:
+    """The objective of the first round of :func:`meddiff3d.pipelines.distillation.distil_latent_diffusion`: a
+    ``start_steps / 2``-step student of the ``teacher`` file
+    (:class:`~meddiff3d.diffusion.DistillationObjective`, built by the recipe's own
+    :func:`~meddiff3d.pipelines.distillation.teacher_objective`)."""
+    from meddiff3d.pipelines.distillation import teacher_objective
+
+    return teacher_objective(teacher, start_steps, guidance_scale=guidance_scale, cond_dropout=cond_dropout,
+                             prediction=prediction)
 
 
 def segmentation_objective(*, shape: Sequence[int], schedule: Mapping[str, Any] | None = None,

@@ -13,7 +13,7 @@ flag                  bundle config key   meaning
 --num-samples N       num_samples         volumes to generate (seeds S, S+1, ...)
 --seed S              seed                seed of the first sample
 --steps K             steps               sampler steps
---sampler X           sampler             ddim | ddpm | dpmpp_2m | euler | heun
+--sampler X           sampler             ddim | ddpm | dpmpp_2m | dpmpp_3m | unipc | euler | heun
 --guidance-scale G    guidance_scale      classifier-free guidance (1: the conditional model)
 -o, --output OUT      output_dir          default ./outputs/generation under the current folder
 --device D            device              auto | cpu | cuda | cuda:N
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, metavar="N")
     parser.add_argument("--seed", type=int, metavar="S")
     parser.add_argument("--steps", type=int, metavar="K")
-    parser.add_argument("--sampler", metavar="X", help="ddim | ddpm | dpmpp_2m | euler | heun")
+    parser.add_argument("--sampler", metavar="X", help="ddim | ddpm | dpmpp_2m | dpmpp_3m | unipc | euler | heun")
     parser.add_argument("--guidance-scale", type=float, metavar="G")
     parser.add_argument("-o", "--output", metavar="OUT", help="output folder (default ./outputs/generation)")
     add_bundle_arguments(parser, "generation", __doc__ or "")

@@ -19,7 +19,7 @@ flag                  bundle config key   meaning
 -o, --output OUT      output_dir          default ./outputs/segmentation under the current folder
 --num-samples N       num_samples         ensemble size
 --steps K             steps               sampler steps per sample
---sampler X           sampler             ddim | dpmpp_2m | ddpm | euler | heun
+--sampler X           sampler             ddim | dpmpp_2m | dpmpp_3m | unipc | ddpm | euler | heun
 --seed S              seed                seed of the first sample
 --threshold P         threshold           probability above which a voxel is in a region
 --roi-size X Y Z      roi_size            run the network window by window (bounded memory)
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", metavar="OUT", help="output folder (default ./outputs/segmentation)")
     parser.add_argument("--num-samples", type=int, metavar="N", help="ensemble size")
     parser.add_argument("--steps", type=int, metavar="K")
-    parser.add_argument("--sampler", metavar="X", help="ddim | dpmpp_2m | ddpm | euler | heun")
+    parser.add_argument("--sampler", metavar="X", help="ddim | dpmpp_2m | dpmpp_3m | unipc | ddpm | euler | heun")
     parser.add_argument("--seed", type=int, metavar="S")
     parser.add_argument("--threshold", type=float, metavar="P")
     parser.add_argument("--roi-size", type=int, nargs=3, metavar=("X", "Y", "Z"))

@@ -1,0 +1,84 @@
+"""scripts/quality_vs_steps.py: the equal-quality verdict, the table, and the sweep end to end with its caches."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "quality_vs_steps.py"
+
+
+@pytest.fixture(scope="module")
+def qvs():
+    spec = importlib.util.spec_from_file_location("quality_vs_steps", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake(fd: float, r: float, ms_ssim: float = 0.9) -> dict:
+    """An evaluation.json with the metrics the sweep reads."""
+    return {"realism": {"fd_random_cnn": {"generated_vs_held_out": {"fd": fd}},
+                        "fd_handcrafted": {"generated_vs_held_out": {"fd": fd / 2}}},
+            "conditioning": {"conditional": {"ventricular_volume": {"r": r, "mae": 0.1},
+                                             "brain_volume": {"r": r, "mae": 0.1}}},
+            "diversity_ms_ssim": {"generated_all_pairs": {"mean": ms_ssim}}, "memorisation": {"n_flagged": 1}}
+
+
+def test_equal_quality_means_within_two_seed_sds_of_the_reference_on_every_metric(qvs):
+    runs = {"ddim:50": [fake(100, 0.5), fake(110, 0.6), fake(90, 0.4)],  # fd mean 100, SD 10; r 0.5, SD 0.1
+            "dpmpp_2m:10": [fake(115, 0.45), fake(118, 0.5), fake(112, 0.55)],  # fd 115: within 100 +- 20
+            "dpmpp_2m:4": [fake(150, 0.5), fake(160, 0.5), fake(140, 0.5)]}  # fd 150: outside
+    table = qvs.summarise(runs, "ddim:50")
+    assert table["ddim:50"]["fd_cnn"]["mean"] == pytest.approx(100) and table["ddim:50"]["fd_cnn"]["std"] == \
+        pytest.approx(10)
+    assert table["dpmpp_2m:10"]["equal_quality"] and table["ddim:50"]["equal_quality"]
+    assert not table["dpmpp_2m:4"]["equal_quality"]
+    assert table["dpmpp_2m:4"]["outside_reference_spread"] == ["fd_cnn", "fd_hand"]
+    text = qvs.markdown(table, list(runs), "ddim:50", 3, 16)
+    assert "| dpmpp_2m:4 | 4 |" in text and "no (fd_cnn, fd_hand)" in text and "| ddim:50 | 50 |" in text
+    assert qvs.evaluations("heun", 5) == 9 and qvs.evaluations("dpmpp_2m", 8) == 8
+    with pytest.raises(ValueError, match="is not SAMPLER:STEPS"):
+        qvs.parse_config("dpmpp_2m")
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_resumes_and_measures_the_real_volumes_once(qvs, tmp_path, monkeypatch):
+    """Two configurations x two seeds on an untrained tiny pair and a 10-subject procedural cohort (~1.5 min on 2
+    busy cores); a second call reads every evaluation and the stored real-volume measurements back, computing none."""
+    from meddiff3d.data.synthetic import write_cohort
+    from meddiff3d.evaluation import generative
+    from meddiff3d.pipelines.benchmark import untrained_pair
+
+    torch.set_num_threads(1)
+    codec, diffusion = untrained_pair(tmp_path / "models")
+    datalist = write_cohort("healthy", tmp_path / "data", 10, shape=(32, 48, 32), source="procedural",
+                            progress=False).datalist
+    out = tmp_path / "q"
+    argv = ["--codec", str(codec), "--diffusion", str(diffusion), "--datalist", str(datalist), "--out", str(out),
+            "--configs", "ddim:3", "dpmpp_2m:2", "--reference", "ddim:3", "--seeds", "2", "--conditions", "1",
+            "--n-per-condition", "2", "--device", "cpu", "--amp", "none"]
+    measured = []
+    original = generative.measure_reference
+    monkeypatch.setattr(generative, "measure_reference", lambda *a, **k: measured.append(1) or original(*a, **k))
+    assert qvs.main(argv) == 0
+    assert len(measured) == 1  # once for both configurations and seeds
+    report = json.loads((out / "quality_vs_steps.json").read_text())
+    assert set(report["table"]) == {"ddim:3", "dpmpp_2m:2"} and report["seeds"] == 2
+    assert report["samples_per_run"] == 4 and report["fastest_equal_quality"] in report["table"]
+    seeds = [json.loads((out / "ddim-3" / f"seed{j}" / "evaluation.json").read_text())["settings"]["seed"]
+             for j in range(2)]
+    assert seeds == [0, qvs.SEED_STRIDE]  # disjoint seeds
+    assert (out / "quality_vs_steps.md").read_text().startswith("| configuration |")
+    stamp = (out / "ddim-3" / "seed0" / "evaluation.json").stat().st_mtime_ns
+    monkeypatch.setattr(generative, "evaluate", None)  # nothing may be evaluated again
+    monkeypatch.setattr(sys.modules["meddiff3d.evaluation"], "evaluate", None)
+    assert qvs.main(argv) == 0 and len(measured) == 1
+    assert (out / "ddim-3" / "seed0" / "evaluation.json").stat().st_mtime_ns == stamp
+    cache = qvs.load_reference(out / "reference")
+    (reference,) = cache.values()
+    assert len(reference.real["training"]) == 8 and reference.real["training"][0].cnn.ndim == 1
+    assert [qvs.main(argv[:-2] + ["--seeds", "1"])] == [2]  # a spread needs two seeds: one error line, exit 2
