@@ -10,6 +10,10 @@ hand-crafted features, conditioning fidelity r / MAE for ventricular and brain v
 near-copies of training subjects), on the same held-out conditions, with disjoint seeds (seed index j uses base seed
 ``200000 j``, so no two runs share a sample). The real volumes are measured once for the whole sweep.
 
+Also reported, not part of the verdict: the paired in-brain RMSE of each sample to the reference's sample from the
+same noise and condition, relative to the RMSE between two reference samples of one condition (how far the sampler
+moves a sample, against how far another seed moves it).
+
 A configuration is of **equal quality** when, for every metric, its mean over seeds lies within the reference's
 (``--reference``, DDIM-50 by default) mean +- 2 standard deviations over seeds (ddof 1). The fastest such
 configuration (fewest denoiser evaluations) is printed as the recommended default.
@@ -91,10 +95,12 @@ def summarise(runs: dict[str, list[dict]], reference: str) -> dict:
     return table
 
 
-def markdown(table: dict, order: list[str], reference: str, seeds: int, samples: int) -> str:
+def markdown(table: dict, order: list[str], reference: str, seeds: int, samples: int,
+             paired: dict | None = None) -> str:
     cols = list(METRICS)
-    lines = [f"| configuration | U-Net evaluations | {' | '.join(cols)} | equal quality |",
-             "|" + "---|" * (len(cols) + 3)]
+    paired = paired or {}
+    lines = [f"| configuration | U-Net evaluations | {' | '.join(cols)} | paired RMSE to {reference} "
+             f"(/ between seeds) | equal quality |", "|" + "---|" * (len(cols) + 4)]
     for name in order:
         row = table[name]
         sampler, steps, _ = parse_config(name)
@@ -104,10 +110,52 @@ def markdown(table: dict, order: list[str], reference: str, seeds: int, samples:
             cells.append("-" if m is None else f"{m:.3f} ± {s:.3f}" if s is not None else f"{m:.3f}")
         verdict = "reference" if name == reference else ("yes" if row["equal_quality"] else
                                                          "no (" + ", ".join(row["outside_reference_spread"]) + ")")
-        lines.append(f"| {name} | {evaluations(sampler, steps)} | {' | '.join(cells)} | {verdict} |")
+        pair = paired.get(name)
+        pair_cell = "-" if not pair else f"{pair['rmse']:.4f} ({pair['relative_to_between_seeds']:.2f})"
+        lines.append(f"| {name} | {evaluations(sampler, steps)} | {' | '.join(cells)} | {pair_cell} | {verdict} |")
     lines.append(f"\nmean ± SD over {seeds} disjoint seeds, {samples} samples each; equal quality: every metric's "
-                 f"mean within the {reference} mean ± 2 SD.")
+                 f"mean within the {reference} mean ± 2 SD. Paired RMSE: in-brain RMSE to the {reference} sample "
+                 f"from the same noise and condition (in parentheses: over the RMSE between two {reference} samples "
+                 f"of one condition, {paired.get('between_seeds_rmse', '-')}); not part of the verdict.")
     return "\n".join(lines)
+
+
+BRAIN_THRESHOLD = 0.1  # in-brain voxels: either volume above this (images are ~[0, 1.3], background ~0)
+
+
+def _in_brain_rmse(a: np.ndarray, b: np.ndarray) -> float:
+    mask = (a > BRAIN_THRESHOLD) | (b > BRAIN_THRESHOLD)
+    return float(np.sqrt(np.mean((a[mask] - b[mask]) ** 2))) if mask.any() else float("nan")
+
+
+def paired_distances(out: Path, reference: str, names: list[str], seeds: int) -> dict:
+    """In-brain RMSE between each configuration's sample and the reference's sample from the same noise and condition
+    (the sweep uses the same seeds for every configuration), against the RMSE between two reference samples of one
+    condition from different noise: how far the sampler moves a sample, relative to how far another seed moves it."""
+    import nibabel as nib
+
+    def load(path: Path) -> np.ndarray:
+        return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+
+    ref_root = out / reference.replace(":", "-")
+    files = sorted(p.relative_to(ref_root) for p in ref_root.glob("seed*/samples/*/sample_seed*.nii.gz"))
+    if not files:
+        return {}
+    between = []
+    for folder in sorted({f.parent for f in files if f.parent.name.startswith("condition")}):
+        pair = sorted(f for f in files if f.parent == folder)[:2]
+        if len(pair) == 2:
+            between.append(_in_brain_rmse(load(ref_root / pair[0]), load(ref_root / pair[1])))
+    scale = float(np.nanmean(between)) if between else float("nan")
+    result = {"between_seeds_rmse": round(scale, 4), "samples": len(files)}
+    for name in names:
+        root = out / name.replace(":", "-")
+        values = [_in_brain_rmse(load(ref_root / f), load(root / f)) for f in files if (root / f).is_file()]
+        if values:
+            mean = float(np.nanmean(values))
+            result[name] = {"rmse": round(mean, 4), "relative_to_between_seeds": round(mean / scale, 3),
+                            "n": len(values)}
+    return result
 
 
 ARRAYS = ("cnn", "hand", "nn", "small")
@@ -208,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(runs, args.reference)
     samples = int(runs[names[0]][0]["settings"]["n_per_condition"]) * int(runs[names[0]][0]["settings"]["conditions"])
     samples += int(runs[names[0]][0]["settings"]["unconditional_samples"])
-    text = markdown(table, names, args.reference, args.seeds, samples)
+    paired = paired_distances(args.out, args.reference, names, args.seeds)
+    for name in names:
+        table[name]["paired_rmse_to_reference"] = paired.get(name)
+    text = markdown(table, names, args.reference, args.seeds, samples, paired)
     fastest = min((n for n in names if table[n]["equal_quality"]), key=lambda n: evaluations(*parse_config(n)))
     report = {"models": {"codec": str(args.codec), "diffusion": str(args.diffusion)}, "datalist": str(args.datalist),
               "reference": args.reference, "seeds": args.seeds, "samples_per_run": samples, "table": table,

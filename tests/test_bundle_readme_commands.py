@@ -138,10 +138,10 @@ EXEMPT: dict[str, dict[str, str]] = {
             "tests/test_distillation.py::test_demo_preset_starts_on_the_shipped_teacher"),
         bundle_run("train_diffusion.yaml", "data/synthetic_healthy.yaml", "presets/demo.yaml", "presets/demo_flow.yaml"):
             _BRAIN_DEMO + "; the flow preset's merged config is checked in tests/test_flow_training.py",
-        "python scripts/bench_brain_ldm.py --threads 2 --tile 20 28 8 --out bench.json --configs reference ours_ddim "
-        "ours_ddim_tiled ours_dpmpp ours_dpmpp_tiled": (
-            "the benchmark: five full-size anchor generations, 632 s on the quiet machine (the README's 2026-12-01 "
-            "figures), 12.8 GB peak for the reference; its --quick smoke run: tests/test_model_zoo.py::"
+        "python scripts/bench_brain_ldm.py --threads 2 --out bench.json --configs reference ours_ddim ours_dpmpp "
+        "ours_fast ours_student --dpm-steps 10 --fast unipc:8 --student-steps 4": (
+            "the benchmark: five full-size anchor generations, 510 s on the quiet machine (the README's 2026-12-01 "
+            "night figures), 12.8 GB peak for the reference; its --quick smoke run: tests/test_model_zoo.py::"
             "test_benchmark_quick_smoke"),
     },
     SEG: {

@@ -209,7 +209,11 @@ def test_benchmark_quick_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"reference", "ours_ddim", "ours_ddim_tiled", "ours_dpmpp", "ours_dpmpp_tiled",
-                                      "ours_fp32"}
+                                      "ours_fp32", "ours_fast", "ours_student"}
+    fast, student = report["results"]["ours_fast"], report["results"]["ours_student"]
+    assert (fast["sampler"], fast["steps"], fast["timestep_spacing"]) == ("dpmpp_2m", 10, "log_snr")  # --fast default
+    assert (student["sampler"], student["steps"], student["timestep_spacing"]) == ("ddim", 4, "trailing")
+    assert "unet_gflops" in student and student["denoiser_evaluations"] == 4
     assert "agreement_with_ours_ddim" in report["results"]["ours_ddim_tiled"]
     assert all(r["status"] == "ok" and r["peak_rss_mb"] > 0 for r in report["results"].values())
     assert report["results"]["ours_fp32"]["agreement_with_reference"]["max_abs_diff"] < 1e-4

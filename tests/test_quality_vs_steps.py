@@ -69,6 +69,9 @@ def test_sweep_end_to_end_resumes_and_measures_the_real_volumes_once(qvs, tmp_pa
     report = json.loads((out / "quality_vs_steps.json").read_text())
     assert set(report["table"]) == {"ddim:3", "dpmpp_2m:2"} and report["seeds"] == 2
     assert report["samples_per_run"] == 4 and report["fastest_equal_quality"] in report["table"]
+    same, other = (report["table"][n]["paired_rmse_to_reference"] for n in ("ddim:3", "dpmpp_2m:2"))
+    assert same["rmse"] == 0 and same["n"] == 8  # the reference against itself, every sample (2 seeds x 4)
+    assert other["rmse"] > 0 and other["relative_to_between_seeds"] > 0 and other["n"] == 8
     seeds = [json.loads((out / "ddim-3" / f"seed{j}" / "evaluation.json").read_text())["settings"]["seed"]
              for j in range(2)]
     assert seeds == [0, qvs.SEED_STRIDE]  # disjoint seeds
