@@ -21,8 +21,9 @@ child killed by the OOM killer reports "does not fit", one over ``--timeout`` "t
 * ``ours_dpmpp_tiled``: ``ours_dpmpp`` with tiled decoding (``--tile``, latent tiles, Gaussian blending): bounded
   memory, approximate (GroupNorm statistics per tile); its difference to ``ours_dpmpp`` measures the approximation.
 * ``ours_fp32``: ``ours_ddim`` with ``amp="none"``: must agree with the reference to float rounding.
-* ``ours_fast``: the bundle's default sampling (``--fast SAMPLER:STEPS``, default ``dpmpp_2m:10``: the fastest
-  configuration of equal quality in the model card's quality-versus-steps table), the sampler's default spacing.
+* ``ours_fast``: the bundle's default sampling (``--fast SAMPLER:STEPS``, default ``unipc:8``: the demo model's own,
+  the fastest configuration of equal quality in the model card's quality-versus-steps table), the sampler's default
+  spacing.
 * ``ours_student``: DDIM at ``--student-steps`` (default 4) on the "trailing" grid: the sampling of a progressively
   distilled student (``configs/train_distillation.yaml``) of the anchor U-Net's size (a student has its teacher's
   architecture, so random weights time it exactly).
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet", default=None, help="U-Net preset")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--dpm-steps", type=int, default=20)
-    p.add_argument("--fast", default="dpmpp_2m:10", metavar="SAMPLER:STEPS", help="ours_fast's sampling")
+    p.add_argument("--fast", default="unipc:8", metavar="SAMPLER:STEPS", help="ours_fast's sampling")
     p.add_argument("--student-steps", type=int, default=4, help="ours_student's DDIM steps (trailing grid)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS + DECODE_CONFIGS)

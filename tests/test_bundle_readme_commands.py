@@ -138,6 +138,13 @@ EXEMPT: dict[str, dict[str, str]] = {
             "tests/test_distillation.py::test_demo_preset_starts_on_the_shipped_teacher"),
         bundle_run("train_diffusion.yaml", "data/synthetic_healthy.yaml", "presets/demo.yaml", "presets/demo_flow.yaml"):
             _BRAIN_DEMO + "; the flow preset's merged config is checked in tests/test_flow_training.py",
+        "python scripts/quality_vs_steps.py --codec models/autoencoder.pt --diffusion models/model.pt --datalist "
+        "outputs/data/synthetic_healthy/datalist.json --out outputs/quality --configs ddim:50 dpmpp_2m:10 unipc:8 "
+        "--seeds 3 --conditions 4 --n-per-condition 2": (
+            "the quality sweep: the 64 real volumes measured (20 min), then 9 evaluations of 16 full-size samples "
+            "(4-6 min each), ~60 min here, after the demo cohort (~11 min); the script end to end on a tiny pair and "
+            "cohort (2 configurations x 2 seeds, resumed, the real volumes measured once): tests/"
+            "test_quality_vs_steps.py::test_sweep_end_to_end_resumes_and_measures_the_real_volumes_once"),
         "python scripts/bench_brain_ldm.py --threads 2 --out bench.json --configs reference ours_ddim ours_dpmpp "
         "ours_fast ours_student --dpm-steps 10 --fast unipc:8 --student-steps 4": (
             "the benchmark: five full-size anchor generations, 510 s on the quiet machine (the README's 2026-12-01 "
@@ -265,7 +272,9 @@ def test_ldm_generate_on_the_demo_weights(tmp_path, commands):
     run_ok(default, root)
     (path,) = check_generated(out, 1, shape, affine=affine)
     side = sidecar(path)
-    assert path.name == "sample_seed0.nii.gz" and side["sampler"] == "ddim" and side["steps"] == 50
+    own = file_meta(root / "models" / "model.pt")["sampling"]  # the demo's default: its quality table's choice
+    assert path.name == "sample_seed0.nii.gz" and (side["sampler"], side["steps"]) == ("unipc", 8) == \
+        (own["sampler"], own["steps"]) and side["timestep_spacing"] == "time_quadratic"
     assert side["covariates"] == {"sex": 1.0, "age": 0.5, "ventricular_volume": 0.3, "brain_volume": 0.6}
 
     run_ok(dpm, root)

@@ -211,7 +211,7 @@ def test_benchmark_quick_smoke(tmp_path):
     assert set(report["results"]) == {"reference", "ours_ddim", "ours_ddim_tiled", "ours_dpmpp", "ours_dpmpp_tiled",
                                       "ours_fp32", "ours_fast", "ours_student"}
     fast, student = report["results"]["ours_fast"], report["results"]["ours_student"]
-    assert (fast["sampler"], fast["steps"], fast["timestep_spacing"]) == ("dpmpp_2m", 10, "log_snr")  # --fast default
+    assert (fast["sampler"], fast["steps"], fast["timestep_spacing"]) == ("unipc", 8, "time_quadratic")  # --fast
     assert (student["sampler"], student["steps"], student["timestep_spacing"]) == ("ddim", 4, "trailing")
     assert "unet_gflops" in student and student["denoiser_evaluations"] == 4
     assert "agreement_with_ours_ddim" in report["results"]["ours_ddim_tiled"]

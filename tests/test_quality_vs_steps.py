@@ -19,28 +19,39 @@ def qvs():
     return module
 
 
-def fake(fd: float, r: float, ms_ssim: float = 0.9) -> dict:
+def fake(fd: float, r: float, ms_ssim: float = 0.9, data_ms_ssim: float = 0.85) -> dict:
     """An evaluation.json with the metrics the sweep reads."""
     return {"realism": {"fd_random_cnn": {"generated_vs_held_out": {"fd": fd}},
                         "fd_handcrafted": {"generated_vs_held_out": {"fd": fd / 2}}},
             "conditioning": {"conditional": {"ventricular_volume": {"r": r, "mae": 0.1},
                                              "brain_volume": {"r": r, "mae": 0.1}}},
-            "diversity_ms_ssim": {"generated_all_pairs": {"mean": ms_ssim}}, "memorisation": {"n_flagged": 1}}
+            "diversity_ms_ssim": {"generated_all_pairs": {"mean": ms_ssim}, "training_pairs": {"mean": data_ms_ssim}},
+            "memorisation": {"n_flagged": 1}}
 
 
-def test_equal_quality_means_within_two_seed_sds_of_the_reference_on_every_metric(qvs):
-    runs = {"ddim:50": [fake(100, 0.5), fake(110, 0.6), fake(90, 0.4)],  # fd mean 100, SD 10; r 0.5, SD 0.1
-            "dpmpp_2m:10": [fake(115, 0.45), fake(118, 0.5), fake(112, 0.55)],  # fd 115: within 100 +- 20
-            "dpmpp_2m:4": [fake(150, 0.5), fake(160, 0.5), fake(140, 0.5)]}  # fd 150: outside
+def test_equal_quality_means_no_metric_worse_than_two_reference_sds(qvs):
+    ms = (0.900, 0.901, 0.899)  # reference MS-SSIM 0.900 +- 0.001; the training pairs' 0.85
+    runs = {"ddim:50": [fake(100, 0.5, m) for m in ms[:1]] + [fake(110, 0.6, ms[1]), fake(90, 0.4, ms[2])],
+            # fd mean 100, SD 10; r 0.5, SD 0.1
+            "dpmpp_2m:10": [fake(115, 0.45), fake(118, 0.5), fake(112, 0.55)],  # fd 115: within 100 + 20
+            "unipc:8": [fake(70, 0.9, 0.88), fake(72, 0.9, 0.88), fake(71, 0.9, 0.88)],  # better everywhere
+            "dpmpp_2m:4": [fake(150, 0.5), fake(160, 0.5), fake(140, 0.5)],  # fd 150: worse
+            "ddim:4": [fake(100, 0.5, 0.95), fake(100, 0.5, 0.95), fake(100, 0.5, 0.95)]}  # less diverse than data
     table = qvs.summarise(runs, "ddim:50")
     assert table["ddim:50"]["fd_cnn"]["mean"] == pytest.approx(100) and table["ddim:50"]["fd_cnn"]["std"] == \
         pytest.approx(10)
     assert table["dpmpp_2m:10"]["equal_quality"] and table["ddim:50"]["equal_quality"]
+    assert table["unipc:8"]["equal_quality"] and table["unipc:8"]["worse_than_reference_spread"] == []
+    assert set(table["unipc:8"]["differs_beyond_reference_spread"]) == {"fd_cnn", "fd_hand", "r_ventricles",
+                                                                         "r_brain", "ms_ssim"}
     assert not table["dpmpp_2m:4"]["equal_quality"]
-    assert table["dpmpp_2m:4"]["outside_reference_spread"] == ["fd_cnn", "fd_hand"]
+    assert table["dpmpp_2m:4"]["worse_than_reference_spread"] == ["fd_cnn", "fd_hand"]
+    assert table["ddim:4"]["worse_than_reference_spread"] == ["ms_ssim"]
     text = qvs.markdown(table, list(runs), "ddim:50", 3, 16)
-    assert "| dpmpp_2m:4 | 4 |" in text and "no (fd_cnn, fd_hand)" in text and "| ddim:50 | 50 |" in text
+    assert "| dpmpp_2m:4 | 4 |" in text and "no (worse: fd_cnn, fd_hand)" in text and "| ddim:50 | 50 |" in text
+    assert "yes (better: fd_cnn, fd_hand, r_ventricles, r_brain, ms_ssim)" in text
     assert qvs.evaluations("heun", 5) == 9 and qvs.evaluations("dpmpp_2m", 8) == 8
+    assert qvs.parse_config("dpmpp_2m:8:time_quadratic") == ("dpmpp_2m", 8, "time_quadratic")
     with pytest.raises(ValueError, match="is not SAMPLER:STEPS"):
         qvs.parse_config("dpmpp_2m")
 
