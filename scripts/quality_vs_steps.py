@@ -194,7 +194,7 @@ def save_reference(cache: dict, folder: Path) -> None:
         np.savez(folder / f"reference{i}.npz", **arrays)
         doc = {"key": key, "records": records, "truth": ref.truth, "held_items": ref.held_items,
                "calibration": ref.calibration.to_dict(), "ceiling": ref.ceiling}
-        (folder / f"reference{i}.json").write_text(json.dumps(doc, default=str))
+        (folder / f"reference{i}.json").write_text(json.dumps(doc, default=str), encoding="utf-8")
 
 
 def load_reference(folder: Path) -> dict:
@@ -205,7 +205,7 @@ def load_reference(folder: Path) -> dict:
 
     cache = {}
     for doc_path in sorted(folder.glob("reference*.json")):
-        doc = json.loads(doc_path.read_text())
+        doc = json.loads(doc_path.read_text(encoding="utf-8"))
         with np.load(doc_path.with_suffix(".npz"), allow_pickle=False) as arrays:
             real = {group: [VolumeRecord(r["name"], r["raw"], r["measured"],
                                          *[arrays[f"{group}_{j}_{a}"] if f"{group}_{j}_{a}" in arrays else None
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out / name.replace(":", "-") / f"seed{j}"
             done = out / "evaluation.json"
             if done.is_file():
-                runs[name].append(json.loads(done.read_text()))
+                runs[name].append(json.loads(done.read_text(encoding="utf-8")))
                 continue
             try:
                 runs[name].append(evaluate(args.codec, args.diffusion, args.datalist, out,
@@ -283,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
               "reference": args.reference, "seeds": args.seeds, "samples_per_run": samples, "table": table,
               "fastest_equal_quality": fastest, "seconds": round(time.perf_counter() - start, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality_vs_steps.json").write_text(json.dumps(report, indent=1))
-    (args.out / "quality_vs_steps.md").write_text(text + "\n")
-    print(text)
+    (args.out / "quality_vs_steps.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    (args.out / "quality_vs_steps.md").write_text(text + "\n", encoding="utf-8")
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"  # an ASCII console gets "?" for the plus-minus
+    print(text.encode(encoding, "replace").decode(encoding))
     print(f"fastest configuration of equal quality: {fastest}")
     return 0
 

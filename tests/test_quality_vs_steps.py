@@ -77,7 +77,7 @@ def test_sweep_end_to_end_resumes_and_measures_the_real_volumes_once(qvs, tmp_pa
     monkeypatch.setattr(generative, "measure_reference", lambda *a, **k: measured.append(1) or original(*a, **k))
     assert qvs.main(argv) == 0
     assert len(measured) == 1  # once for both configurations and seeds
-    report = json.loads((out / "quality_vs_steps.json").read_text())
+    report = json.loads((out / "quality_vs_steps.json").read_text(encoding="utf-8"))
     assert set(report["table"]) == {"ddim:3", "dpmpp_2m:2"} and report["seeds"] == 2
     assert report["samples_per_run"] == 4 and report["fastest_equal_quality"] in report["table"]
     same, other = (report["table"][n]["paired_rmse_to_reference"] for n in ("ddim:3", "dpmpp_2m:2"))
@@ -86,7 +86,7 @@ def test_sweep_end_to_end_resumes_and_measures_the_real_volumes_once(qvs, tmp_pa
     seeds = [json.loads((out / "ddim-3" / f"seed{j}" / "evaluation.json").read_text())["settings"]["seed"]
              for j in range(2)]
     assert seeds == [0, qvs.SEED_STRIDE]  # disjoint seeds
-    assert (out / "quality_vs_steps.md").read_text().startswith("| configuration |")
+    assert (out / "quality_vs_steps.md").read_text(encoding="utf-8").startswith("| configuration |")
     stamp = (out / "ddim-3" / "seed0" / "evaluation.json").stat().st_mtime_ns
     monkeypatch.setattr(generative, "evaluate", None)  # nothing may be evaluated again
     monkeypatch.setattr(sys.modules["meddiff3d.evaluation"], "evaluate", None)
