@@ -62,7 +62,7 @@ def parse_config(text: str) -> tuple[str, int, str | None]:
     return sampler, int(steps), spacing
 
 
-def evaluations(sampler: str, steps: int, spacing: str | None = None) -> int:
+def evaluations(sampler: str, steps: int) -> int:
     """Denoiser evaluations of one sample (heun: two per step but the last)."""
     return 2 * steps - 1 if sampler == "heun" else steps
 
@@ -146,10 +146,11 @@ def _in_brain_rmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a[mask] - b[mask]) ** 2))) if mask.any() else float("nan")
 
 
-def paired_distances(out: Path, reference: str, names: list[str], seeds: int) -> dict:
+def paired_distances(out: Path, reference: str, names: list[str]) -> dict:
     """In-brain RMSE between each configuration's sample and the reference's sample from the same noise and condition
     (the sweep uses the same seeds for every configuration), against the RMSE between two reference samples of one
-    condition from different noise: how far the sampler moves a sample, relative to how far another seed moves it."""
+    condition from different noise: how far the sampler moves a sample, relative to how far another seed moves it.
+    Each reference sample is read once."""
     import nibabel as nib
 
     def load(path: Path) -> np.ndarray:
@@ -165,14 +166,19 @@ def paired_distances(out: Path, reference: str, names: list[str], seeds: int) ->
         if len(pair) == 2:
             between.append(_in_brain_rmse(load(ref_root / pair[0]), load(ref_root / pair[1])))
     scale = float(np.nanmean(between)) if between else float("nan")
+    values: dict[str, list[float]] = {name: [] for name in names}
+    for f in files:
+        ref = load(ref_root / f)
+        for name in names:
+            other = out / name.replace(":", "-") / f
+            if other.is_file():
+                values[name].append(_in_brain_rmse(ref, load(other)))
     result = {"between_seeds_rmse": round(scale, 4), "samples": len(files)}
-    for name in names:
-        root = out / name.replace(":", "-")
-        values = [_in_brain_rmse(load(ref_root / f), load(root / f)) for f in files if (root / f).is_file()]
-        if values:
-            mean = float(np.nanmean(values))
+    for name, rmse in values.items():
+        if rmse:
+            mean = float(np.nanmean(rmse))
             result[name] = {"rmse": round(mean, 4), "relative_to_between_seeds": round(mean / scale, 3),
-                            "n": len(values)}
+                            "n": len(rmse)}
     return result
 
 
@@ -274,11 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(runs, args.reference)
     samples = int(runs[names[0]][0]["settings"]["n_per_condition"]) * int(runs[names[0]][0]["settings"]["conditions"])
     samples += int(runs[names[0]][0]["settings"]["unconditional_samples"])
-    paired = paired_distances(args.out, args.reference, names, args.seeds)
+    paired = paired_distances(args.out, args.reference, names)
     for name in names:
         table[name]["paired_rmse_to_reference"] = paired.get(name)
     text = markdown(table, names, args.reference, args.seeds, samples, paired)
-    fastest = min((n for n in names if table[n]["equal_quality"]), key=lambda n: evaluations(*parse_config(n)))
+    fastest = min((n for n in names if table[n]["equal_quality"]), key=lambda n: evaluations(*parse_config(n)[:2]))
     report = {"models": {"codec": str(args.codec), "diffusion": str(args.diffusion)}, "datalist": str(args.datalist),
               "reference": args.reference, "seeds": args.seeds, "samples_per_run": samples, "table": table,
               "fastest_equal_quality": fastest, "seconds": round(time.perf_counter() - start, 1)}

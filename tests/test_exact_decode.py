@@ -7,6 +7,7 @@ profiler (bytes of tensors alive), not by RSS, so it does not depend on the mach
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,8 +126,7 @@ def test_codec_decode_strategies():
     assert not codec.streams((1, 3, 5, 7, 3)) and codec.streams((1, 3, 4, 4, 4))
 
 
-DEMO_CODEC = __import__("pathlib").Path(__file__).resolve().parents[1] / "bundles" / "brain_mri_ldm" / "models" / \
-    "autoencoder.pt"
+DEMO_CODEC = Path(__file__).resolve().parents[1] / "bundles" / "brain_mri_ldm" / "models" / "autoencoder.pt"
 
 
 def _demo_codec(stream, dtype=None):

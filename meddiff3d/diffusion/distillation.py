@@ -170,9 +170,6 @@ class DistillationObjective(torch.nn.Module):
         """``network`` wrapped as :class:`DiffusionObjective` feeds it, as a denoiser of ``prediction``."""
         return make_denoiser(self.base.conditioned_network(network, cond), self.schedule, prediction)
 
-    def _keywords(self, cond: Mapping[str, Any]) -> dict[str, Any]:
-        return self.base.network_keywords(cond)
-
     def targets(self, x_t: torch.Tensor, index: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
         """``x0~`` per sample: the teacher's two DDIM steps from ``x_t`` at the student's grid points ``index``,
         inverted through one student step (no grad)."""
@@ -181,9 +178,9 @@ class DistillationObjective(torch.nn.Module):
         teacher = self._denoiser(self.teacher, self.teacher_prediction, cond)
         if self.guidance_scale != 1.0:
             null = self.base.null_cond
-            null = None if null is None else self._keywords(null)
+            null = None if null is None else self.base.network_keywords(null)
             teacher = ClassifierFreeGuidance(teacher, self.guidance_scale, null)
-        kwargs = self._keywords(cond)
+        kwargs = self.base.network_keywords(cond)
         no = torch.zeros_like(clean)
         c_t, c_mid = _grid_coefs(self.schedule, t, no, ndim), _grid_coefs(self.schedule, mid, no, ndim)
         c_s = _grid_coefs(self.schedule, s, clean, ndim)
@@ -209,7 +206,7 @@ class DistillationObjective(torch.nn.Module):
         x_t = self.schedule.add_noise(x0, noise, t)
         cond = self.base.conditioning(batch, x0)
         target = self.targets(x_t, index, cond)
-        x0_hat = self._denoiser(network, self.prediction, cond)(x_t, t, **self._keywords(cond))
+        x0_hat = self._denoiser(network, self.prediction, cond)(x_t, t, **self.base.network_keywords(cond))
         weight = truncated_snr_weight(self.schedule.scaling(t, x0.ndim))
         per_sample = (x0_hat.float() - target.float()).square().flatten(1).mean(1)
         return per_sample * weight.to(per_sample)
