@@ -121,7 +121,7 @@ def markdown(table: dict, order: list[str], reference: str, seeds: int, samples:
         cells = []
         for key in cols:
             m, s = row[key]["mean"], row[key]["std"]
-            cells.append("-" if m is None else f"{m:.3f} ± {s:.3f}" if s is not None else f"{m:.3f}")
+            cells.append("-" if m is None else f"{m:.3f} +/- {s:.3f}" if s is not None else f"{m:.3f}")
         better = [k for k in row["differs_beyond_reference_spread"] if k not in row["worse_than_reference_spread"]]
         verdict = "reference" if name == reference else (
             ("yes" + (f" (better: {', '.join(better)})" if better else "")) if row["equal_quality"] else
@@ -129,7 +129,7 @@ def markdown(table: dict, order: list[str], reference: str, seeds: int, samples:
         pair = paired.get(name)
         pair_cell = "-" if not pair else f"{pair['rmse']:.4f} ({pair['relative_to_between_seeds']:.2f})"
         lines.append(f"| {name} | {evaluations(sampler, steps)} | {' | '.join(cells)} | {pair_cell} | {verdict} |")
-    lines.append(f"\nmean ± SD over {seeds} disjoint seeds, {samples} samples each; equal quality: no metric's mean "
+    lines.append(f"\nmean +/- SD over {seeds} disjoint seeds, {samples} samples each; equal quality: no metric's mean "
                  f"worse than the {reference} mean by more than 2 {reference} SDs (FD, MAE, near-copies: higher is "
                  f"worse; r: lower; MS-SSIM: further from the training pairs' value); 'better' names metrics beyond "
                  f"the spread on the good side. Paired RMSE: in-brain RMSE to the {reference} sample "
