@@ -101,6 +101,20 @@ def test_no_placeholders_and_data_is_introduced():
             assert DATA_PROSE.search(text), f"{name} uses $DATA without saying what it is"
 
 
+
+def test_docs_and_configs_read_in_an_ascii_locale():
+    """Markdown, configs and JSON read with the locale's encoding (``Path.read_text()`` in the tests, MONAI's own
+    readers, a user's ``cat``): CI's locale is ASCII, so these files stay ASCII (``+/-``, not the plus-minus sign)."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    texts = [n for n in tracked if n.endswith((".md", ".yaml", ".yml", ".json", ".cfg", ".txt", ".ini"))]
+    assert "README.md" in texts and any(n.startswith("bundles/") for n in texts)
+    for name in texts:
+        data = (ROOT / name).read_bytes()
+        bad = next((i for i, b in enumerate(data) if b > 127), None)
+        assert bad is None, f"{name}: non-ASCII byte at offset {bad}: {data[max(0, bad - 20):bad + 20]!r}"
+
 # ------------------------------------------------------------------------------------------------------ execution
 def nifti(path, shape, zooms):
     img = nib.load(path)
