@@ -46,7 +46,7 @@ demo: venv
 	$(PY) -m monai.bundle run --config_file "['bundles/brain_mri_ldm/configs/common.yaml','bundles/brain_mri_ldm/configs/inference.yaml']" --bundle_root bundles/brain_mri_ldm --output_dir outputs/demo_brain_ldm
 
 test: venv label-venv
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=30
 	$(MAKE) test-label
 
 # the MONAI Label server tests and docs/slicer.md's commands (run as printed) in their own environment;

@@ -4,8 +4,10 @@
         --datalist DATALIST --out OUT [--configs ddim:50 dpmpp_2m:10 unipc:8 dpmpp_2m:8:time_quadratic ...] \
         [--seeds 3] [--conditions 4] [--n-per-condition 3] [--reference ddim:50]
 
-Each configuration ``sampler:steps[:spacing]`` (spacing: the sampler's default unless given) is evaluated ``--seeds`` times with :func:`meddiff3d.evaluation.evaluate` (the
-metrics of scripts/evaluate_brain_ldm.py: Frechet distances to held-out volumes on the fixed random CNN and on
+Each configuration ``[MODEL/]sampler:steps[:spacing]`` (spacing: the sampler's default unless given; MODEL: a name
+given with ``--model NAME=PATH``, e.g. a distilled student or a flow model beside the ``--diffusion`` model, which
+unprefixed configurations and the reference use) is evaluated ``--seeds`` times with
+:func:`meddiff3d.evaluation.evaluate` (the metrics of scripts/evaluate_brain_ldm.py: Frechet distances to held-out volumes on the fixed random CNN and on
 hand-crafted features, conditioning fidelity r / MAE for ventricular and brain volume, MS-SSIM between samples,
 near-copies of training subjects), on the same held-out conditions, with disjoint seeds (seed index j uses base seed
 ``200000 j``, so no two runs share a sample). The real volumes are measured once for the whole sweep.
@@ -20,7 +22,7 @@ Frechet distances, MAE and near-copies worse when higher, r when lower, MS-SSIM 
 training subjects (the data's diversity). Metrics beyond the spread on the good side are named, not held against it.
 The fastest such configuration (fewest denoiser evaluations) is printed as the recommended default.
 
-Resumable: OUT/<sampler>-<steps>/seed<j>/evaluation.json is reused when present, and the real volumes' measurements
+Resumable: OUT/[<model>/]<sampler>-<steps>[-<spacing>]/seed<j>/evaluation.json is reused when present, and the real volumes' measurements
 are kept in OUT/reference/ (arrays in ``.npz`` without pickles, the rest JSON; reused while the datalist file is
 unchanged), so a configuration added later costs only its own samples. Writes OUT/quality_vs_steps.json and
 OUT/quality_vs_steps.md (the table the model card quotes).
@@ -55,11 +57,30 @@ DATA_MS_SSIM = ("diversity_ms_ssim", "training_pairs", "mean")
 
 
 def parse_config(text: str) -> tuple[str, int, str | None]:
-    """``SAMPLER:STEPS[:SPACING]`` -> ``(sampler, steps, spacing or None = the sampler's default)``."""
+    """``[MODEL/]SAMPLER:STEPS[:SPACING]`` -> ``(sampler, steps, spacing or None = the sampler's default)``."""
+    text = text.split("/", 1)[1] if "/" in text else text
     sampler, steps, spacing = (text.split(":") + [None])[:3] if text.count(":") in (1, 2) else ("", "", None)
     if not sampler or not steps.isdigit() or int(steps) < 1 or spacing == "":
         raise ValueError(f"configuration {text!r} is not SAMPLER:STEPS[:SPACING] (e.g. dpmpp_2m:10)")
     return sampler, int(steps), spacing
+
+
+def model_of(config: str) -> str | None:
+    """The ``MODEL`` of ``MODEL/SAMPLER:STEPS[:SPACING]`` (``None``: the ``--diffusion`` model)."""
+    return config.split("/", 1)[0] if "/" in config else None
+
+
+def parse_models(pairs: list[str]) -> dict[str, Path]:
+    """``NAME=PATH`` pairs -> {name: path}; names are plain words (they become folders under OUT)."""
+    models = {}
+    for pair in pairs:
+        name, _, path = pair.partition("=")
+        if not name.isidentifier() or not path:
+            raise ValueError(f"--model {pair!r} is not NAME=PATH with NAME a plain word (e.g. student=model.pt)")
+        if not Path(path).is_file():
+            raise ValueError(f"--model {pair!r}: {path} is not a file")
+        models[name] = Path(path)
+    return models
 
 
 def evaluations(sampler: str, steps: int) -> int:
@@ -231,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--diffusion", type=Path, required=True)
     p.add_argument("--datalist", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), metavar="SAMPLER:STEPS[:SPACING]")
+    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), metavar="[MODEL/]SAMPLER:STEPS[:SPACING]")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="another diffusion model file, named for MODEL/ configurations (repeatable)")
     p.add_argument("--reference", default="ddim:50")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--conditions", type=int, default=4)
@@ -244,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = [parse_config(c) for c in args.configs]
         parse_config(args.reference)
+        models = {None: args.diffusion, **parse_models(args.model)}
+        unknown = sorted({str(model_of(c)) for c in [*args.configs, args.reference] if model_of(c) not in models})
+        if unknown:
+            raise ValueError(f"configuration model(s) {', '.join(unknown)} not given with --model NAME=PATH")
         if args.seeds < 2:
             raise ValueError(f"--seeds {args.seeds}: a spread needs at least 2 seeds")
     except ValueError as err:
@@ -265,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name].append(json.loads(done.read_text(encoding="utf-8")))
                 continue
             try:
-                runs[name].append(evaluate(args.codec, args.diffusion, args.datalist, out,
+                runs[name].append(evaluate(args.codec, models[model_of(name)], args.datalist, out,
                                            n_per_condition=args.n_per_condition, conditions=args.conditions,
                                            steps=steps, sampler=sampler, timestep_spacing=spacing,
                                            seed=SEED_STRIDE * j,
@@ -285,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         table[name]["paired_rmse_to_reference"] = paired.get(name)
     text = markdown(table, names, args.reference, args.seeds, samples, paired)
     fastest = min((n for n in names if table[n]["equal_quality"]), key=lambda n: evaluations(*parse_config(n)[:2]))
-    report = {"models": {"codec": str(args.codec), "diffusion": str(args.diffusion)}, "datalist": str(args.datalist),
+    report = {"models": {"codec": str(args.codec), "diffusion": str(args.diffusion),
+                         **{k: str(v) for k, v in models.items() if k}}, "datalist": str(args.datalist),
               "reference": args.reference, "seeds": args.seeds, "samples_per_run": samples, "table": table,
               "fastest_equal_quality": fastest, "seconds": round(time.perf_counter() - start, 1)}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
             name = INSTALLS[stage]
             for models in (BUNDLE / "models", ANOMALY_MODELS) if stage in PAIR else (BUNDLE / "models",):
                 shutil.copyfile(work / "models" / name, models / name)
-        shutil.copyfile(record_path, BUNDLE / "models" / "demo_training.json")
+        shipped = BUNDLE / "models" / "demo_training.json"  # the installed stages' records replace theirs only
+        merged = {**(json.loads(shipped.read_text()) if shipped.exists() else {}), **{s: record[s] for s in stages}}
+        shipped.write_text(json.dumps(merged, indent=2, default=str) + "\n")
     print(json.dumps(record, indent=2, default=str))
 
 

@@ -375,3 +375,26 @@ def test_demo_preset_starts_on_the_shipped_teacher(tmp_path):
                                    root, timeout=900)
     assert stopped.stopped, stopped.output[-3000:]
     assert "distillation round 64 -> 32 steps (500 iterations)" in stopped.output
+
+
+def test_the_shipped_student_is_the_demo_preset_distilled_from_the_shipped_teacher():
+    """models/model_distilled.pt: distilled from the shipped models/model.pt (its sha256) with the demo preset's
+    settings, its grid what inference will use, its network the teacher's."""
+    from meddiff3d.engine.checkpoint import file_sha256
+    from meddiff3d.pipelines.distillation import distillation_rounds
+
+    models = ROOT / "bundles" / "brain_mri_ldm" / "models"
+    student = torch.load(models / "model_distilled.pt", weights_only=True)
+    teacher = torch.load(models / "model.pt", weights_only=True)
+    meta, plan = student["meta"], student["meta"]["distillation"]
+    demo = Bundle("brain_mri_ldm").parse(*config_names(DEMO))
+    assert plan["teacher"] == {"file": "model.pt", "sha256": file_sha256(models / "model.pt")}
+    assert plan["rounds"] == distillation_rounds(demo["distill_start_steps"], demo["distill_final_steps"])
+    assert (plan["iterations_per_round"], plan["guidance_scale"], plan["batch_size"], plan["lr"]) == (
+        demo["distill_iterations_per_round"], demo["distill_guidance_scale"], demo["distill_batch_size"],
+        demo["distill_lr"])
+    assert meta["sampling"] == {"sampler": "ddim", "steps": demo["distill_final_steps"], "spacing": "trailing"}
+    for key in ("network", "schedule", "prediction", "conditioning", "codec", "image"):
+        assert meta[key] == teacher["meta"][key], key
+    assert student["ema"].keys() == teacher["ema"].keys()
+    assert any(not torch.equal(student["ema"][k], teacher["ema"][k]) for k in teacher["ema"])  # trained

@@ -166,6 +166,14 @@ def test_params_defaults_and_the_untouched_config_list_mean_the_default():
                       "seed": 0, "threshold": 0.5}
     text = params.parse_params(params.SEGMENTATION_PARAMS, {"steps": "7", "result": ["prob"], "threshold": "0.3"})
     assert (text["steps"], text["result"], text["threshold"]) == (7, "prob", 0.3)
+    # generation samples as the model file says unless asked otherwise (the bundle's sampler: null, steps: null)
+    config = params.config_of(params.GENERATION_PARAMS)
+    assert config["steps"] == "" and config["sampler"][0] == params.MODEL_OWN
+    assert set(config["sampler"][1:]) == set(params.SAMPLER_CHOICES)
+    own = params.parse_params(params.GENERATION_PARAMS, config)
+    assert (own["steps"], own["sampler"]) == (None, params.MODEL_OWN)
+    chosen = params.parse_params(params.GENERATION_PARAMS, {"steps": "12", "sampler": ["dpmpp_2m"]})
+    assert (chosen["steps"], chosen["sampler"]) == (12, "dpmpp_2m")
 
 
 @pytest.mark.parametrize("request_params, message", [

@@ -69,8 +69,13 @@ def test_sweep_end_to_end_resumes_and_measures_the_real_volumes_once(qvs, tmp_pa
     datalist = write_cohort("healthy", tmp_path / "data", 10, shape=(32, 48, 32), source="procedural",
                             progress=False).datalist
     out = tmp_path / "q"
+    other = tmp_path / "models" / "other.pt"  # a second model (perturbed weights), named on the command line
+    saved = torch.load(diffusion, weights_only=True)
+    torch.manual_seed(0)
+    saved["ema"] = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in saved["ema"].items()}
+    torch.save(saved, other)
     argv = ["--codec", str(codec), "--diffusion", str(diffusion), "--datalist", str(datalist), "--out", str(out),
-            "--configs", "ddim:3", "dpmpp_2m:2", "--reference", "ddim:3", "--seeds", "2", "--conditions", "1",
+            "--configs", "ddim:3", "dpmpp_2m:2", "other/ddim:3", "--model", f"other={other}", "--reference", "ddim:3", "--seeds", "2", "--conditions", "1",
             "--n-per-condition", "2", "--device", "cpu", "--amp", "none"]
     measured = []
     original = generative.measure_reference
@@ -78,7 +83,9 @@ def test_sweep_end_to_end_resumes_and_measures_the_real_volumes_once(qvs, tmp_pa
     assert qvs.main(argv) == 0
     assert len(measured) == 1  # once for both configurations and seeds
     report = json.loads((out / "quality_vs_steps.json").read_text(encoding="utf-8"))
-    assert set(report["table"]) == {"ddim:3", "dpmpp_2m:2"} and report["seeds"] == 2
+    assert set(report["table"]) == {"ddim:3", "dpmpp_2m:2", "other/ddim:3"} and report["seeds"] == 2
+    assert report["models"]["other"] == str(other) and (out / "other" / "ddim-3" / "seed1" / "evaluation.json").is_file()
+    assert report["table"]["other/ddim:3"]["paired_rmse_to_reference"]["rmse"] > 0  # not the --diffusion model's
     assert report["samples_per_run"] == 4 and report["fastest_equal_quality"] in report["table"]
     same, other = (report["table"][n]["paired_rmse_to_reference"] for n in ("ddim:3", "dpmpp_2m:2"))
     assert same["rmse"] == 0 and same["n"] == 8  # the reference against itself, every sample (2 seeds x 4)
@@ -96,3 +103,5 @@ def test_sweep_end_to_end_resumes_and_measures_the_real_volumes_once(qvs, tmp_pa
     (reference,) = cache.values()
     assert len(reference.real["training"]) == 8 and reference.real["training"][0].cnn.ndim == 1
     assert [qvs.main(argv[:-2] + ["--seeds", "1"])] == [2]  # a spread needs two seeds: one error line, exit 2
+    assert qvs.main([*argv, "--configs", "student/ddim:4"]) == 2  # a model not given with --model
+    assert not (out / "student").exists()

@@ -32,7 +32,7 @@ import numpy as np
 
 from meddiff3d.errors import InputError
 from meddiff3d.utils.io import read_channels
-from meddiff3d.label.params import ANOMALY_PARAMS, GENERATION_PARAMS, SEGMENTATION_PARAMS, ParamSpec
+from meddiff3d.label.params import ANOMALY_PARAMS, GENERATION_PARAMS, MODEL_OWN, SEGMENTATION_PARAMS, ParamSpec
 from meddiff3d.label.request import RequestNames, check_input_grid
 from meddiff3d.label.slicer_io import (ANOMALY_SEGMENTS, BRATS_SEGMENTS, Segment, segments_info, write_float_volume,
                                        write_seg_nrrd)
@@ -222,7 +222,8 @@ def run_generation(model: BundleModel, reference: Path, params: Mapping[str, Any
     check_memory(f"reference image {reference}: a result on its grid {tuple(ref.shape)}",
                  12 * int(np.prod(ref.shape)))
     paths = generate(model.files["codec_path"], model.files["diffusion_path"], covariates=params["covariates"],
-                     num_samples=1, sampler=params["sampler"], steps=params["steps"],
+                     num_samples=1, sampler=None if params["sampler"] == MODEL_OWN else params["sampler"],
+                     steps=params["steps"],
                      guidance_scale=params["guidance_scale"], seed=params["seed"], output_dir=work_dir / "out",
                      device=model.settings.get("device", "auto"), amp=model.settings.get("amp", "auto"),
                      progress=False)

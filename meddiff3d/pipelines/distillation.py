@@ -225,7 +225,7 @@ def distil_latent_diffusion(
     items = latent_set.items(partial(covariate_conditioning, mode=meta0["conditioning"]["mode"]))
     if lr_anneal and "lr_schedule" not in settings:
         settings["lr_schedule"] = partial(_linear_decay, iterations=iterations)
-    distillation = {"teacher": {"file": str(teacher_file.path), "sha256": teacher_file.sha256},
+    distillation = {"teacher": {"file": Path(teacher_file.path).name, "sha256": teacher_file.sha256},
                     **{k: v for k, v in plan.items() if k != "teacher_sha256"}, "rounds": rounds,
                     "datalist": str(datalist), "num_volumes": len(latent_set.ids),
                     "batch_size": settings["batch_size"], "lr": settings["lr"], "seed": settings["seed"],
