@@ -3,7 +3,8 @@
 Random-weight autoencoders covering every decoder block type the streamed decode knows (the anchor KL architecture at
 small size: 1x1 shortcuts, nearest upsampling, the final GroupNorm; attention and transposed-convolution upsampling;
 a VQ-VAE), odd latent sizes, batches of two, slabs much smaller than the volume. Memory is measured by torch's
-profiler (bytes of tensors alive), not by RSS, so it does not depend on the machine.
+profiler (bytes of tensors alive), not by RSS, so it does not depend on the machine; the process peak RSS at full size
+(anchor autoencoder, 160x224x160) is the benchmark's figure (scripts/bench_brain_ldm.py, against the MONAI reference).
 """
 
 import json
@@ -151,43 +152,3 @@ def test_streamed_equals_one_pass_on_the_trained_demo_autoencoder():
     bf16_rounding = (one_bf16 - ref).abs()
     diff = (streamed_bf16 - ref).abs()
     assert diff.mean() < 1.5 * bf16_rounding.mean() and diff.max() < 2.0 * bf16_rounding.max() + 1e-3
-
-
-_CHILD = """
-import json, sys, torch
-from pathlib import Path
-torch.set_num_threads(2)
-from meddiff3d.engine.checkpoint import build_network
-from meddiff3d.models.autoencoder import autoencoder_spec
-from meddiff3d.models.codec import LatentCodec
-def rss(key):
-    return next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(key))
-torch.manual_seed(0)
-ae = build_network(autoencoder_spec('kl', 'anchor')).eval()
-codec = LatentCodec(ae, amp_dtype=torch.bfloat16, channels_last=True, stream=sys.argv[1] == 'stream').eval()
-z = torch.randn(1, 3, 20, 28, 20)
-before = rss('VmRSS:')
-with torch.no_grad():
-    out = codec.decode(z)
-print(json.dumps({'before_kb': before, 'peak_kb': rss('VmHWM:'), 'shape': list(out.shape),
-                  'streams': codec.streams(z.shape)}))
-"""
-
-
-@pytest.mark.slow
-def test_streamed_decode_bounds_the_peak_rss_of_a_process():
-    """The anchor autoencoder (AutoencoderKL [64, 128, 128, 128], random weights) decoding a full 160x224x160 volume
-    in bf16, each way in a fresh process: the streamed decode's peak above the process's size before decoding is
-    under 0.6 of the one-pass decode's (measured: 1.96 GB vs 4.34 GB; ~1.5 min, 5 GB)."""
-    import subprocess
-    import sys
-
-    growth = {}
-    for mode in ("one_pass", "stream"):
-        proc = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        report = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert report["shape"] == [1, 1, 160, 224, 160] and report["streams"] == (mode == "stream")
-        growth[mode] = report["peak_kb"] - report["before_kb"]
-    print({k: f"{v / 1024:.0f} MB" for k, v in growth.items()})
-    assert growth["stream"] < 0.6 * growth["one_pass"]
