@@ -32,7 +32,7 @@ __all__ = ["ParamSpec", "parse_params", "parse_params_json", "check_param_names"
 CLIENT_KEYS = ("client_id", "result_extension", "result_dtype", "result_compress")
 
 #: samplers offered to clients: meddiff3d.diffusion.SAMPLERS, the deterministic ones first (ddpm, the one stochastic
-#: sampler, last), so the drop-down starts with the default ddim
+#: sampler, last), so segmentation's drop-down starts with its default ddim (generation's with MODEL_OWN)
 SAMPLER_CHOICES = tuple(sorted(SAMPLERS, key=lambda name: (name == "ddpm", name != "ddim")))
 #: the generation sampler choice that means "as the model file's meta says" (``sampler: null`` of the bundle config)
 MODEL_OWN = "model"
@@ -153,9 +153,9 @@ ANOMALY_PARAMS = (
 )
 GENERATION_PARAMS = (
     ParamSpec("covariates", "covariates", None, help="e.g. age=0.7, sex=1 (model scale [0, 1]); empty: unconditional"),
-    ParamSpec("steps", "int", None, **_STEPS, help="empty: the model's own (its file's sampling; the demo's: 8)"),
+    ParamSpec("steps", "int", None, **_STEPS, help="empty: the model's own (its file's meta 'sampling')"),
     ParamSpec("sampler", "choice", MODEL_OWN, choices=(MODEL_OWN, *SAMPLER_CHOICES),
-              help="model: the model's own (the demo's: unipc)"),
+              help="model: the model's own (its file's meta 'sampling')"),
     ParamSpec("seed", "int", 0, minimum=0, maximum=2**31 - 1),
     ParamSpec("guidance_scale", "float", 1.0, minimum=0.0, maximum=50.0),
 )
