@@ -7,8 +7,8 @@
 Each configuration ``[MODEL/]sampler:steps[:spacing]`` (spacing: the sampler's default unless given; MODEL: a name
 given with ``--model NAME=PATH``, e.g. a distilled student or a flow model beside the ``--diffusion`` model, which
 unprefixed configurations and the reference use) is evaluated ``--seeds`` times with
-:func:`meddiff3d.evaluation.evaluate` (the metrics of scripts/evaluate_brain_ldm.py: Frechet distances to held-out volumes on the fixed random CNN and on
-hand-crafted features, conditioning fidelity r / MAE for ventricular and brain volume, MS-SSIM between samples,
+:func:`meddiff3d.evaluation.evaluate` (the metrics of scripts/evaluate_brain_ldm.py: Frechet distances to held-out
+volumes on the fixed random CNN and on hand-crafted features, conditioning fidelity r / MAE for ventricular and brain volume, MS-SSIM between samples,
 near-copies of training subjects), on the same held-out conditions, with disjoint seeds (seed index j uses base seed
 ``200000 j``, so no two runs share a sample). The real volumes are measured once for the whole sweep.
 
@@ -22,8 +22,8 @@ Frechet distances, MAE and near-copies worse when higher, r when lower, MS-SSIM 
 training subjects (the data's diversity). Metrics beyond the spread on the good side are named, not held against it.
 The fastest such configuration (fewest denoiser evaluations) is printed as the recommended default.
 
-Resumable: OUT/[<model>/]<sampler>-<steps>[-<spacing>]/seed<j>/evaluation.json is reused when present, and the real volumes' measurements
-are kept in OUT/reference/ (arrays in ``.npz`` without pickles, the rest JSON; reused while the datalist file is
+Resumable: OUT/[<model>/]<sampler>-<steps>[-<spacing>]/seed<j>/evaluation.json is reused when present, and the real
+volumes' measurements are kept in OUT/reference/ (arrays in ``.npz`` without pickles, the rest JSON; reused while the datalist file is
 unchanged), so a configuration added later costs only its own samples. Writes OUT/quality_vs_steps.json and
 OUT/quality_vs_steps.md (the table the model card quotes).
 """
@@ -58,16 +58,22 @@ DATA_MS_SSIM = ("diversity_ms_ssim", "training_pairs", "mean")
 
 def parse_config(text: str) -> tuple[str, int, str | None]:
     """``[MODEL/]SAMPLER:STEPS[:SPACING]`` -> ``(sampler, steps, spacing or None = the sampler's default)``."""
-    text = text.split("/", 1)[1] if "/" in text else text
+    text = split_model(text)[1]
     sampler, steps, spacing = (text.split(":") + [None])[:3] if text.count(":") in (1, 2) else ("", "", None)
     if not sampler or not steps.isdigit() or int(steps) < 1 or spacing == "":
         raise ValueError(f"configuration {text!r} is not SAMPLER:STEPS[:SPACING] (e.g. dpmpp_2m:10)")
     return sampler, int(steps), spacing
 
 
+def split_model(config: str) -> tuple[str | None, str]:
+    """``[MODEL/]REST`` -> ``(MODEL or None = the --diffusion model, REST)``."""
+    model, _, rest = config.rpartition("/")
+    return model or None, rest
+
+
 def model_of(config: str) -> str | None:
     """The ``MODEL`` of ``MODEL/SAMPLER:STEPS[:SPACING]`` (``None``: the ``--diffusion`` model)."""
-    return config.split("/", 1)[0] if "/" in config else None
+    return split_model(config)[0]
 
 
 def parse_models(pairs: list[str]) -> dict[str, Path]:

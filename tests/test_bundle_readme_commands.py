@@ -148,8 +148,8 @@ EXEMPT: dict[str, dict[str, str]] = {
         "--seeds 3 --conditions 4 --n-per-condition 2": (
             "the quality sweep: the 64 real volumes measured (20 min), then 15 evaluations of 16 full-size samples "
             "(3-6 min each), ~80 min here, after the demo cohort (~11 min); the script end to end on a tiny pair and "
-            "cohort (3 configurations, one of a second model, x 2 seeds, resumed, the real volumes measured once): tests/"
-            "test_quality_vs_steps.py::test_sweep_end_to_end_resumes_and_measures_the_real_volumes_once"),
+            "cohort (3 configurations, one of a second model, x 2 seeds, resumed, the real volumes measured once): "
+            "tests/test_quality_vs_steps.py::test_sweep_end_to_end_resumes_and_measures_the_real_volumes_once"),
         "python scripts/bench_brain_ldm.py --threads 2 --out bench.json --configs reference ours_ddim ours_dpmpp "
         "ours_fast ours_student --dpm-steps 10 --fast unipc:8 --student-steps 4": (
             "the benchmark: five full-size anchor generations, 510 s on the quiet machine (the README's 2026-12-01 "

@@ -75,16 +75,17 @@ def test_sweep_end_to_end_resumes_and_measures_the_real_volumes_once(qvs, tmp_pa
     saved["ema"] = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in saved["ema"].items()}
     torch.save(saved, other)
     argv = ["--codec", str(codec), "--diffusion", str(diffusion), "--datalist", str(datalist), "--out", str(out),
-            "--configs", "ddim:3", "dpmpp_2m:2", "other/ddim:3", "--model", f"other={other}", "--reference", "ddim:3", "--seeds", "2", "--conditions", "1",
-            "--n-per-condition", "2", "--device", "cpu", "--amp", "none"]
+            "--configs", "ddim:3", "dpmpp_2m:2", "other/ddim:3", "--model", f"other={other}", "--reference", "ddim:3",
+            "--seeds", "2", "--conditions", "1", "--n-per-condition", "2", "--device", "cpu", "--amp", "none"]
     measured = []
     original = generative.measure_reference
     monkeypatch.setattr(generative, "measure_reference", lambda *a, **k: measured.append(1) or original(*a, **k))
     assert qvs.main(argv) == 0
-    assert len(measured) == 1  # once for both configurations and seeds
+    assert len(measured) == 1  # once for all configurations, models and seeds
     report = json.loads((out / "quality_vs_steps.json").read_text(encoding="utf-8"))
     assert set(report["table"]) == {"ddim:3", "dpmpp_2m:2", "other/ddim:3"} and report["seeds"] == 2
-    assert report["models"]["other"] == str(other) and (out / "other" / "ddim-3" / "seed1" / "evaluation.json").is_file()
+    assert report["models"]["other"] == str(other)
+    assert (out / "other" / "ddim-3" / "seed1" / "evaluation.json").is_file()
     assert report["table"]["other/ddim:3"]["paired_rmse_to_reference"]["rmse"] > 0  # not the --diffusion model's
     assert report["samples_per_run"] == 4 and report["fastest_equal_quality"] in report["table"]
     same, other = (report["table"][n]["paired_rmse_to_reference"] for n in ("ddim:3", "dpmpp_2m:2"))
