@@ -175,6 +175,20 @@ def test_ensemble_statistics_of_known_samples():
     assert float(single["variance"].abs().max()) == 0.0
 
 
+def test_ensemble_probability_is_the_members_vote_not_their_magnitude():
+    """A member's sign is its segmentation: masks that stop at -0.8 over healthy tissue (an under-trained model)
+    give probability 0, not 0.1; mixed magnitudes count as votes; another mask range moves the midpoint."""
+    healthy = ensemble_statistics(torch.full((5, 3, 2, 2, 2), -0.8))
+    assert float(healthy["prob"].abs().max()) == 0.0 and float(healthy["entropy"].abs().max()) == 0.0
+    torch.testing.assert_close(healthy["variance"], torch.zeros(3, 2, 2, 2))  # they agree in magnitude too
+    mixed = ensemble_statistics(torch.tensor([0.3, -0.2, 0.6, -0.9]).reshape(4, 1, 1, 1, 1))
+    assert float(mixed["prob"]) == 0.5 and float(mixed["entropy"]) == pytest.approx(np.log(2))
+    soft = (torch.tensor([0.3, -0.2, 0.6, -0.9]) + 1) / 2
+    assert float(mixed["variance"]) == pytest.approx(float(soft.var(unbiased=False)))
+    unit = ensemble_statistics(torch.tensor([0.6, 0.4, 0.9]).reshape(3, 1, 1, 1, 1), mask_range=(0.0, 1.0))
+    assert float(unit["prob"]) == pytest.approx(2 / 3)
+
+
 # ------------------------------------------------------------------------------------------------ inference
 def check_case(out_dir, case_id, image_file, n_samples):
     """The output contract: files, dtypes, shapes and affines of the input image, labels 0/1/2/4."""

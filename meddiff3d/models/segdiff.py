@@ -186,14 +186,21 @@ def binary_entropy(p: np.ndarray) -> np.ndarray:
     return np.nan_to_num(h, nan=0.0)
 
 
-def ensemble_statistics(samples: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Samples ``(N, R, *spatial)`` in [-1, 1] -> ``{"prob", "variance", "entropy"}``, each ``(R, *spatial)`` float32.
+def ensemble_statistics(samples: torch.Tensor, mask_range: Sequence[float] = (-1.0, 1.0)) -> dict[str, torch.Tensor]:
+    """Samples ``(N, R, *spatial)`` in ``mask_range`` -> ``{"prob", "variance", "entropy"}``, each ``(R, *spatial)``
+    float32.
 
-    ``prob`` = mean of the soft masks ``clip((x + 1) / 2, 0, 1)``, ``variance`` = their population variance,
-    ``entropy`` = binary entropy of ``prob`` in nats (0 where all samples agree on 0 or 1, ``ln 2`` at 0.5).
+    ``prob`` = the share of the N members that vote for the region (a sample above the midpoint of ``mask_range``):
+    a member's mask is a segmentation, its magnitude is not a probability (an under-trained model leaves healthy
+    voxels at -0.8 instead of -1, which averaged as soft masks reads as p = 0.1 everywhere); ``variance`` = the
+    population variance of the soft masks ``clip((x - low) / (high - low), 0, 1)`` (the uncertainty map of the
+    research code: disagreement in magnitude as well as in vote); ``entropy`` = binary entropy of ``prob`` in nats
+    (0 where all members agree, ``ln 2`` at an even split).
     """
-    soft = ((samples.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-    prob = soft.mean(0)
+    low, high = (float(v) for v in mask_range)
+    x = samples.float()
+    prob = (x > (low + high) / 2.0).float().mean(0)
+    soft = ((x - low) / (high - low)).clamp(0.0, 1.0)
     variance = soft.var(0, unbiased=False) if soft.shape[0] > 1 else torch.zeros_like(prob)
     entropy = torch.from_numpy(binary_entropy(prob.numpy()).astype(np.float32))
     return {"prob": prob, "variance": variance, "entropy": entropy}

@@ -190,16 +190,18 @@ class GenerationRequests(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------------------------------------ postprocessing
 class EnsembleStatisticsd(MapTransform):
-    """Samples ``(N, R, *spatial)`` in [-1, 1] under ``key`` -> ``prob``, ``variance``, ``entropy`` (``(R, *spatial)``,
-    :func:`meddiff3d.models.segdiff.ensemble_statistics`); the samples are dropped."""
+    """Samples ``(N, R, *spatial)`` in ``mask_range`` under ``key`` -> ``prob`` (the members' vote), ``variance``,
+    ``entropy`` (``(R, *spatial)``, :func:`meddiff3d.models.segdiff.ensemble_statistics`); the samples are dropped."""
 
-    def __init__(self, keys: Hashable | Sequence[Hashable] = "pred") -> None:
+    def __init__(self, keys: Hashable | Sequence[Hashable] = "pred",
+                 mask_range: Sequence[float] = (-1.0, 1.0)) -> None:
         super().__init__(keys)
+        self.mask_range = tuple(float(v) for v in mask_range)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d.update(ensemble_statistics(torch.as_tensor(d.pop(key)).cpu()))
+            d.update(ensemble_statistics(torch.as_tensor(d.pop(key)).cpu(), self.mask_range))
         return d
 
 
@@ -237,9 +239,10 @@ class ToInputGridd(MapTransform):
         return d
 
 
-def segmentation_postprocessing(flair_channel: int = 3) -> Compose:
-    """Ensemble samples (``pred``) -> probability, variance, entropy + the FLAIR channel, on the input grid."""
-    return Compose([EnsembleStatisticsd("pred"), SelectChannelsd("image", [flair_channel], "flair"),
+def segmentation_postprocessing(flair_channel: int = 3, mask_range: Sequence[float] = (-1.0, 1.0)) -> Compose:
+    """Ensemble samples (``pred``, in the model's ``mask_range``) -> probability (the members' vote), variance,
+    entropy + the FLAIR channel, on the input grid."""
+    return Compose([EnsembleStatisticsd("pred", mask_range), SelectChannelsd("image", [flair_channel], "flair"),
                     ToInputGridd(["prob", "variance", "entropy", "flair"], ref_key="image")])
 
 

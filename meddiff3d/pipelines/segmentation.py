@@ -15,9 +15,9 @@ Output contract (for case ``<id>`` under ``output_dir`` ``OUT``; every file writ
 file's grid with its affine)::
 
     OUT/<id>/<id>_seg.nii.gz        uint8 BraTS labels 0/1/2/4 (derived from the nested WT/TC/ET decisions)
-    OUT/<id>/<id>_prob.nii.gz       float32 vectors (X, Y, Z, 1, 3): mean probability per region WT, TC, ET
+    OUT/<id>/<id>_prob.nii.gz       float32 vectors (X, Y, Z, 1, 3): ensemble vote share per region WT, TC, ET
     OUT/<id>/<id>_variance.nii.gz   float32 vectors (X, Y, Z, 1, 3): variance of the samples' soft masks
-    OUT/<id>/<id>_entropy.nii.gz    float32 vectors (X, Y, Z, 1, 3): binary entropy (nats) of the mean probability
+    OUT/<id>/<id>_entropy.nii.gz    float32 vectors (X, Y, Z, 1, 3): binary entropy (nats) of the vote share
     OUT/<id>/<id>_preview.png       FLAIR centre slices (radiological view) with the label map coloured per label
     OUT/<id>/<id>_segdiff.json      settings, model hash, seconds, tumour volumes, mean entropy per region (nats)
 
@@ -25,8 +25,9 @@ The three maps are NIfTI vector images (``dim[5] = 3``, intent VECTOR, ``intent_
 :func:`meddiff3d.utils.io.save_vector_nifti`), not 4D files whose 4th axis readers take for time: ITK, SimpleITK
 and 3D Slicer read a 3D image of 3-component pixels; :func:`meddiff3d.utils.io.read_channels` gives ``(X, Y, Z, 3)``.
 
-A sample's soft mask is ``clip((x0 + 1) / 2, 0, 1)`` of its final denoised mask ``x0``; the probability is the ensemble
-mean, so with N = 1 it is that sample's soft mask and the variance is 0.
+Each sample's final denoised mask ``x0`` votes for a region where it is above 0 (the midpoint of the model's
+``mask_range`` [-1, 1]); the probability is the share of votes (with N = 1: the sample's own 0/1 segmentation), the
+variance that of the soft masks ``clip((x0 + 1) / 2, 0, 1)`` (0 with N = 1).
 """
 
 from __future__ import annotations
@@ -186,8 +187,9 @@ def segment(
     transform = brats_transforms(spacing=meta["image"]["spacing"], shape=meta["image"]["shape"], train=False,
                                  regions=False)
     dataset = DatalistDataset(datalist, section, transform, modalities=len(meta["modalities"]), keys=["id", "image"])
-    return SegmentationEvaluator(model.network, inferer, dataset, segmentation_postprocessing(), output_dir,
-                                 threshold=threshold, model=model, progress=progress).run()
+    postprocessing = segmentation_postprocessing(mask_range=meta["mask_range"])
+    return SegmentationEvaluator(model.network, inferer, dataset, postprocessing, output_dir, threshold=threshold,
+                                 model=model, progress=progress).run()
 
 def write_case(case_id: str, maps: Mapping[str, Any], output_dir: str | os.PathLike, threshold: float,
                info: Mapping[str, Any]) -> Path:
