@@ -103,6 +103,17 @@ def test_calibration_bins_are_closed_on_the_left():
     assert calibration_error(prob, truth) == pytest.approx(0.175)
 
 
+def test_probability_over_healthy_brain_is_the_mean_over_tumour_free_domain_voxels():
+    """Tumour (label 2) in a 4^3 box, p = 0.1 on every other voxel and 0.9 in the tumour: prob_healthy = 0.1 for every
+    region, also for TC and ET whose own masks are empty (the domain outside the tumour is the same); a domain
+    that lies inside the tumour has no healthy voxel -> NaN."""
+    label = box(SHAPE, (4, 4, 4), (8, 8, 8), value=2)
+    prob = np.where((label > 0)[..., None], 0.9, 0.1) * np.ones(3)
+    m = region_metrics(label, label, SPACING, prob=prob)
+    assert [m[f"{r}_prob_healthy"] for r in ("WT", "TC", "ET")] == pytest.approx([0.1, 0.1, 0.1])
+    assert math.isnan(region_metrics(label, label, SPACING, prob=prob, domain=label > 0)["WT_prob_healthy"])
+
+
 def test_error_capture_of_constructed_maps():
     """1000 voxels, top 5 % = 50 voxels of uncertainty 1: 20 of the 40 errors and 30 correct voxels -> capture 0.5."""
     errors = np.zeros(1000, bool)

@@ -28,6 +28,9 @@ Metrics per case and region (:func:`region_metrics`), regions from :func:`meddif
 ``ece`` (needs ``_prob``)
     expected calibration error of the region probability over the domain voxels: ``sum_b n_b / N * |mean(y) -
     mean(p)|`` over ``bins`` equal-width bins of ``p`` (``p = 1`` falls in the last bin).
+``prob_healthy`` (needs ``_prob``)
+    the mean region probability over the domain voxels with no tumour (true label 0): what the model says about
+    healthy brain, where a calibrated probability is near 0. NaN when the domain has no tumour-free voxel.
 ``err_top{k}_{source}`` (needs an uncertainty map)
     the share of the misclassified voxels (prediction != truth for this region) that lie in the top-``k`` % most
     uncertain voxels. ``source`` is ``variance`` or ``entropy`` (the files) or ``pentropy``, the binary entropy
@@ -173,6 +176,8 @@ def region_metrics(pred_labels: np.ndarray, true_labels: np.ndarray, spacing: Se
         out[f"{region}_pred_ml"], out[f"{region}_true_ml"] = pred.sum() * voxel_ml, truth.sum() * voxel_ml
         if prob is not None:
             out[f"{region}_ece"] = calibration_error(prob[..., c][domain], truth[domain], bins)
+            healthy = domain & ~true_masks["WT"]
+            out[f"{region}_prob_healthy"] = float(prob[..., c][healthy].mean()) if healthy.any() else math.nan
         errors = (pred != truth)[domain]
         for source, volume in sources.items():
             capture, fraction = error_capture(errors, volume[..., c][domain], top_percent)
