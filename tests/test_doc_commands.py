@@ -159,6 +159,9 @@ def test_cli_commands_run_as_printed(tmp_path):
         nifti(d / kind / (first[0] if isinstance(first, list) else first), (160, 224, 160), (1, 1, 1))
     assert all("label" in i for s in items(d / "brats" / "datalist.json")[1].values() for i in s)
     assert all("label" in i for i in items(d / "anomaly" / "datalist.json")[1]["test"])
+    meta, sections = items(d / "anomaly_ood" / "datalist.json")  # docs/data.md: the out-of-template test set
+    assert [i["variant"] for i in sections["test"]] == ["asymmetric", "contrast", "phantom"] * 2
+    assert meta["synthetic"]["variant"] == "out_of_template" and all("label" in i for i in sections["test"])
     validations = [out for c, out in outputs.items() if " datalist validate " in c]
     assert len(validations) == 2 and all(": OK" in out for out in validations)
     assert "training: 3 items, 3 with label" in validations[-1]

@@ -96,8 +96,9 @@ def test_cli_healthy(tmp_path, capsys):
     code = main(["synth", "healthy", "--n", "3", "--out", str(out), "--seed", "1", "--shape", "32", "48", "32",
                  "--source", "procedural", "--val-fraction", "0.34", "--no-progress"])
     assert code == 0
-    line = capsys.readouterr().out.strip()
-    assert line.startswith("synth healthy: 3 subjects") and line.endswith(" s")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("synth healthy: 3 subjects") and lines[0].endswith(" s")
+    assert lines[1] == "covariates (raw units):" and lines[2].split()[0] == "age" and len(lines) == 2 + 4 + 1 + 4
     doc = json.loads((out / "datalist.json").read_text())
     assert len(_items(doc)) == 3 and doc["synthetic"]["seed"] == 1
 

@@ -29,8 +29,7 @@ Metrics per case and region (:func:`region_metrics`), regions from :func:`meddif
     expected calibration error of the region probability over the domain voxels: ``sum_b n_b / N * |mean(y) -
     mean(p)|`` over ``bins`` equal-width bins of ``p`` (``p = 1`` falls in the last bin).
 ``prob_healthy`` (needs ``_prob``)
-    the mean region probability over the domain voxels with no tumour (true label 0): what the model says about
-    healthy brain, where a calibrated probability is near 0. NaN when the domain has no tumour-free voxel.
+    the mean region probability over the tumour-free domain voxels (near 0 if calibrated; NaN if there are none).
 ``err_top{k}_{source}`` (needs an uncertainty map)
     the share of the misclassified voxels (prediction != truth for this region) that lie in the top-``k`` % most
     uncertain voxels. ``source`` is ``variance`` or ``entropy`` (the files) or ``pentropy``, the binary entropy
@@ -42,10 +41,9 @@ Metrics per case and region (:func:`region_metrics`), regions from :func:`meddif
 The domain is the brain: voxels where any input sequence is non-zero (BraTS volumes are skull-stripped), or the
 whole volume with ``domain="volume"`` (also the fallback when the images are all zero).
 
-The ECE is hand-written rather than MONAI's ``CalibrationErrorMetric`` (MONAI 1.6): MONAI's bin edges are a float32
-``linspace(0, 1 + eps)``, so a probability on an edge, as ensemble means ``k / N`` often are (0.2, 0.5, ...), falls
-into the bin below instead of the ``[left, right)`` bin above (100 voxels at p = 0.15, none positive, and 100 at
-p = 0.2, 40 positive: ECE 0.175 here, 0.025 in MONAI; tests/test_segmentation_eval.py pins it), and it sums in float32.
+The ECE is hand-written: MONAI 1.6's ``CalibrationErrorMetric`` (float32 ``linspace(0, 1 + eps)`` edges) puts a
+probability on a bin edge, as vote shares ``k / N`` are, into the bin below instead of ``[left, right)`` (a case
+pinned in tests/test_segmentation_eval.py: 0.175 here, 0.025 in MONAI), and sums in float32.
 """
 
 from __future__ import annotations
@@ -68,7 +66,7 @@ from meddiff3d.data.images import GRID_ATOL_MM
 from meddiff3d.errors import InputError
 from meddiff3d.evaluation.anomaly_metrics import dice
 from meddiff3d.models.segdiff import binary_entropy
-from meddiff3d.utils.io import atomic_path, read_channels, save_json
+from meddiff3d.utils.io import atomic_path, json_safe, read_channels, save_json
 
 __all__ = ["region_metrics", "case_metrics", "calibration_error", "error_capture", "binary_entropy",
            "evaluate_segmentation_dir", "read_prediction", "summarise", "comparison_table", "UNCERTAINTY_FILES"]
@@ -331,7 +329,7 @@ def evaluate_segmentation_dir(pred_dir: str | os.PathLike, datalist: str | os.Pa
     if out_csv is not None:
         write_csv(rows, out_csv)
     if out_json is not None:
-        save_json(_json_safe(result), out_json)
+        save_json(json_safe(result), out_json)
     means = {k: v["mean"] for k, v in result["summary"].items() if k.endswith(("_dice", "_hd95"))}
     logger.info("segmentation evaluation of %d case(s) in %s, mean over cases: %s -> %s", len(rows), pred_dir,
                 ", ".join(f"{k} {v:.3f}" for k, v in means.items()), [str(f) for f in (out_csv, out_json) if f])
@@ -353,17 +351,6 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
                     "median": float(np.median(finite)) if finite.size else math.nan,
                     "std": float(finite.std()) if finite.size else math.nan, "n": int(finite.size)}
     return out
-
-
-def _json_safe(obj):
-    """NaN / Inf -> None (JSON has no NaN)."""
-    if isinstance(obj, Mapping):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:

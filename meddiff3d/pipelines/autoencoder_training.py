@@ -46,20 +46,18 @@ NETWORK_CLASS = f"{AutoencoderWithDiscriminator.__module__}.{AutoencoderWithDisc
 
 @torch.no_grad()
 def reconstruction_metrics(codec: LatentCodec, volumes: Iterable[torch.Tensor]) -> dict:
-    """PSNR and SSIM (MONAI metrics, data range 1) of ``decode(encode(x))`` against ``x`` for ``(1, 1, *shape)``
-    volumes: ``{"psnr", "ssim", "psnr_per_volume", "ssim_per_volume"}`` (means over volumes)."""
-    from monai.metrics import PSNRMetric, SSIMMetric
+    """PSNR and SSIM (data range 1) of ``decode(encode(x))`` against ``x`` for ``(1, 1, *shape)`` volumes, inside the
+    brain and over the whole volume (:mod:`meddiff3d.engine.reconstruction_metrics`): means over volumes under
+    ``psnr_brain``, ``ssim_brain``, ``psnr``, ``ssim``, and the per-volume values under ``<name>_per_volume``."""
+    from meddiff3d.engine.reconstruction_metrics import reconstruction_scores
 
-    psnr_metric, ssim_metric = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=3, data_range=1.0)
-    psnr, ssim = [], []
-    for x in volumes:
-        x_hat = codec.decode(codec.encode(x)).to(x.dtype)
-        psnr.append(float(psnr_metric(x_hat, x).mean()))
-        ssim.append(float(ssim_metric(x_hat, x).mean()))
-    if not psnr:
-        return {"psnr": None, "ssim": None, "psnr_per_volume": [], "ssim_per_volume": []}
-    return {"psnr": sum(psnr) / len(psnr), "ssim": sum(ssim) / len(ssim), "psnr_per_volume": psnr,
-            "ssim_per_volume": ssim}
+    rows = [reconstruction_scores(codec.decode(codec.encode(x)), x) for x in volumes]
+    out: dict = {}
+    for name in ("psnr_brain", "ssim_brain", "psnr", "ssim"):
+        values = [row[name] for row in rows]
+        out[name] = sum(values) / len(values) if values else None
+        out[f"{name}_per_volume"] = values
+    return out
 
 
 def metrics_path(codec_out: str | Path) -> Path:
@@ -234,7 +232,8 @@ def train_autoencoder(
         "training": {**summary, "run_dir": str(run_dir.resolve()), "iterations": result.iteration,
                      "patch_size": list(patch_size), "batch_size": batch_size, "lr": lr, "disc_lr": disc_lr or lr,
                      "ema_decay": ema_decay, "losses": losses, "discriminator": d_spec, "seed": seed},
-        "metrics": {"psnr": evaluation["psnr"], "ssim": evaluation["ssim"], "data_range": 1.0},
+        "metrics": {name: evaluation[name] for name in ("psnr_brain", "ssim_brain", "psnr", "ssim")} | {
+            "data_range": 1.0, "brain": "reference > 0 (meddiff3d.engine.reconstruction_metrics)"},
     }
     save_codec(codec, codec_out, codec_meta)
     metrics = training_summary(

@@ -88,6 +88,17 @@ def read_json(path: str | os.PathLike, *, missing: str, invalid: str, error: typ
         raise error(invalid.format(path=path, err=err)) from err
 
 
+def json_safe(obj):
+    """``obj`` with NaN / Inf floats replaced by None, through dicts, lists and tuples (JSON has no NaN)."""
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def save_json(obj, path: str | os.PathLike, indent: int = 2) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=indent, sort_keys=False) + "\n")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from .anatomy import SOURCES
-from .cohorts import DEFAULT_FRACTIONS, KINDS, write_cohort
+from .cohorts import COHORT_VARIANTS, DEFAULT_FRACTIONS, KINDS, write_cohort
 from .grid import DEFAULT_SHAPE
 
 
@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=None, help=f"validation fraction (default: {defaults})")
     parser.add_argument("--test-fraction", type=float, default=None, help="test fraction (default: see above)")
     parser.add_argument("--with-skull", action="store_true", help="keep skull and scalp (default: skull-stripped)")
+    parser.add_argument("--variant", choices=COHORT_VARIANTS, default="standard",
+                        help="acquisition/population: standard (default), varied (domain randomisation for "
+                             "training), out_of_template (the held-out families asymmetric/contrast/phantom in turn), "
+                             "or one family alone (meddiff3d.data.synthetic.acquisition)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -32,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     summary = write_cohort(
         args.kind, args.out, n=args.n, seed=args.seed, shape=tuple(args.shape), source=args.source,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, skull_strip=not args.with_skull,
-        progress=not args.no_progress,
+        progress=not args.no_progress, variant=args.variant,
     )
     print(summary.line())
     return 0

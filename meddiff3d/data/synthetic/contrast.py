@@ -21,6 +21,7 @@ import numpy as np
 
 from meddiff3d.data.brats import BRATS_MODALITIES
 
+from .acquisition import Scanner, apply_gamma, draw_acquisition, thick_slices
 from .grid import Grid, smooth_noise
 
 SEQUENCES = BRATS_MODALITIES  # the BraTS sequences, t1 first (also the healthy T1 cohorts' one sequence)
@@ -59,20 +60,28 @@ def add_rician_noise(image: np.ndarray, rng: np.random.Generator, sigma: float) 
 
 def synthesise(fractions: dict[str, np.ndarray], sequence: str, rng: np.random.Generator, grid: Grid,
                brain: np.ndarray | None = None, noise_sigma: float | None = None,
-               bias_strength: float = 0.15, texture: float = 0.03) -> np.ndarray:
+               bias_strength: float = 0.15, texture: float = 0.03, variant: str = "standard") -> np.ndarray:
     """One MR image from class fractions (``{class: (*shape) array}``, classes of :data:`TISSUE_INTENSITY`).
 
     Draws the subject's intensities, a texture (``texture`` relative amplitude, 6 mm correlation), a bias field and
-    Rician noise (``noise_sigma``, default drawn in [0.01, 0.04]) from ``rng``. With ``brain`` given the image is
-    skull-stripped: multiplied by ``brain > 0.5`` at the end. Returns float32 ``(*shape)``.
+    Rician noise (``noise_sigma``, default drawn in [0.01, 0.04]) from ``rng``; a ``variant`` other than
+    ``standard`` draws its own intensities, gamma, bias strength, noise and slice thickness
+    (:mod:`.acquisition`). With ``brain`` given the image is skull-stripped: multiplied by ``brain > 0.5`` at the
+    end. Returns float32 ``(*shape)``.
     """
-    mu = draw_intensities(rng, sequence)
+    if variant in ("varied", "contrast"):
+        mu, scanner = draw_acquisition(rng, sequence, TISSUE_INTENSITY[sequence], variant)
+    else:  # standard, and the families that change the anatomy only
+        mu, scanner = draw_intensities(rng, sequence), Scanner(bias_strength=bias_strength, noise_sigma=noise_sigma)
     image = np.zeros(grid.shape, dtype=np.float32)
     for name, fraction in fractions.items():
         image += mu[name] * fraction
     image *= 1.0 + texture * smooth_noise(rng, grid, 6.0)[0]
-    image *= bias_field(rng, grid, bias_strength)
-    sigma = float(rng.uniform(0.01, 0.04)) if noise_sigma is None else noise_sigma
+    image = apply_gamma(image, scanner.gamma, mu["wm"])
+    image *= bias_field(rng, grid, scanner.bias_strength)
+    if scanner.slice_axis is not None:
+        image = thick_slices(image, grid, scanner.slice_axis, scanner.slice_mm)
+    sigma = float(rng.uniform(0.01, 0.04)) if scanner.noise_sigma is None else scanner.noise_sigma
     image = add_rician_noise(image, rng, sigma)
     if brain is not None:
         image *= brain > 0.5
