@@ -120,7 +120,8 @@ def test_healing_reports_every_denoiser_step_and_detection_shows_them(models, ca
 def test_calibration_is_saved_reloaded_and_applied(models, calibrated, tmp_path):
     out, summary = calibrated
     raw = json.loads((out / "calibration.json").read_text())
-    assert raw["format"] == "meddiff3d.anomaly_calibration/1"
+    assert raw["format"] == "meddiff3d.anomaly_calibration/2"
+    assert raw["settings"]["residual_normalisation"] == "per_volume"
     assert DetectorSettings.from_dict(raw["settings"]) == DetectorSettings.from_dict(DETECTOR)
     assert raw["threshold"] == summary["detector"]["threshold"] and raw["calibration_fpr"] <= raw["target_fpr"]
     assert len(raw["mask_thresholds"]) == len(DETECTOR["start_steps"]) == len(raw["residual_stats"])

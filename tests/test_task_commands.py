@@ -321,6 +321,21 @@ def test_detect_a_folder_of_t1_files(capsys, here, t1, tmp_path_factory, fast_ca
     assert "1 case(s)" in result.out
 
 
+def test_detect_refuses_an_unstripped_head_before_anything_is_written(capsys, here, fast_calibration):
+    """The input contract (meddiff3d.data.brain_mask): a T1 head with skull and scalp is refused with one error
+    line naming the file, exit status 2, no output folder."""
+    from meddiff3d.data.synthetic import healthy_subject, load_anatomy
+    from meddiff3d.utils.io import save_nifti
+
+    anatomy = load_anatomy("procedural", (32, 48, 32))
+    head = save_nifti(healthy_subject(anatomy, 0, 0, skull_strip=False).images["t1"], anatomy.grid.affine,
+                      here / "head_t1.nii.gz")
+    result = cli(capsys, "detect", "-i", head, "--calibration", fast_calibration, *FAST)
+    assert result.code == 2 and len(result.errors) == 1, result.err[-2000:]
+    assert str(head) in result.errors[0] and "tissue outside the brain" in result.errors[0]
+    assert not (here / "outputs").exists()
+
+
 @pytest.mark.slow
 def test_detect_a_dicom_series_folder(capsys, here, dicom, fast_calibration):
     result = cli(capsys, "detect", "-i", dicom.series, "--calibration", fast_calibration, *FAST)

@@ -3,9 +3,17 @@
 Scoring (Graham et al. 2023, per voxel): for each starting step ``k`` the residual ``e_k = smooth|x - healed_k|`` is
 z-scored with the mean and standard deviation of ``e_k`` over the brain voxels of healthy validation volumes,
 ``s_k = (e_k - mu_k) / sigma_k``, and the anomaly map is the average ``mean_k s_k`` inside the brain (0 outside).
-The binary mask is ``map > threshold``, the threshold being the ``1 - target_fpr`` quantile of the healthy maps'
-brain voxels: on the calibration volumes at most ``target_fpr`` of healthy voxels are flagged. The volume score is
-the mean of the top ``top_fraction`` of a map's brain voxels; its healthy distribution is kept too.
+
+With ``residual_normalisation="per_volume"`` (the default since calibration format 2) each ``e_k`` is first divided
+by its own volume's 90th percentile over the brain voxels (:data:`RESIDUAL_SCALE_QUANTILE`), and the healthy
+statistics are fitted on those. A volume from another scanner, whose residuals are larger or smaller overall (other
+contrast, noise, resolution), is then scored against its own healthy tissue, and the calibrated threshold keeps its
+false-positive rate (tests/test_anomaly_calibration.py: a 5 % target stays at 4.1-7.6 % on contrast-changed healthy
+volumes, where the raw residuals give 1.5-22 %). Centred robust z-scores (median / MAD) were tried first and do not
+do this: a contrast change moves the bulk of the residuals more than their upper tail, which is what the threshold
+cuts. The price is that a lesion is measured against the volume's own upper residuals: lesions up to ~10 % of the
+brain are unaffected, larger ones lift the scale and fade. What no per-volume scale absorbs is a different *pattern*
+of residuals; calibration on the site's own healthy scans stays the documented step.
 
 Calibration file (JSON, written atomically; ``models/calibration.json`` by default)::
 
@@ -22,6 +30,7 @@ Calibration file (JSON, written atomically; ``models/calibration.json`` by defau
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,10 +45,15 @@ from meddiff3d.utils.io import read_json, save_json
 
 from .healing import DetectorSettings, brain_mask, smooth
 
-__all__ = ["CALIBRATION_FORMAT", "Calibration", "residuals", "anomaly_map", "volume_score", "top_mean", "fit_residual_stats",
+__all__ = ["CALIBRATION_FORMAT", "READABLE_FORMATS", "Calibration", "residuals", "robust_scale", "anomaly_map",
+           "volume_score", "top_mean", "fit_residual_stats",
            "quantile", "save_calibration", "load_calibration"]
 
-CALIBRATION_FORMAT = "meddiff3d.anomaly_calibration/1"
+CALIBRATION_FORMAT = "meddiff3d.anomaly_calibration/2"
+#: format 1 files (before per-volume normalisation) load with ``residual_normalisation="calibration"``, their meaning
+READABLE_FORMATS = ("meddiff3d.anomaly_calibration/1", CALIBRATION_FORMAT)
+#: the quantile of a volume's own brain residuals its residual map is divided by (``per_volume`` normalisation)
+RESIDUAL_SCALE_QUANTILE = 0.9
 _MIN_STD = 1e-6
 
 
@@ -67,10 +81,13 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "calibration") -> Calibration:
-        if not isinstance(data, Mapping) or data.get("format") != CALIBRATION_FORMAT:
+        if not isinstance(data, Mapping) or data.get("format") not in READABLE_FORMATS:
             raise InputError(f"{source} is not a meddiff3d anomaly calibration (format {CALIBRATION_FORMAT!r})")
         try:
-            settings = DetectorSettings.from_dict(data["settings"])
+            values = dict(data["settings"])
+            if data["format"] == READABLE_FORMATS[0]:
+                values.setdefault("residual_normalisation", "calibration")
+            settings = DetectorSettings.from_dict(values)
             cal = cls(settings, dict(data["models"]), dict(data["image"]), list(data["mask_thresholds"]),
                       list(data["residual_stats"]), float(data["threshold"]), float(data["target_fpr"]),
                       float(data["calibration_fpr"]), dict(data["volume_scores"]), dict(data.get("healthy") or {}))
@@ -87,9 +104,23 @@ class Calibration:
 
 # ------------------------------------------------------------------------------------------------ scoring
 def residuals(x: torch.Tensor, healed: Sequence[torch.Tensor], settings: DetectorSettings) -> list[torch.Tensor]:
-    """``smooth|x - healed_k|`` per step, 0 outside the brain."""
+    """``smooth|x - healed_k|`` per step, 0 outside the brain; with ``per_volume`` normalisation each map is put on
+    its own brain's robust scale (module docstring)."""
     brain = brain_mask(x, settings.brain_threshold)
-    return [smooth((x - h).abs(), settings.smoothing_sigma) * brain for h in healed]
+    maps = [smooth((x - h).abs(), settings.smoothing_sigma) * brain for h in healed]
+    if settings.residual_normalisation == "per_volume":
+        maps = [robust_scale(e, brain) for e in maps]
+    return maps
+
+
+def robust_scale(e: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+    """``e`` divided by its :data:`RESIDUAL_SCALE_QUANTILE` quantile over the brain voxels, 0 outside the brain."""
+    inside = e[brain > 0].float()
+    if inside.numel() == 0:
+        return torch.zeros_like(e)
+    k = max(1, int(math.ceil(RESIDUAL_SCALE_QUANTILE * inside.numel())))
+    scale = float(inside.kthvalue(k).values)
+    return e / max(scale, _MIN_STD) * brain
 
 
 def anomaly_map(x: torch.Tensor, residual_maps: Sequence[torch.Tensor], stats: Sequence[Mapping[str, float]],

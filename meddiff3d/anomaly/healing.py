@@ -40,11 +40,13 @@ from meddiff3d.errors import InputError
 from meddiff3d.models.ldm import build_denoiser, check_guidance_support, load_latent_diffusion, model_conditioning
 from meddiff3d.models.loading import load_model
 
-__all__ = ["METHODS", "NOISE_KINDS", "DetectorSettings", "AnomalyModels", "load_anomaly_models", "partial_timesteps",
+__all__ = ["METHODS", "NOISE_KINDS", "RESIDUAL_NORMALISATIONS", "DetectorSettings", "AnomalyModels",
+           "load_anomaly_models", "partial_timesteps",
            "start_noise", "stage_one", "heal", "healing_steps", "brain_mask", "smooth", "dilate"]
 
 METHODS = ("latent_inpainting", "image_resample", "autoencoder")
 NOISE_KINDS = ("gaussian", "simplex")
+RESIDUAL_NORMALISATIONS = ("per_volume", "calibration")
 _STEP_SEED_STRIDE = 7919
 
 
@@ -63,6 +65,10 @@ class DetectorSettings:
             or voxel (``image_resample``) is masked for healing; ``mask_dilation`` dilates the mask (cells).
         smoothing_sigma: Gaussian smoothing of ``|x - healed|`` in voxels (0: none).
         brain_threshold: voxels of the normalised input above it form the brain mask (scores outside are 0).
+        residual_normalisation: ``"per_volume"`` (default) divides each residual map by its own brain's 90th
+            percentile first (:func:`meddiff3d.anomaly.calibration.residuals`), so a scanner whose residuals are
+            larger or smaller overall keeps the calibrated false-positive rate; ``"calibration"`` z-scores the raw
+            residuals with the healthy calibration statistics only (the files of format 1).
         top_fraction: the volume score is the mean of this top fraction of the brain's anomaly scores.
         seed: noise seed (see module docstring).
     """
@@ -80,10 +86,12 @@ class DetectorSettings:
     brain_threshold: float = 0.05
     top_fraction: float = 0.01
     seed: int = 0
+    residual_normalisation: str = "per_volume"
 
     def __post_init__(self) -> None:
         check_choice("anomaly detection method", self.method, METHODS, "methods")
         check_choice("noise", self.noise, NOISE_KINDS, "noise kinds")
+        check_choice("residual_normalisation", self.residual_normalisation, RESIDUAL_NORMALISATIONS, "choices")
         if isinstance(self.start_steps, (int, float)):
             self.start_steps = [self.start_steps]
         if self.method == "autoencoder":

@@ -25,6 +25,7 @@ Datalist JSON (paths are relative to the folder holding the JSON, or absolute)::
       "id": "sub-0000",
       "image": "images/sub-0000_t1.nii.gz"  or  ["images/sub-0000_t1.nii.gz", ...]   # one per modality, in order
       "label": "labels/sub-0000_seg.nii.gz",              # optional
+      "brain_mask": "masks/sub-0000_brain.nii.gz",        # optional (datalist t1 --skull-strip writes it)
       "covariates": {"age": 0.41, "sex": 1.0, ...},       # optional, values scaled to [0, 1]
       ... any further keys (e.g. "lesion_kind") are kept as they are
     }
@@ -77,7 +78,7 @@ def write_datalist(path: str | os.PathLike, sections: Mapping[str, Sequence[Mapp
 
     def fix(item):
         out = dict(item)
-        for key in ("image", "label"):
+        for key in ("image", "label", "brain_mask"):
             if key in out and out[key] is not None:
                 out[key] = [rel(p) for p in out[key]] if isinstance(out[key], (list, tuple)) else rel(out[key])
         return out
@@ -288,6 +289,14 @@ def _check_item(item, root, count, names, require_label, allowed, check_images, 
         problems.append("no 'label' (required)")
 
     problems += _covariate_problems(item.get("covariates"), allowed)
+    brain = item.get("brain_mask")
+    if brain is not None:
+        if isinstance(brain, str) and brain:
+            out["brain_mask"] = str(_resolve(brain, root))
+            if not Path(out["brain_mask"]).exists():
+                problems.append(f"brain_mask file not found: {out['brain_mask']}")
+        else:
+            problems.append(f"'brain_mask' must be a path, got {brain!r}")
 
     paths = [("image", f) for f in abs_files] + ([("label", out["label"])] if label is not None else [])
     infos = []

@@ -13,10 +13,11 @@
     no safe file name and two files for one sequence are all reported in one error. Every voxel of every file is
     read before the datalist is kept (``--header-only``: headers only, fast).
 
-``meddiff3d datalist t1 SRC --out DIR [--covariates CSV [--covariate-ranges JSON]] [--n4]``
+``meddiff3d datalist t1 SRC --out DIR [--covariates CSV [--covariate-ranges JSON]] [--n4] [--skull-strip]``
     Convert a T1 cohort (NIfTI/NRRD files, or one folder per DICOM series, in SRC) to ``DIR/images/<id>_t1.nii.gz``
     on a 1 mm RAS grid of 160x224x160 voxels centred on the head's centre of mass (optionally N4 bias corrected
-    first) and ``DIR/datalist.json``. Covariates from the CSV (``id`` column + one column per covariate) are scaled
+    first; ``--skull-strip``: zero outside a registered brain mask, kept as ``DIR/masks/<id>_brain.nii.gz``) and
+    ``DIR/datalist.json``. Covariates from the CSV (``id`` column + one column per covariate) are scaled
     to [0, 1]: numeric columns by ``(raw - min) / (max - min)`` over the cohort, text columns (e.g. sex ``F``/``M``)
     by ``index / (n_categories - 1)`` in sorted category order; the scaling is recorded in the datalist.
 
@@ -210,6 +211,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "'covariates' block is used); default: the cohort's own min/max")
     p.add_argument("--n4", action="store_true", help="N4 bias-field correction before resampling")
     p.add_argument("--n4-shrink", type=int, default=4)
+    p.add_argument("--skull-strip", action="store_true", help="brain mask by registering nilearn's MNI152 template "
+                   "(offline; meddiff3d.data.brain_mask): zero outside the brain, masks/<id>_brain.nii.gz; the "
+                   "models expect skull-stripped T1")
     p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0))
     p.add_argument("--shape", type=int, nargs=3, default=T1_SHAPE)
     p.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
@@ -248,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         out = t1_cohort_to_dataset(args.src, args.out, covariates_csv=args.covariates, n4=args.n4,
                                    covariate_ranges=_read_ranges(args.covariate_ranges),
                                    spacing=args.spacing, shape=args.shape, fractions=args.fractions, seed=args.seed,
-                                   n4_shrink=args.n4_shrink)
+                                   n4_shrink=args.n4_shrink, skull_strip=args.skull_strip)
         print(validate(out, check_images="header"))
     else:
         if args.content and args.header_only:

@@ -157,10 +157,13 @@ def read_t1(path: str | os.PathLike, spacing: Sequence[float] = (1.0, 1.0, 1.0))
 
 
 def preprocess_t1(path, out_path, *, spacing=(1.0, 1.0, 1.0), shape=T1_SHAPE, n4: bool = False,
-                  n4_shrink: int = 4, n4_iterations: Sequence[int] = (50, 50, 30), volume=None) -> Path:
+                  n4_shrink: int = 4, n4_iterations: Sequence[int] = (50, 50, 30), volume=None,
+                  mask_path=None) -> Path:
     """One T1 (file or DICOM folder) -> RAS, ``spacing``, ``shape`` around the head centre -> NIfTI (atomic).
 
-    ``volume``: its ``(array, affine)`` if already read by :func:`read_t1` (default: read here).
+    ``volume``: its ``(array, affine)`` if already read by :func:`read_t1` (default: read here). ``mask_path``:
+    skull-strip on the output grid (:func:`meddiff3d.data.brain_mask.brain_mask`; zero outside the brain) and write
+    the mask there (uint8). Without it, an output that is not skull-stripped is logged as a warning.
     """
     import torch
     from monai.data import MetaTensor
@@ -178,7 +181,21 @@ def preprocess_t1(path, out_path, *, spacing=(1.0, 1.0, 1.0), shape=T1_SHAPE, n4
     vol = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(vol)
     vol = Spacing(pixdim=tuple(spacing), mode="bilinear")(vol)
     vol = crop_or_pad_around(vol, head_center(vol), shape)
-    return save_nifti(vol[0].numpy(), vol.affine.numpy(), out_path)
+    array, affine = vol[0].numpy(), vol.affine.numpy()
+    if mask_path is not None:
+        from meddiff3d.data.brain_mask import brain_mask
+
+        mask = brain_mask(array, affine)
+        save_nifti(mask, affine, mask_path, dtype=np.uint8)
+        array = array * mask
+    else:
+        from meddiff3d.data.brain_mask import MAX_OUTSIDE_ML, tissue_outside_brain_ml
+
+        outside = tissue_outside_brain_ml(array, affine)
+        if outside > MAX_OUTSIDE_ML:
+            log.warning("%s: %.0f mL of tissue outside the brain: not skull-stripped, which the models expect "
+                        "(convert with --skull-strip)", path, outside)
+    return save_nifti(array, affine, out_path)
 
 
 def read_covariates_csv(
@@ -275,6 +292,7 @@ def t1_cohort_to_dataset(
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     n4_shrink: int = 4,
+    skull_strip: bool = False,
 ) -> Path:
     """Convert a T1 cohort folder to ``out_dir/images/<id>_t1.nii.gz`` + ``out_dir/datalist.json``; returns the latter.
 
@@ -299,7 +317,7 @@ def t1_cohort_to_dataset(
             scaling, covariates = read_covariates_csv(covariates_csv, list(inputs), covariate_ranges)
         split = split_ids(list(inputs), fractions, seed)
         problems: list[str] = []
-        written = {}
+        written, masks = {}, {}
         for case, path in inputs.items():
             try:
                 volume = read_t1(path, spacing)
@@ -308,8 +326,11 @@ def t1_cohort_to_dataset(
                 continue
             if problems:  # keep reading, to report every unusable input, but convert no more
                 continue
+            mask = staging / "masks" / f"{case}_brain.nii.gz" if skull_strip else None
             written[case] = preprocess_t1(path, staging / "images" / f"{case}_t1.nii.gz", spacing=spacing,
-                                          shape=shape, n4=n4, n4_shrink=n4_shrink, volume=volume)
+                                          shape=shape, n4=n4, n4_shrink=n4_shrink, volume=volume, mask_path=mask)
+            if mask is not None:
+                masks[case] = mask
             log.info("%s: converted (%d of %d)", path, len(written), len(inputs))
         raise_problems(f"T1 cohort {src}: nothing written", problems)
 
@@ -317,14 +338,18 @@ def t1_cohort_to_dataset(
             entry = {"id": case, "image": str(written[case]), "source": str(Path(inputs[case]).absolute())}
             if case in covariates:
                 entry["covariates"] = covariates[case]
+            if case in masks:
+                entry["brain_mask"] = str(masks[case])  # made relative to the datalist's folder on writing
             return entry
 
         sections = {name: [item(c) for c in ids] for name, ids in split.items()}
         meta = {
             "name": f"t1:{Path(src).name}",
             "description": f"T1 cohort {Path(src).absolute()}: RAS, {list(spacing)} mm, {list(shape)} voxels around "
-                           f"the head centre of mass, N4 {'on' if n4 else 'off'}",
+                           f"the head centre of mass, N4 {'on' if n4 else 'off'}, skull stripping "
+                           f"{'on (masks/)' if skull_strip else 'off'}",
             "modalities": ["t1"],
+            "skull_stripped": bool(skull_strip),
             "covariates": scaling,
         }
         write_checked_datalist(staging / "datalist.json", sections, **meta)

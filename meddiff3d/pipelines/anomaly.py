@@ -35,7 +35,7 @@ from meddiff3d.checks import safe_name
 from meddiff3d.engine.checkpoint import file_sha256
 from meddiff3d.errors import InputError
 from meddiff3d.pipelines.components import resolve_inputs
-from meddiff3d.pipelines.preflight import check_inputs
+from meddiff3d.pipelines.preflight import check_inputs, check_skull_stripped_inputs
 from meddiff3d.utils.io import save_json, save_nifti, save_preview_png
 
 logger = logging.getLogger("meddiff3d.pipelines")
@@ -171,6 +171,7 @@ def calibrate_anomaly(codec_path: str | os.PathLike, diffusion_path: str | os.Pa
     items = resolve_inputs(datalist, section)
     if max_volumes is not None:
         items = items[: max(1, int(max_volumes))]
+    check_skull_stripped_inputs(items)
     models = load_anomaly_models(codec_path, diffusion_path if settings_obj.uses_diffusion else None, device=device,
                                  amp=amp, decode_split=decode_split)
     runs = [(settings_obj, out, diffusion_path if settings_obj.uses_diffusion else None)]
@@ -302,6 +303,7 @@ class AnomalyEvaluator:
             raise InputError(f"the models work at {models.image_shape}, the calibration {source} at "
                              f"{calibration.image['shape']}")
         check_inputs(items, self.output_dir, models.image_spacing)  # ids, folder, resampled grids: before compute
+        check_skull_stripped_inputs(items)  # the input contract (meddiff3d.data.brain_mask)
         cases = []
         for item, callback in progress_steps(items, f"detecting ({settings.method})", self.progress,
                                              self.inferer.steps):

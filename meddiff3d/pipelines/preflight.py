@@ -28,7 +28,8 @@ from meddiff3d.data.images import read_header
 from meddiff3d.errors import InputError
 
 __all__ = ["FULL_RES_LIVE_ACTIVATIONS", "REQUEST_BYTES", "output_file", "first_channels", "check_generation_job",
-           "check_segmentation_job", "resampled_shape", "check_resampled_input", "check_inputs"]
+           "check_segmentation_job", "resampled_shape", "check_resampled_input", "check_inputs",
+           "check_skull_stripped_inputs"]
 
 FULL_RES_LIVE_ACTIVATIONS = 3
 REQUEST_BYTES = 1024
@@ -117,3 +118,17 @@ def check_inputs(items: Sequence[Mapping[str, Any]], output_dir: str | os.PathLi
             check_resampled_input(info.path, info.shape, info.affine, spacing, channels)
         voxels.append(math.prod(info.shape))
     return voxels
+
+
+def check_skull_stripped_inputs(items: Sequence[Mapping[str, Any]]) -> None:
+    """Every item's (first) image is skull-stripped, as the T1 models expect
+    (:func:`meddiff3d.data.brain_mask.check_skull_stripped`): an unstripped head stops the run before any compute,
+    with an error naming the file."""
+    from meddiff3d.data.brain_mask import check_skull_stripped
+    from meddiff3d.data.images import read_image
+
+    for item in items:
+        image = item["image"]
+        path = image[0] if isinstance(image, (list, tuple)) else image
+        array, affine = read_image(path)
+        check_skull_stripped(array, affine, str(path))

@@ -21,8 +21,8 @@ to 1 at 90 years:
 * individual shape: a smooth random velocity (30 mm correlation, 1.5 mm per component).
 
 With these ranges, on the MNI152 source at 1 mm, single subjects reach ventricular volumes of 6-84 mL and brain
-volumes of 800-1820 mL at the extremes of the factors; a 64-subject cohort spans about 10-83 mL and 850-1900 mL, and
-its largest correlation is age with brain volume (about -0.4: age shrinks the brain). ``synth`` prints the matrix of
+volumes of 800-1820 mL at the extremes of the factors; the 64-subject demo cohort spans 10-80 mL and 890-1920 mL,
+and its largest correlation is age with brain volume (-0.39: age shrinks the brain). ``synth`` prints the matrix of
 every cohort it writes; tests/test_synthetic_subjects.py bounds |r| <= 0.5.
 
 The velocities are summed and integrated by scaling and squaring (a diffeomorphism), the template tissue maps are
