@@ -195,6 +195,12 @@ def test_evaluation_reports_diffusion_and_baseline_side_by_side(models, calibrat
     assert {(r["method"], r["lesion_kind"]) for r in summary} >= {("diffusion", "all"), ("autoencoder", "tumour")}
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["methods"] == json.loads(json.dumps(metrics["methods"]))
+    assert {r["variant"] for r in rows} == {"standard"}  # a standard cohort: one variant group, all its volumes
+    assert saved["by_variant"]["diffusion"]["standard"]["volumes"] == 9
+    healthy = [float(r["flagged_normal_fraction"]) for r in rows if r["method"] == "diffusion" and
+               r["lesion_kind"] == "none"]
+    assert saved["by_variant"]["diffusion"]["standard"]["healthy_flagged_fraction"] == pytest.approx(
+        sum(healthy) / len(healthy), abs=1e-6)
     diffusion, baseline = metrics["methods"]["diffusion"], metrics["methods"]["autoencoder"]
     print({m: {k: round(v["auprc"] or 0, 3) for k, v in metrics["methods"][m].items()} for m in metrics["methods"]})
     assert diffusion["tumour"]["auprc"] > baseline["tumour"]["auprc"]

@@ -38,7 +38,7 @@ logger = logging.getLogger("meddiff3d.evaluation")
 
 __all__ = ["evaluate_anomaly", "case_metrics", "volume_level_auroc", "PER_VOLUME_FIELDS", "SUMMARY_FIELDS"]
 
-PER_VOLUME_FIELDS = ["method", "id", "lesion_kind", "lesion_voxels", "dice", "best_dice", "auprc", "auroc",
+PER_VOLUME_FIELDS = ["method", "id", "lesion_kind", "variant", "lesion_voxels", "dice", "best_dice", "auprc", "auroc",
                      "flagged_normal_fraction", "volume_score", "seconds"]
 SUMMARY_FIELDS = ["method", "lesion_kind", "volumes", "dice_mean", "dice", "best_dice", "auprc", "auroc",
                   "volume_auroc"]
@@ -151,8 +151,9 @@ def evaluate_anomaly(codec_path: str | os.PathLike, diffusion_path: str | os.Pat
             row = {"method": name, "id": str(item["id"]), **case_metrics(scores, labels, threshold),
                    "volume_score": result.volume_score, "seconds": round(result.seconds, 3)}
             row["lesion_kind"] = _lesion_kind(item, row["lesion_voxels"])
+            row["variant"] = str(item.get("variant", "standard"))  # synth --variant out_of_template families
             rows.append(row)
-            for kind in ("all", row["lesion_kind"]):
+            for kind in ("all", row["lesion_kind"], f"variant:{row['variant']}"):
                 key = (name, kind)
                 if key not in histograms:
                     histograms[key] = ScoreHistogram(threshold=threshold)
@@ -178,13 +179,25 @@ def evaluate_anomaly(codec_path: str | os.PathLike, diffusion_path: str | os.Pat
                      "best_threshold": pooled["best_threshold"]}
             summary.append(entry)
             by_method[name][kind] = entry
+    by_variant: dict[str, dict[str, Any]] = defaultdict(dict)
+    for name in detectors:
+        for variant in sorted({r["variant"] for r in rows}):
+            chosen = [r for r in rows if r["method"] == name and r["variant"] == variant]
+            pooled = histograms[(name, f"variant:{variant}")].metrics()
+            healthy = [r["flagged_normal_fraction"] for r in chosen if r["lesion_kind"] == HEALTHY]
+            by_variant[name][variant] = {
+                "volumes": len(chosen), **{k: pooled.get(k, float("nan")) for k in ("dice", "best_dice", "auprc",
+                                                                                    "auroc")},
+                "healthy_volumes": len(healthy), "healthy_flagged_fraction": _nanmean(healthy),
+                "flagged_normal_fraction": _nanmean([r["flagged_normal_fraction"] for r in chosen])}
     out = Path(output_dir)
     _write_csv(rows, PER_VOLUME_FIELDS, out / "per_volume.csv")
     _write_csv(summary, SUMMARY_FIELDS, out / "summary.csv")
     metrics = {"datalist": str(Path(datalist).absolute()), "section": section, "volumes": len(items),
                "calibrations": {k: str(v) for k, v in calibrations.items()},
                "thresholds": {k: d.calibration.threshold for k, d in detectors.items()},
-               "methods": by_method, "per_volume": rows, "seconds": round(time.perf_counter() - start, 2)}
+               "methods": by_method, "by_variant": by_variant, "per_volume": rows,
+               "seconds": round(time.perf_counter() - start, 2)}
     metrics = _clean(metrics)
     save_json(metrics, out / "metrics.json")
     headline = "; ".join(
