@@ -42,28 +42,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from meddiff3d.engine.checkpoint import read_file
     from meddiff3d.errors import InputError
-    from meddiff3d.evaluation.generative import measure_reference
-    from meddiff3d.evaluation.similarity import ms_ssim_config
-    from meddiff3d.evaluation.sweeps import paired_sweep
-    from meddiff3d.data.datalist import read_datalist
+    from meddiff3d.evaluation.sweeps import paired_sweeps
 
     try:
-        meta = read_file(args.diffusion, what="diffusion model file")["meta"]
-        scaling = read_datalist(args.datalist).get("covariates") or meta["conditioning"].get("scaling") or {}
-        reference = measure_reference(args.datalist, meta["image"], scaling, args.max_real or None,
-                                      ms_ssim_config(meta["image"]["shape"]))
-        for name, values in args.sweep:
-            result = paired_sweep(args.codec, args.diffusion, args.datalist, args.out, name, values, seeds=args.seeds,
-                                  steps=args.steps, sampler=args.sampler, device=args.device, amp=args.amp,
-                                  reference=reference)
-            stats = result["statistics"]
-            print(f"{name}: slope {stats['slope']} r {stats['r']} over {stats['n_pairs']} paired changes "
-                  f"(per seed {stats['slope_per_seed']}) -> {args.out / f'sweep_{name}.json'}")
+        results = paired_sweeps(args.codec, args.diffusion, args.datalist, args.out, dict(args.sweep),
+                                seeds=args.seeds, steps=args.steps, sampler=args.sampler,
+                                max_real=args.max_real or None, device=args.device, amp=args.amp)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for name, result in results.items():
+        stats = result["statistics"]
+        print(f"{name}: slope {stats['slope']} r {stats['r']} over {stats['n_pairs']} paired changes "
+              f"(per seed {stats['slope_per_seed']}) -> {args.out / f'sweep_{name}.json'}")
     return 0
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from meddiff3d.anomaly.calibration import (Calibration, anomaly_map, fit_residual_stats, quantile, residuals,
-                                           robust_scale)
+                                           quantile_scale)
 from meddiff3d.anomaly.healing import DetectorSettings, brain_mask, smooth
 from meddiff3d.data.synthetic import healthy_subject, load_anatomy
 
@@ -63,18 +63,18 @@ def test_per_volume_normalisation_keeps_the_false_positive_rate_when_the_contras
     assert not all(0.025 <= r <= 0.10 for r in rates["calibration"]), rates
 
 
-def test_robust_scale_divides_by_the_brain_s_90th_percentile():
+def test_quantile_scale_divides_by_the_brain_s_90th_percentile():
     e = torch.zeros(1, 1, 10, 10, 10)
     brain = torch.zeros_like(e)
     brain[..., 2:8, 2:8, 2:8] = 1.0
     values = torch.arange(1, 217, dtype=torch.float32).reshape(6, 6, 6)  # 1..216: the 90th percentile is 195
     e[..., 2:8, 2:8, 2:8] = values
     e[0, 0, 0, 0, 0] = 1e6  # outside the brain: neither counted nor kept
-    scaled = robust_scale(e, brain)
+    scaled = quantile_scale(e, brain)
     assert torch.allclose(scaled[..., 2:8, 2:8, 2:8], values / 195.0)
     assert float(scaled[brain == 0].abs().max()) == 0.0
-    assert torch.equal(robust_scale(e, torch.zeros_like(e)), torch.zeros_like(e))
-    assert torch.allclose(robust_scale(3.0 * e, brain), scaled)  # a global change of scale is absorbed
+    assert torch.equal(quantile_scale(e, torch.zeros_like(e)), torch.zeros_like(e))
+    assert torch.allclose(quantile_scale(3.0 * e, brain), scaled)  # a global change of scale is absorbed
 
 
 def test_format_1_calibrations_keep_their_meaning(tmp_path):

@@ -45,7 +45,7 @@ from meddiff3d.utils.io import read_json, save_json
 
 from .healing import DetectorSettings, brain_mask, smooth
 
-__all__ = ["CALIBRATION_FORMAT", "READABLE_FORMATS", "Calibration", "residuals", "robust_scale", "anomaly_map",
+__all__ = ["CALIBRATION_FORMAT", "READABLE_FORMATS", "Calibration", "residuals", "quantile_scale", "anomaly_map",
            "volume_score", "top_mean", "fit_residual_stats",
            "quantile", "save_calibration", "load_calibration"]
 
@@ -104,16 +104,16 @@ class Calibration:
 
 # ------------------------------------------------------------------------------------------------ scoring
 def residuals(x: torch.Tensor, healed: Sequence[torch.Tensor], settings: DetectorSettings) -> list[torch.Tensor]:
-    """``smooth|x - healed_k|`` per step, 0 outside the brain; with ``per_volume`` normalisation each map is put on
-    its own brain's robust scale (module docstring)."""
+    """``smooth|x - healed_k|`` per step, 0 outside the brain; with ``per_volume`` normalisation each map is divided
+    by its own brain's :data:`RESIDUAL_SCALE_QUANTILE` quantile (module docstring)."""
     brain = brain_mask(x, settings.brain_threshold)
     maps = [smooth((x - h).abs(), settings.smoothing_sigma) * brain for h in healed]
     if settings.residual_normalisation == "per_volume":
-        maps = [robust_scale(e, brain) for e in maps]
+        maps = [quantile_scale(e, brain) for e in maps]
     return maps
 
 
-def robust_scale(e: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+def quantile_scale(e: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
     """``e`` divided by its :data:`RESIDUAL_SCALE_QUANTILE` quantile over the brain voxels, 0 outside the brain."""
     inside = e[brain > 0].float()
     if inside.numel() == 0:

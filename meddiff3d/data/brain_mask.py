@@ -41,6 +41,13 @@ MARGIN_MM = 2.0
 MAX_OUTSIDE_ML = 150.0
 
 
+def _float_image(array: np.ndarray, affine: np.ndarray):
+    """The array as a float32 SimpleITK image on its RAS affine."""
+    from meddiff3d.data.images import array_to_sitk
+
+    return array_to_sitk(np.asarray(array, np.float32), affine)
+
+
 def _ball(radius_mm: float, spacing) -> list[int]:
     return [max(1, int(round(radius_mm / float(s)))) for s in spacing]
 
@@ -95,9 +102,9 @@ def brain_mask(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """The brain mask (uint8 0/1, same shape) of a T1 head ``array`` with its RAS ``affine`` (module docstring)."""
     import SimpleITK as sitk
 
-    from meddiff3d.data.images import array_to_sitk, sitk_to_array
+    from meddiff3d.data.images import sitk_to_array
 
-    image = sitk.Cast(array_to_sitk(np.asarray(array, np.float32), affine), sitk.sitkFloat32)
+    image = _float_image(array, affine)
     rough, _ = _rough_brain(image)
     if not np.any(sitk.GetArrayViewFromImage(rough)):
         raise InputError("brain mask: no foreground found (an empty or constant image)")
@@ -117,9 +124,7 @@ def tissue_outside_brain_ml(array: np.ndarray, affine: np.ndarray) -> float:
     structures); a head has its scalp, face and neck, separated from the brain by the dark skull (>= 100 mL)."""
     import SimpleITK as sitk
 
-    from meddiff3d.data.images import array_to_sitk
-
-    image = sitk.Cast(array_to_sitk(np.asarray(array, np.float32), affine), sitk.sitkFloat32)
+    image = _float_image(array, affine)
     rough, foreground = _rough_brain(image)
     outside = sitk.GetArrayViewFromImage(sitk.And(foreground, sitk.Not(rough)))
     return float(np.count_nonzero(outside)) * float(np.prod(image.GetSpacing())) / 1000.0

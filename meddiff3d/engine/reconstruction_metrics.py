@@ -23,14 +23,9 @@ import math
 
 import torch
 
-__all__ = ["brain_mask", "masked_psnr", "masked_ssim", "reconstruction_scores"]
+__all__ = ["masked_psnr", "masked_ssim", "reconstruction_scores"]
 
 SSIM_KERNEL, SSIM_SIGMA = 11, 1.5
-
-
-def brain_mask(reference: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """``reference > threshold`` (the brain of a skull-stripped volume normalised to [0, 1])."""
-    return reference > threshold
 
 
 def masked_psnr(x_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, data_range: float = 1.0) -> float:
@@ -58,10 +53,11 @@ def masked_ssim(x_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, data_r
 
 def reconstruction_scores(x_hat: torch.Tensor, x: torch.Tensor, data_range: float = 1.0,
                           mask: torch.Tensor | None = None) -> dict[str, float]:
-    """``{"psnr_brain", "ssim_brain", "psnr", "ssim", "brain_fraction"}`` of one ``(1, C, *spatial)`` pair."""
+    """``{"psnr_brain", "ssim_brain", "psnr", "ssim", "brain_fraction"}`` of one ``(1, C, *spatial)`` pair; the mask
+    defaults to ``x > 0`` (module docstring)."""
     from monai.metrics import PSNRMetric, SSIMMetric
 
-    mask = brain_mask(x) if mask is None else mask.bool()
+    mask = x > 0 if mask is None else mask.bool()
     x_hat = x_hat.to(x.dtype)
     return {"psnr_brain": masked_psnr(x_hat, x, mask, data_range),
             "ssim_brain": masked_ssim(x_hat, x, mask, data_range),

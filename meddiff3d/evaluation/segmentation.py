@@ -166,6 +166,7 @@ def region_metrics(pred_labels: np.ndarray, true_labels: np.ndarray, spacing: Se
     pred_masks, true_masks = region_masks(np.asarray(pred_labels), convention), region_masks(np.asarray(true_labels),
                                                                                             convention)
     k = f"{top_percent:g}"
+    healthy = domain & ~true_masks["WT"]  # tumour-free domain voxels, for prob_healthy
     out: dict[str, Any] = {}
     for c, region in enumerate(BRATS_REGIONS):
         pred, truth = pred_masks[region], true_masks[region]
@@ -174,7 +175,6 @@ def region_metrics(pred_labels: np.ndarray, true_labels: np.ndarray, spacing: Se
         out[f"{region}_pred_ml"], out[f"{region}_true_ml"] = pred.sum() * voxel_ml, truth.sum() * voxel_ml
         if prob is not None:
             out[f"{region}_ece"] = calibration_error(prob[..., c][domain], truth[domain], bins)
-            healthy = domain & ~true_masks["WT"]
             out[f"{region}_prob_healthy"] = float(prob[..., c][healthy].mean()) if healthy.any() else math.nan
         errors = (pred != truth)[domain]
         for source, volume in sources.items():

@@ -5,7 +5,7 @@ the training data (a model that learnt only age would still "follow" ventricular
 A paired sweep removes that: one covariate takes the values ``v_1 < ... < v_m`` while the other covariates and the
 seed (so the starting noise) stay fixed, and the measured change is compared with the requested one.
 
-:func:`paired_sweep` (one covariate, ``S`` seeds):
+:func:`paired_sweeps` (each covariate in turn, ``S`` seeds):
 
 1. the measurement is calibrated on the datalist's real training volumes, in the model's geometry
    (:func:`~meddiff3d.evaluation.generative.measure_reference`: label-free morphometry ->
@@ -38,7 +38,7 @@ from .morphometry import MEASURED_COVARIATES
 
 logger = logging.getLogger("meddiff3d.evaluation")
 
-__all__ = ["paired_sweep", "sweep_statistics", "base_covariates"]
+__all__ = ["paired_sweeps", "sweep_statistics", "base_covariates"]
 
 
 def sweep_statistics(requested: Sequence[Sequence[float]], measured: Sequence[Sequence[float]]) -> dict[str, Any]:
@@ -71,16 +71,25 @@ def base_covariates(items: Sequence[Mapping[str, Any]], names: Sequence[str]) ->
     return out
 
 
-def paired_sweep(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, datalist: str | os.PathLike,
-                 out_dir: str | os.PathLike, covariate: str, values: Sequence[float], *,
-                 seeds: Sequence[int] = (0, 1, 2),
-                 fixed: Mapping[str, float] | None = None, steps: int | None = None, sampler: str | None = None,
-                 max_real: int | None = 64, device: str = "auto", amp: str = "auto",
-                 reference: Any = None) -> dict[str, Any]:
-    """Sweep ``covariate`` over ``values`` for each seed (module docstring); writes ``out_dir/sweep_<covariate>.json``
-    and the samples under ``out_dir/<covariate>/``; returns the result. ``reference``: a
-    :class:`~meddiff3d.evaluation.generative.RealReference` to reuse (the real volumes measured once for several
-    sweeps)."""
+def _checked_values(covariate: str, values: Sequence[float]) -> list[float]:
+    if covariate not in MEASURED_COVARIATES:
+        raise InputError(f"sweep covariate {covariate!r}: only measured ones can be swept "
+                         f"({list(MEASURED_COVARIATES)})")
+    values = sorted(float(v) for v in values)
+    if len(values) < 2 or not all(0.0 <= v <= 1.0 for v in values) or len(set(values)) != len(values):
+        raise InputError(f"sweep values {values}: need at least two different values in [0, 1]")
+    return values
+
+
+def paired_sweeps(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, datalist: str | os.PathLike,
+                  out_dir: str | os.PathLike, sweeps: Mapping[str, Sequence[float]], *,
+                  seeds: Sequence[int] = (0, 1, 2), fixed: Mapping[str, float] | None = None,
+                  steps: int | None = None, sampler: str | None = None, max_real: int | None = 64,
+                  device: str = "auto", amp: str = "auto") -> dict[str, dict[str, Any]]:
+    """Sweep each covariate of ``sweeps`` (``{name: values}``) over its values for each seed (module docstring);
+    every sweep is checked before the real volumes are measured (once, for all sweeps). Writes
+    ``out_dir/sweep_<covariate>.json`` and the samples under ``out_dir/<covariate>/``; returns ``{covariate:
+    result}``."""
     import nibabel as nib
 
     from meddiff3d.data.datalist import load_datalist, read_datalist
@@ -91,50 +100,45 @@ def paired_sweep(codec_path: str | os.PathLike, diffusion_path: str | os.PathLik
     from .morphometry import measure_volumes, to_model_scale
     from .similarity import ms_ssim_config
 
-    start = time.perf_counter()
-    if covariate not in MEASURED_COVARIATES:
-        raise InputError(f"sweep covariate {covariate!r}: only measured ones can be swept "
-                         f"({list(MEASURED_COVARIATES)})")
-    values = sorted(float(v) for v in values)
-    if len(values) < 2 or not all(0.0 <= v <= 1.0 for v in values) or len(set(values)) != len(values):
-        raise InputError(f"sweep values {values}: need at least two different values in [0, 1]")
+    sweeps = {covariate: _checked_values(covariate, values) for covariate, values in sweeps.items()}
     meta = read_file(diffusion_path, what="diffusion model file")["meta"]
     image_meta, names = meta["image"], list(meta["conditioning"]["covariates"])
-    doc = read_datalist(datalist)
-    scaling = doc.get("covariates") or meta["conditioning"].get("scaling") or {}
+    scaling = read_datalist(datalist).get("covariates") or meta["conditioning"].get("scaling") or {}
     base = dict(fixed) if fixed is not None else base_covariates(load_datalist(datalist, "training",
                                                                                check_images=False), names)
-    unknown = sorted(set(base) - set(names))
-    if unknown or set(names) - set(base) - {covariate}:
-        raise InputError(f"fixed covariates {sorted(base)} do not match the model's {names}")
-    if reference is None:
-        reference = measure_reference(datalist, image_meta, scaling, max_real, ms_ssim_config(image_meta["shape"]))
+    for covariate in sweeps:
+        if set(base) - set(names) or set(names) - set(base) - {covariate}:
+            raise InputError(f"fixed covariates {sorted(base)} do not match the model's {names}")
+    reference = measure_reference(datalist, image_meta, scaling, max_real, ms_ssim_config(image_meta["shape"]))
     calib = reference.calibration
     out = Path(out_dir)
-    requested, measured, samples = [], [], []
-    for seed in seeds:
-        row_req, row_mes = [], []
-        for value in values:
-            request = {**base, covariate: value}
-            (path,) = generate(codec_path, diffusion_path, covariates=request, num_samples=1, seed=int(seed),
-                               steps=steps, sampler=sampler, output_dir=out / covariate / f"{covariate}_{value:g}",
-                               device=device, amp=amp, progress=False)
-            volume = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
-            raw = measure_volumes(volume, image_meta["spacing"])
-            value_measured = calib(to_model_scale(raw, scaling)).get(covariate, math.nan)
-            row_req.append(value)
-            row_mes.append(value_measured)
-            samples.append({"seed": int(seed), "requested": value, "measured": round(value_measured, 4),
-                            "raw_ml": {k: round(float(v), 2) for k, v in raw.items() if k.endswith("_ml")},
-                            "file": str(path)})
-        requested.append(row_req)
-        measured.append(row_mes)
-        logger.info("sweep %s seed %d: requested %s -> measured %s", covariate, seed, row_req,
-                    [round(v, 3) for v in row_mes])
-    result = {"covariate": covariate, "values": values, "seeds": [int(s) for s in seeds], "fixed": base,
-              "statistics": sweep_statistics(requested, measured),
-              "measurement": {"calibration": calib.to_dict(), "ceiling": reference.ceiling},
-              "generation": {"steps": steps, "sampler": sampler}, "samples": samples,
-              "seconds": round(time.perf_counter() - start, 1)}
-    save_json(result, out / f"sweep_{covariate}.json")
-    return result
+    results = {}
+    for covariate, values in sweeps.items():
+        start = time.perf_counter()
+        requested, measured, samples = [], [], []
+        for seed in seeds:
+            row_mes = []
+            for value in values:
+                (path,) = generate(codec_path, diffusion_path, covariates={**base, covariate: value}, num_samples=1,
+                                   seed=int(seed), steps=steps, sampler=sampler,
+                                   output_dir=out / covariate / f"{covariate}_{value:g}", device=device, amp=amp,
+                                   progress=False)
+                volume = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
+                raw = measure_volumes(volume, image_meta["spacing"])
+                value_measured = calib(to_model_scale(raw, scaling)).get(covariate, math.nan)
+                row_mes.append(value_measured)
+                samples.append({"seed": int(seed), "requested": value, "measured": round(value_measured, 4),
+                                "raw_ml": {k: round(float(v), 2) for k, v in raw.items() if k.endswith("_ml")},
+                                "file": str(path)})
+            requested.append(values)
+            measured.append(row_mes)
+            logger.info("sweep %s seed %d: requested %s -> measured %s", covariate, seed, values,
+                        [round(v, 3) for v in row_mes])
+        results[covariate] = {
+            "covariate": covariate, "values": values, "seeds": [int(s) for s in seeds], "fixed": base,
+            "statistics": sweep_statistics(requested, measured),
+            "measurement": {"calibration": calib.to_dict(), "ceiling": reference.ceiling},
+            "generation": {"steps": steps, "sampler": sampler}, "samples": samples,
+            "seconds": round(time.perf_counter() - start, 1)}
+        save_json(results[covariate], out / f"sweep_{covariate}.json")
+    return results

@@ -38,7 +38,6 @@ from .grid import Grid
 
 VARIANTS = ("standard", "varied", "asymmetric", "contrast")
 OUT_OF_TEMPLATE_FAMILIES = ("asymmetric", "contrast", "phantom")
-T1_BRAIN_CLASSES = ("gm", "wm", "csf")
 ROTATION_MAX_DEG = 8.0
 
 
@@ -107,11 +106,11 @@ def thick_slices(image: np.ndarray, grid: Grid, axis: int, slice_mm: float) -> n
     stride = slice_mm / step
     centres = np.arange(0.5 * stride - 0.5, n, stride)
     coarse = _interpolate_along(blurred, axis, centres)
-    positions = np.clip((np.arange(n) - centres[0]) / stride, 0.0, len(centres) - 1.0)
-    return _interpolate_along(coarse, axis, positions).astype(np.float32)
+    return _interpolate_along(coarse, axis, (np.arange(n) - centres[0]) / stride).astype(np.float32)
 
 
 def _interpolate_along(volume: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``volume`` at fractional indices ``positions`` along ``axis`` (clamped to its ends)."""
     positions = np.clip(positions, 0.0, volume.shape[axis] - 1.0)
     low = np.floor(positions).astype(np.int64)
     high = np.minimum(low + 1, volume.shape[axis] - 1)
