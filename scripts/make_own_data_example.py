@@ -1,15 +1,15 @@
-"""Write a folder laid out like a user's own data, for docs/own_data.md: 4 BraTS-named cases, 4 T1 volumes with
+"""Write a folder laid out like a user's own data, for docs/own_data.md: 2 BraTS-named cases, 2 T1 volumes with
 lesions and 2 healthy T1 volumes (for calibrating the anomaly detector).
 
     python scripts/make_own_data_example.py --out my_data
 
-    my_data/brats/BraTS2021_00000/BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz   (x4, the BraTS 2021 naming)
-    my_data/t1/sub-01_T1w.nii.gz ... sub-04_T1w.nii.gz                          (x4, two of them stored LPS)
+    my_data/brats/BraTS2021_00000/BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz   (x2, the BraTS 2021 naming)
+    my_data/t1/sub-01_T1w.nii.gz, sub-02_T1w.nii.gz                             (x2, the second stored LPS)
     my_data/t1_healthy/ctrl-01_T1w.nii.gz, ctrl-02_T1w.nii.gz                   (x2, healthy)
 
 The volumes are the project's synthetic subjects (``meddiff3d synth``: warps of the MNI152 template with tumours,
 and T1 brains with lesions of known extent), so every answer is known; the T1 files are skull-stripped, 1 mm.
-Two T1 files are written in LPS voxel order (axes flipped, affine adjusted: the same image in world space) to show
+One T1 file is written in LPS voxel order (axes flipped, affine adjusted: the same image in world space) to show
 that orientation does not matter. Nothing is resampled.
 
 The doc-command tests build their small inputs with :func:`write_brats_cases` and :func:`write_t1_files` (keyword
@@ -91,11 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:  # all or nothing: written there, moved to --out at the end
         staging = Path(tmp) / "out"
-        write_brats_cases(staging / "brats", 4, args.seed)
-        write_t1_files(staging / "t1", "anomaly", 4, args.seed + 1, "sub", lps_every=2)
+        write_brats_cases(staging / "brats", 2, args.seed)
+        write_t1_files(staging / "t1", "anomaly", 2, args.seed + 1, "sub", lps_every=2)
         write_t1_files(staging / "t1_healthy", "healthy", 2, args.seed + 2, "ctrl")
         shutil.move(str(staging), str(out))
-    print(f"wrote {out}/brats (4 BraTS-named cases), {out}/t1 (4 T1 volumes with lesions, 2 of them LPS) and "
+    print(f"wrote {out}/brats (2 BraTS-named cases), {out}/t1 (2 T1 volumes with lesions, one of them LPS) and "
           f"{out}/t1_healthy (2 healthy T1 volumes)")
     return 0
 

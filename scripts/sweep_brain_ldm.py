@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
     p.add_argument("--sampler", default=None, help="sampler (default: the model's own)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none)")
     p.add_argument("--max-real", type=int, default=64, help="real items per datalist section measured (0: all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto")
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
     try:
         results = paired_sweeps(args.codec, args.diffusion, args.datalist, args.out, dict(args.sweep),
                                 seeds=args.seeds, steps=args.steps, sampler=args.sampler,
+                                guidance_scale=args.guidance_scale,
                                 max_real=args.max_real or None, device=args.device, amp=args.amp)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

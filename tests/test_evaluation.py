@@ -49,6 +49,24 @@ def test_measurement_tracks_true_volumes(subjects):
     assert again["ventricular_ml"] == pytest.approx(measured[0]["ventricular_ml"], rel=1e-3)
 
 
+def test_calibration_curve_keeps_the_slope_of_a_noisy_measurement():
+    """measured = 2 * truth + 0.1 + noise (r about 0.6): the calibration maps a change of 1 in truth to a change of
+    about 1 (regressing truth on measured would give about r^2 = 0.36), and reproduces an exact line exactly."""
+    from meddiff3d.evaluation.morphometry import calibrate
+
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0.0, 1.0, 2000)
+    noisy = 2.0 * truth + 0.1 + rng.normal(0.0, 0.8, truth.size)
+    assert 0.45 < np.corrcoef(truth, noisy)[0, 1] < 0.75
+    calib = calibrate([{"ventricular_volume": m} for m in noisy], [{"ventricular_volume": t} for t in truth])
+    change = calib({"ventricular_volume": 2.1})["ventricular_volume"] - calib({"ventricular_volume": 0.1})[
+        "ventricular_volume"]
+    assert change == pytest.approx(1.0, abs=0.1)
+    exact = calibrate([{"brain_volume": 3.0 * t - 1.0} for t in truth[:5]], [{"brain_volume": t} for t in truth[:5]])
+    assert exact({"brain_volume": 0.5})["brain_volume"] == pytest.approx(0.5)
+    assert exact.slope["brain_volume"] == pytest.approx(1 / 3) and exact.intercept["brain_volume"] == pytest.approx(1 / 3)
+
+
 def test_ms_ssim_identity_and_noise(subjects):
     image = np.clip(subjects[0][0][0], 0, 1)
     config = ms_ssim_config(image.shape)

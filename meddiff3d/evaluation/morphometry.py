@@ -168,8 +168,9 @@ def to_model_scale(raw: Mapping[str, float], scaling: Mapping[str, Mapping]) -> 
 
 @dataclass
 class Calibration:
-    """A linear map ``model-scale measurement -> datalist covariate`` per covariate, fitted on real volumes: removes
-    the method's systematic bias (e.g. partial-volume voxels lost at the mask edge) before errors are computed."""
+    """A linear map ``model-scale measurement -> datalist covariate`` per covariate (the inverted calibration curve of
+    :func:`calibrate`, fitted on real volumes): removes the method's systematic bias (e.g. partial-volume voxels lost
+    at the mask edge) before errors are computed."""
 
     slope: dict[str, float]
     intercept: dict[str, float]
@@ -182,14 +183,21 @@ class Calibration:
 
 
 def calibrate(measured: Sequence[Mapping[str, float]], truth: Sequence[Mapping[str, float]]) -> Calibration:
-    """Least-squares ``truth ~ slope * measured + intercept`` per covariate (identity with fewer than 3 pairs or no
-    spread)."""
+    """A calibration curve per covariate: least squares ``measured ~ a * truth + b`` on real volumes whose truth is
+    known, inverted (``truth = (measured - b) / a``); identity with fewer than 3 pairs, no spread or no response.
+
+    The error is in the measurement (the covariates of synthetic subjects are exact), so the measurement is regressed
+    on the truth, not the other way round: regressing the truth on a noisy measurement shrinks its slope by ``r^2``
+    (regression dilution), which would scale every measured change -- a paired sweep's slope -- by ``r^2`` too."""
     slope, intercept = {}, {}
     for name in MEASURED_COVARIATES:
         pairs = np.array([(m[name], t[name]) for m, t in zip(measured, truth) if name in m and name in t], dtype=float)
-        if len(pairs) < 3 or np.std(pairs[:, 0]) < 1e-9:
+        if len(pairs) < 3 or np.std(pairs[:, 0]) < 1e-9 or np.std(pairs[:, 1]) < 1e-9:
             slope[name], intercept[name] = 1.0, 0.0
             continue
-        a, b = np.polyfit(pairs[:, 0], pairs[:, 1], 1)
-        slope[name], intercept[name] = float(a), float(b)
+        a, b = np.polyfit(pairs[:, 1], pairs[:, 0], 1)
+        if abs(a) < 1e-6:
+            slope[name], intercept[name] = 1.0, 0.0
+            continue
+        slope[name], intercept[name] = float(1.0 / a), float(-b / a)
     return Calibration(slope, intercept)

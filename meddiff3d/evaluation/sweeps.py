@@ -84,8 +84,8 @@ def _checked_values(covariate: str, values: Sequence[float]) -> list[float]:
 def paired_sweeps(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, datalist: str | os.PathLike,
                   out_dir: str | os.PathLike, sweeps: Mapping[str, Sequence[float]], *,
                   seeds: Sequence[int] = (0, 1, 2), fixed: Mapping[str, float] | None = None,
-                  steps: int | None = None, sampler: str | None = None, max_real: int | None = 64,
-                  device: str = "auto", amp: str = "auto") -> dict[str, dict[str, Any]]:
+                  steps: int | None = None, sampler: str | None = None, guidance_scale: float = 1.0,
+                  max_real: int | None = 64, device: str = "auto", amp: str = "auto") -> dict[str, dict[str, Any]]:
     """Sweep each covariate of ``sweeps`` (``{name: values}``) over its values for each seed (module docstring);
     every sweep is checked before the real volumes are measured (once, for all sweeps). Writes
     ``out_dir/sweep_<covariate>.json`` and the samples under ``out_dir/<covariate>/``; returns ``{covariate:
@@ -120,7 +120,7 @@ def paired_sweeps(codec_path: str | os.PathLike, diffusion_path: str | os.PathLi
             row_mes = []
             for value in values:
                 (path,) = generate(codec_path, diffusion_path, covariates={**base, covariate: value}, num_samples=1,
-                                   seed=int(seed), steps=steps, sampler=sampler,
+                                   seed=int(seed), steps=steps, sampler=sampler, guidance_scale=guidance_scale,
                                    output_dir=out / covariate / f"{covariate}_{value:g}", device=device, amp=amp,
                                    progress=False)
                 volume = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
@@ -138,7 +138,8 @@ def paired_sweeps(codec_path: str | os.PathLike, diffusion_path: str | os.PathLi
             "covariate": covariate, "values": values, "seeds": [int(s) for s in seeds], "fixed": base,
             "statistics": sweep_statistics(requested, measured),
             "measurement": {"calibration": calib.to_dict(), "ceiling": reference.ceiling},
-            "generation": {"steps": steps, "sampler": sampler}, "samples": samples,
+            "generation": {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale},
+            "samples": samples,
             "seconds": round(time.perf_counter() - start, 1)}
         save_json(results[covariate], out / f"sweep_{covariate}.json")
     return results
