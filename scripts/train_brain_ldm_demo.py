@@ -15,6 +15,9 @@ WORK as the bundle root and run_dir / data_dir under WORK, so the cohort (WORK/d
 resumed after a kill) and the weights (WORK/models/) stay out of the repository. This script only orchestrates: it
 keeps the stages' summaries in WORK/demo_training.json (the model card quotes them) and, with ``--install``, copies
 the trained files and the record into the bundle's models/, the pair also into brain_mri_anomaly_ldm's models/.
+Before the distillation stage it copies the diffusion run's latent cache (WORK/runs/diffusion/latents/) into the
+distillation run when that has none: the same codec and datalist, so the encoder's cache key matches and the cohort
+is not encoded twice (a cache whose key differs is encoded again, as always).
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     stages = PAIR if args.stage == "all" else [args.stage]
     for stage in stages:
+        cached, target = work / "runs" / "diffusion" / "latents", work / "runs" / "distillation" / "latents"
+        if stage == "distillation" and (cached / "latents.pt").is_file() and not target.exists():
+            shutil.copytree(cached, target)
         record[stage] = run_stage(stage, work)
         record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     if args.install:

@@ -78,15 +78,18 @@ def test_quantile_scale_divides_by_the_brain_s_90th_percentile():
 
 
 def test_format_1_calibrations_keep_their_meaning(tmp_path):
-    """Files written before per-volume normalisation load with residual_normalisation='calibration'; new ones record
-    the setting."""
+    """Files written before per-volume normalisation (format 1: the shipped file as it was, without the setting)
+    load with residual_normalisation='calibration'; new ones (the shipped demo calibration) record the setting."""
     from pathlib import Path
 
     shipped = json.loads((Path(__file__).resolve().parents[1] / "bundles/brain_mri_anomaly_ldm/models/"
                           "calibration.json").read_text())
-    assert shipped["format"] == "meddiff3d.anomaly_calibration/1"
-    assert "residual_normalisation" not in shipped["settings"]
-    assert Calibration.from_dict(shipped).settings.residual_normalisation == "calibration"
+    assert shipped["format"] == "meddiff3d.anomaly_calibration/2"
+    assert shipped["settings"]["residual_normalisation"] == "per_volume"
+    assert Calibration.from_dict(shipped).settings.residual_normalisation == "per_volume"
+    old = {**shipped, "format": "meddiff3d.anomaly_calibration/1",
+           "settings": {k: v for k, v in shipped["settings"].items() if k != "residual_normalisation"}}
+    assert Calibration.from_dict(old).settings.residual_normalisation == "calibration"
     assert DetectorSettings().residual_normalisation == "per_volume"
     with pytest.raises(Exception, match="residual_normalisation"):
         DetectorSettings(residual_normalisation="global")

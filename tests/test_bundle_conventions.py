@@ -132,6 +132,8 @@ def test_eval_metrics_are_the_recorded_figures():
     metrics = metadata("brain_mri_ldm")["eval_metrics"]
     assert metrics["autoencoder_psnr_db"] == round(record["psnr"], 2)
     assert metrics["autoencoder_ssim"] == round(record["ssim"], 3)
+    assert metrics["autoencoder_psnr_brain_db"] == round(record["psnr_brain"], 2)
+    assert metrics["autoencoder_ssim_brain"] == round(record["ssim_brain"], 3)
 
 
 # ------------------------------------------------------------------------------------------------ model-zoo, full

@@ -335,10 +335,10 @@ def test_train_distillation_is_a_monai_training_workflow(monkeypatch):
     assert {k: v.shape for k, v in network.state_dict().items()} == {k: v.shape for k, v in shipped.items()}
     own = ConfigParser.load_config_file(str(path / "train_distillation.yaml"))
     assert sum(str(v).startswith("$") for v in _strings(own)) <= 4  # model_distilled.pt, run_dir, budget, network
-    # the demo preset: 64 -> 4 in 4 rounds of 500 steps, and a command line check_command_line accepts
+    # the demo preset: 64 -> 4 in 4 rounds of 250 steps, and a command line check_command_line accepts
     demo = Bundle("brain_mri_ldm").parse(*config_names(DEMO))
     assert distillation_rounds(demo["distill_start_steps"], demo["distill_final_steps"]) == [32, 16, 8, 4]
-    assert demo["distill_iterations_per_round"] == 500 and demo["amp"] == "bf16"
+    assert demo["distill_iterations_per_round"] == 250 and demo["amp"] == "bf16"
     monkeypatch.chdir(path.parent)
     argv = [str(ROOT / ".venv/lib/monai/bundle/__main__.py"), "run", "--config_file", str(config_names(DEMO))]
     check_command_line([*argv, "--distill_iterations_per_round", "1"])
@@ -374,7 +374,7 @@ def test_demo_preset_starts_on_the_shipped_teacher(tmp_path):
     stopped = run_until_first_step(f"{DEMO} --image_shape '[32,48,32]' --spacing '[5.0,5.0,5.0]' --synthetic_n 6",
                                    root, timeout=900)
     assert stopped.stopped, stopped.output[-3000:]
-    assert "distillation round 64 -> 32 steps (500 iterations)" in stopped.output
+    assert "distillation round 64 -> 32 steps (250 iterations)" in stopped.output
 
 
 def test_the_shipped_student_is_the_demo_preset_distilled_from_the_shipped_teacher():

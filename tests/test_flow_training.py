@@ -197,7 +197,7 @@ def test_flow_preset_declares_the_flow_objective_and_its_own_files():
     assert objective.schedule == FlowSchedule(sample_method="logit-normal")
     assert parser.get_parsed_content("diffusion_path").endswith("models/model_flow.pt")
     assert parser.get_parsed_content("run_dir") == "outputs/runs/brain_mri_ldm_flow"
-    demo = {"diffusion_max_iterations": 2500, "diffusion_batch_size": 4, "diffusion_network": "tiny_cpu",
+    demo = {"diffusion_max_iterations": 3000, "diffusion_batch_size": 4, "diffusion_network": "tiny_cpu",
             "coordinates": True, "diffusion_lr": 1e-3, "ema_decay": 0.995, "cond_dropout": 0.15}  # the v demo's budget
     assert {key: parser[key] for key in demo} == demo
 

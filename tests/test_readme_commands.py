@@ -11,6 +11,10 @@ from bundle_testing import run_as_printed
 from doc_commands import user_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the demo's sample must look like a brain where MNI152 has one: the 2-voxel-smoothed correlation with the
+#: template's tissue map and the head mask's Dice with its brain. Measured: the shipped weights' sample of seed 0
+#: 0.93 / 0.93; the domain-randomised training subjects 0.75-0.96 / 0.75-0.96 (12 of them)
+SMOOTH_R_BOUND, MASK_DICE_BOUND = 0.85, 0.85
 
 
 def readme_commands():
@@ -51,13 +55,19 @@ def test_main_command_runs(tmp_path):
     data = np.asarray(img.dataobj)
     assert np.isfinite(data).all() and data.std() > 0.05
     # a T1 brain where the MNI152 template has one (the demo weights were trained on warped MNI152 subjects), not a
-    # blob: correlation with the template's tissue map (WM + 0.6 GM, T1 contrast) on the output grid. Training
-    # subjects score ~0.96 and so does this sample of the shipped model; the rejected first demo model's blobs
-    # scored 0.64.
+    # blob: correlation with the template's tissue map (WM + 0.6 GM, T1 contrast) on the output grid, both smoothed
+    # by 2 voxels (the domain-randomised training subjects differ from the template in contrast, gamma, bias and
+    # slice thickness, which the unsmoothed correlation punishes: 0.70-0.93 on them), and the sample's head mask
+    # (above 10 % of its 99th percentile) overlapping the template's brain. SMOOTH_R_BOUND / MASK_DICE_BOUND below
+    # give the measured figures; the rejected first demo model's blobs scored 0.64 unsmoothed.
+    from scipy import ndimage
+
     from meddiff3d.data.synthetic.anatomy import load_anatomy
 
     anatomy = load_anatomy("mni", img.shape)
-    tissue = anatomy["wm"] + 0.6 * anatomy["gm"]
-    assert np.corrcoef(data.ravel(), tissue.ravel())[0, 1] > 0.85
+    tissue = ndimage.gaussian_filter(anatomy["wm"] + 0.6 * anatomy["gm"], 2.0)
+    assert np.corrcoef(ndimage.gaussian_filter(data, 2.0).ravel(), tissue.ravel())[0, 1] > SMOOTH_R_BOUND
+    head, brain = data > 0.1 * np.percentile(data, 99), anatomy["brain"] > 0.5
+    assert 2 * (head & brain).sum() / (head.sum() + brain.sum()) > MASK_DICE_BOUND
     assert data[anatomy["wm"] > 0.9].mean() > data[anatomy["gm"] > 0.6].mean()  # T1: white matter brighter
     assert list(demo.rglob("*.png")), "no PNG preview"

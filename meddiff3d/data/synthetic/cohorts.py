@@ -16,6 +16,7 @@ Covariates in items are scaled to [0, 1] with the fixed ranges of :data:`COVARIA
 the datalist's top-level ``covariates`` block); the raw values are kept in ``covariates_raw``. The cohort's covariate
 ranges and correlation matrix (:func:`covariate_summary`) are recorded under ``synthetic.covariate_summary`` and printed
 by ``synth``: the covariates are drawn independently (:mod:`.subjects`), so a conditional model can learn each apart.
+Each item's ``acquisition`` holds, per sequence, what its image drew (:func:`.contrast.acquisition_record`).
 """
 
 from __future__ import annotations
@@ -201,6 +202,7 @@ def write_cohort(kind: str, out_dir, n: int, seed: int = 0, shape=DEFAULT_SHAPE,
         raw_covariates.append(subject.covariates_raw)
         item["covariates_raw"] = {k: round(v, 3) for k, v in subject.covariates_raw.items()}
         item.update(subject.extra if kind != "anomaly" or split == "test" else {"lesion_kind": "none"})
+        item["acquisition"] = subject.acquisition
         item["index"] = index
         if variant != "standard":
             item["variant"] = family

@@ -24,6 +24,8 @@ from meddiff3d.data.brats import BRATS_MODALITIES
 from .acquisition import Scanner, apply_gamma, draw_acquisition, thick_slices
 from .grid import Grid, smooth_noise
 
+#: the classes whose intensities an item's ``acquisition`` records (present in every subject of a cohort)
+RECORDED_CLASSES = ("gm", "wm", "csf", "skull", "scalp")
 SEQUENCES = BRATS_MODALITIES  # the BraTS sequences, t1 first (also the healthy T1 cohorts' one sequence)
 # tissue or lesion class -> mean intensity per sequence
 TISSUE_INTENSITY = {
@@ -60,14 +62,15 @@ def add_rician_noise(image: np.ndarray, rng: np.random.Generator, sigma: float) 
 
 def synthesise(fractions: dict[str, np.ndarray], sequence: str, rng: np.random.Generator, grid: Grid,
                brain: np.ndarray | None = None, noise_sigma: float | None = None,
-               bias_strength: float = 0.15, texture: float = 0.03, variant: str = "standard") -> np.ndarray:
+               bias_strength: float = 0.15, texture: float = 0.03, variant: str = "standard",
+               record: dict | None = None) -> np.ndarray:
     """One MR image from class fractions (``{class: (*shape) array}``, classes of :data:`TISSUE_INTENSITY`).
 
     Draws the subject's intensities, a texture (``texture`` relative amplitude, 6 mm correlation), a bias field and
     Rician noise (``noise_sigma``, default drawn in [0.01, 0.04]) from ``rng``; a ``variant`` other than
     ``standard`` draws its own intensities, gamma, bias strength, noise and slice thickness
     (:mod:`.acquisition`). With ``brain`` given the image is skull-stripped: multiplied by ``brain > 0.5`` at the
-    end. Returns float32 ``(*shape)``.
+    end. Returns float32 ``(*shape)``; ``record``, when given, receives what was drawn (:func:`acquisition_record`).
     """
     if variant in ("varied", "contrast"):
         mu, scanner = draw_acquisition(rng, sequence, TISSUE_INTENSITY[sequence], variant)
@@ -83,6 +86,20 @@ def synthesise(fractions: dict[str, np.ndarray], sequence: str, rng: np.random.G
         image = thick_slices(image, grid, scanner.slice_axis, scanner.slice_mm)
     sigma = float(rng.uniform(0.01, 0.04)) if scanner.noise_sigma is None else scanner.noise_sigma
     image = add_rician_noise(image, rng, sigma)
+    if record is not None:
+        record.update(acquisition_record({n: mu[n] for n in RECORDED_CLASSES if n in fractions}, scanner, sigma))
     if brain is not None:
         image *= brain > 0.5
     return image.astype(np.float32)
+
+
+def acquisition_record(intensities: dict[str, float], scanner: Scanner, noise_sigma: float) -> dict:
+    """How one synthetic image was acquired, for its datalist item: the tissue intensities before gamma, bias and
+    noise (white matter ~0.65-1), the gamma, bias strength, Rician noise sigma and thick-slice axis / thickness
+    (``slice_axis`` -1 and ``slice_mm`` 0: the grid's own slices). Numbers only and the same keys for every item of
+    a cohort (the healthy tissue classes, not the lesions), so that items still collate into batches."""
+    return {"intensities": {name: round(float(v), 4) for name, v in intensities.items()},
+            "gamma": round(float(scanner.gamma), 4), "bias_strength": round(float(scanner.bias_strength), 4),
+            "noise_sigma": round(float(noise_sigma), 4),
+            "slice_axis": -1 if scanner.slice_axis is None else int(scanner.slice_axis),
+            "slice_mm": round(float(scanner.slice_mm), 3)}

@@ -21,8 +21,8 @@ to 1 at 90 years:
 * individual shape: a smooth random velocity (30 mm correlation, 1.5 mm per component).
 
 With these ranges, on the MNI152 source at 1 mm, single subjects reach ventricular volumes of 6-84 mL and brain
-volumes of 800-1820 mL at the extremes of the factors; the 64-subject demo cohort spans 10-80 mL and 890-1920 mL,
-and its largest correlation is age with brain volume (-0.39: age shrinks the brain). ``synth`` prints the matrix of
+volumes of 800-1820 mL at the extremes of the factors; the 256-subject demo cohort spans 7.7-80.4 mL and
+881-1917 mL, and its largest correlation is age with brain volume (-0.32: age shrinks the brain). ``synth`` prints the matrix of
 every cohort it writes; tests/test_synthetic_subjects.py bounds |r| <= 0.5.
 
 The velocities are summed and integrated by scaling and squaring (a diffeomorphism), the template tissue maps are
@@ -66,6 +66,7 @@ class Subject:
     maps: np.ndarray  # (len(TISSUES), *shape) warped template maps (tumour / lesions not removed)
     label: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    acquisition: dict = field(default_factory=dict)  # sequence -> what its image drew (contrast.acquisition_record)
 
 
 def subject_id(index: int) -> str:
@@ -147,9 +148,13 @@ def _tissue_fractions(maps: np.ndarray, skull_strip: bool, replaced: np.ndarray 
 
 
 def _images(fractions, sequences, seed, index, anatomy, brain, skull_strip, variant="standard"):
+    """Images per sequence and, per sequence, how it was acquired (drawn intensities, gamma, bias, noise, slices)."""
     rng = subject_rng(seed, index, "contrast")
     strip = brain if skull_strip else None
-    return {seq: synthesise(fractions, seq, rng, anatomy.grid, brain=strip, variant=variant) for seq in sequences}
+    acquisition = {seq: {} for seq in sequences}
+    images = {seq: synthesise(fractions, seq, rng, anatomy.grid, brain=strip, variant=variant,
+                              record=acquisition[seq]) for seq in sequences}
+    return images, acquisition
 
 
 def healthy_subject(anatomy: Anatomy, seed: int, index: int, age: float | None = None, sex: int | None = None,
@@ -161,9 +166,9 @@ def healthy_subject(anatomy: Anatomy, seed: int, index: int, age: float | None =
     maps, covariates = _deformed_anatomy(anatomy, seed, index, age, sex, ventricles=ventricles, head_size=head_size,
                                          variant=variant)
     brain = maps[TISSUES.index("brain")]
-    images = _images(_tissue_fractions(maps, skull_strip), ("t1",), seed, index, anatomy, brain, skull_strip,
-                     variant)
-    return Subject(subject_id(index), images, covariates, maps)
+    images, acquisition = _images(_tissue_fractions(maps, skull_strip), ("t1",), seed, index, anatomy, brain,
+                                  skull_strip, variant)
+    return Subject(subject_id(index), images, covariates, maps, acquisition=acquisition)
 
 
 def _tumour_subject(anatomy, seed, index, age, sex, variant):
@@ -189,12 +194,13 @@ def brats_subject(anatomy: Anatomy, seed: int, index: int, age: float | None = N
     """A BraTS-like subject: t1, t1ce, t2, flair and a BraTS 2021 label map (1 NCR, 2 ED, 4 ET)."""
     maps, covariates, label, plan = _tumour_subject(anatomy, seed, index, age, sex, variant)
     fractions = _tumour_fractions(maps, label, skull_strip)
-    images = _images(fractions, SEQUENCES, seed, index, anatomy, maps[TISSUES.index("brain")], skull_strip, variant)
+    images, acquisition = _images(fractions, SEQUENCES, seed, index, anatomy, maps[TISSUES.index("brain")],
+                                  skull_strip, variant)
     regions = brats_regions(label)
     ml = anatomy.grid.voxel_volume_ml
     extra = {"tumour_centre_mm": [round(float(c), 2) for c in plan.centre_mm],
              "tumour_volumes_ml": {name: round(float(mask.sum()) * ml, 3) for name, mask in regions.items()}}
-    return Subject(subject_id(index), images, covariates, maps, label=label, extra=extra)
+    return Subject(subject_id(index), images, covariates, maps, label=label, extra=extra, acquisition=acquisition)
 
 
 def anomaly_subject(anatomy: Anatomy, seed: int, index: int, lesion_kind: str = "none", age: float | None = None,
@@ -225,6 +231,8 @@ def anomaly_subject(anatomy: Anatomy, seed: int, index: int, lesion_kind: str = 
             lesion = mask.astype(np.float32)
             fractions = {**_tissue_fractions(maps, skull_strip, lesion),
                          ("bright" if lesion_kind == "multifocal" else "dark"): lesion}
-    images = _images(fractions, ("t1",), seed, index, anatomy, maps[TISSUES.index("brain")], skull_strip, variant)
+    images, acquisition = _images(fractions, ("t1",), seed, index, anatomy, maps[TISSUES.index("brain")],
+                                  skull_strip, variant)
     extra = {"lesion_kind": lesion_kind, "lesion_volume_ml": round(float(mask.sum()) * anatomy.grid.voxel_volume_ml, 3)}
-    return Subject(subject_id(index), images, covariates, maps, label=mask.astype(np.uint8), extra=extra)
+    return Subject(subject_id(index), images, covariates, maps, label=mask.astype(np.uint8), extra=extra,
+                   acquisition=acquisition)
