@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     record_path = work / "demo_training.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     stages = PAIR if args.stage == "all" else [args.stage]
+    cached, target = work / "runs" / "diffusion" / "latents", work / "runs" / "distillation" / "latents"
     for stage in stages:
-        cached, target = work / "runs" / "diffusion" / "latents", work / "runs" / "distillation" / "latents"
         if stage == "distillation" and (cached / "latents.pt").is_file() and not target.exists():
             shutil.copytree(cached, target)
         record[stage] = run_stage(stage, work)

@@ -58,8 +58,8 @@ def test_main_command_runs(tmp_path):
     # blob: correlation with the template's tissue map (WM + 0.6 GM, T1 contrast) on the output grid, both smoothed
     # by 2 voxels (the domain-randomised training subjects differ from the template in contrast, gamma, bias and
     # slice thickness, which the unsmoothed correlation punishes: 0.70-0.93 on them), and the sample's head mask
-    # (above 10 % of its 99th percentile) overlapping the template's brain. SMOOTH_R_BOUND / MASK_DICE_BOUND below
-    # give the measured figures; the rejected first demo model's blobs scored 0.64 unsmoothed.
+    # (above 10 % of its 99th percentile) overlapping the template's brain. SMOOTH_R_BOUND / MASK_DICE_BOUND (top of
+    # the file) give the measured figures; the rejected first demo model's blobs scored 0.64 unsmoothed.
     from scipy import ndimage
 
     from meddiff3d.data.synthetic.anatomy import load_anatomy

@@ -118,7 +118,6 @@ def test_out_of_template_cohort_cycles_the_families(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-
 def test_each_item_records_how_its_image_was_acquired(tmp_path):
     """The datalist item of a ``varied`` subject holds what its image drew (gamma, bias, noise, slices and the tissue
     intensities), equal to a regeneration of the subject, and the record describes the image: over 12 subjects the

@@ -22,8 +22,8 @@ to 1 at 90 years:
 
 With these ranges, on the MNI152 source at 1 mm, single subjects reach ventricular volumes of 6-84 mL and brain
 volumes of 800-1820 mL at the extremes of the factors; the 256-subject demo cohort spans 7.7-80.4 mL and
-881-1917 mL, and its largest correlation is age with brain volume (-0.32: age shrinks the brain). ``synth`` prints the matrix of
-every cohort it writes; tests/test_synthetic_subjects.py bounds |r| <= 0.5.
+881-1917 mL, and its largest correlation is age with brain volume (-0.32: age shrinks the brain). ``synth`` prints
+the matrix of every cohort it writes; tests/test_synthetic_subjects.py bounds |r| <= 0.5.
 
 The velocities are summed and integrated by scaling and squaring (a diffeomorphism), the template tissue maps are
 warped once, and the recorded volumes are **measured on the warped maps**: ``brain_volume`` = sum(GM + WM) and
