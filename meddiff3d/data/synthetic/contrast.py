@@ -62,15 +62,15 @@ def add_rician_noise(image: np.ndarray, rng: np.random.Generator, sigma: float) 
 
 def synthesise(fractions: dict[str, np.ndarray], sequence: str, rng: np.random.Generator, grid: Grid,
                brain: np.ndarray | None = None, noise_sigma: float | None = None,
-               bias_strength: float = 0.15, texture: float = 0.03, variant: str = "standard",
-               record: dict | None = None) -> np.ndarray:
+               bias_strength: float = 0.15, texture: float = 0.03,
+               variant: str = "standard") -> tuple[np.ndarray, dict]:
     """One MR image from class fractions (``{class: (*shape) array}``, classes of :data:`TISSUE_INTENSITY`).
 
     Draws the subject's intensities, a texture (``texture`` relative amplitude, 6 mm correlation), a bias field and
     Rician noise (``noise_sigma``, default drawn in [0.01, 0.04]) from ``rng``; a ``variant`` other than
     ``standard`` draws its own intensities, gamma, bias strength, noise and slice thickness
     (:mod:`.acquisition`). With ``brain`` given the image is skull-stripped: multiplied by ``brain > 0.5`` at the
-    end. Returns float32 ``(*shape)``; ``record``, when given, receives what was drawn (:func:`acquisition_record`).
+    end. Returns the float32 ``(*shape)`` image and what was drawn for it (:func:`acquisition_record`).
     """
     if variant in ("varied", "contrast"):
         mu, scanner = draw_acquisition(rng, sequence, TISSUE_INTENSITY[sequence], variant)
@@ -86,11 +86,10 @@ def synthesise(fractions: dict[str, np.ndarray], sequence: str, rng: np.random.G
         image = thick_slices(image, grid, scanner.slice_axis, scanner.slice_mm)
     sigma = float(rng.uniform(0.01, 0.04)) if scanner.noise_sigma is None else scanner.noise_sigma
     image = add_rician_noise(image, rng, sigma)
-    if record is not None:
-        record.update(acquisition_record({n: mu[n] for n in RECORDED_CLASSES if n in fractions}, scanner, sigma))
+    record = acquisition_record({n: mu[n] for n in RECORDED_CLASSES if n in fractions}, scanner, sigma)
     if brain is not None:
         image *= brain > 0.5
-    return image.astype(np.float32)
+    return image.astype(np.float32), record
 
 
 def acquisition_record(intensities: dict[str, float], scanner: Scanner, noise_sigma: float) -> dict:

@@ -151,10 +151,8 @@ def _images(fractions, sequences, seed, index, anatomy, brain, skull_strip, vari
     """Images per sequence and, per sequence, how it was acquired (drawn intensities, gamma, bias, noise, slices)."""
     rng = subject_rng(seed, index, "contrast")
     strip = brain if skull_strip else None
-    acquisition = {seq: {} for seq in sequences}
-    images = {seq: synthesise(fractions, seq, rng, anatomy.grid, brain=strip, variant=variant,
-                              record=acquisition[seq]) for seq in sequences}
-    return images, acquisition
+    drawn = {seq: synthesise(fractions, seq, rng, anatomy.grid, brain=strip, variant=variant) for seq in sequences}
+    return {seq: image for seq, (image, _) in drawn.items()}, {seq: record for seq, (_, record) in drawn.items()}
 
 
 def healthy_subject(anatomy: Anatomy, seed: int, index: int, age: float | None = None, sex: int | None = None,
