@@ -43,8 +43,8 @@ def run_training(work: Path, **overrides) -> dict:
     datalist = workflow.parser.get_parsed_content("datalist")
     (summary,) = workflow.run()
     workflow.finalize()
-    cohort = {key: workflow.parser.get_parsed_content(key) for key in ("synthetic_n", "synthetic_seed", "image_shape",
-                                                                         "spacing")}
+    cohort = {key: workflow.parser.get_parsed_content(key) for key in ("synthetic_n", "synthetic_seed",
+                                                                         "synthetic_variant", "image_shape", "spacing")}
     return {"cohort": {"datalist": str(datalist), **cohort},
             "train": {**summary, "wall_time_s": round(time.perf_counter() - start, 1)}}
 

@@ -441,7 +441,7 @@ def test_segdiff_tiny_preset_in_order(tmp_path, commands):
 
 @pytest.mark.slow
 def test_segdiff_demo_retraining_starts(tmp_path, commands):
-    """The demo recipe as printed, stopped after its first step (~1 min: its 40-case cohort first): the run it
+    """The demo recipe as printed, stopped after its first step (~2 min: its 80-case cohort first): the run it
     started is the shipped model's, every setting of its meta equal to models/model.pt's but the datalist path and
     the format tag (``kind``: the shipped file has the older ``segmentation_diffusion``)."""
     root = Bundle(SEG).copy_to(tmp_path / SEG, models=True)
@@ -455,7 +455,7 @@ def test_segdiff_demo_retraining_starts(tmp_path, commands):
     meta["training"].pop("datalist"), expected["training"].pop("datalist")
     assert meta["training"] == expected["training"]
     cohort = json.loads((root / "outputs" / "data" / "synthetic_brats" / "datalist.json").read_text())
-    assert cohort["synthetic"]["n"] == 40
+    assert (cohort["synthetic"]["n"], cohort["synthetic"]["variant"]) == (80, "varied")
 
 
 # ------------------------------------------------------------------------------------------------ brain_mri_anomaly_ldm
