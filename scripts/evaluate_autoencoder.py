@@ -1,7 +1,8 @@
 """Reconstruction quality of a trained codec on a datalist: PSNR / SSIM inside the brain and over the whole volume.
 
     .venv/bin/python scripts/evaluate_autoencoder.py --codec bundles/brain_mri_ldm/models/autoencoder.pt \
-        --datalist data/healthy_ood/datalist.json --section test --out outputs/ae_eval/ood.json [--max-items 12]
+        --datalist data/healthy_ood/datalist.json --section test --out outputs/ae_eval/ood.json [--max-items 12] \
+        [--morphometry]
 
 Each item is read with the codec's own preprocessing (``t1_brain_transforms`` on the grid and spacing its meta
 records), encoded, decoded and scored (:mod:`meddiff3d.engine.reconstruction_metrics`). Writes OUT (JSON: per
@@ -20,6 +21,17 @@ import time
 from pathlib import Path
 
 NAMES = ("psnr_brain", "ssim_brain", "psnr", "ssim")
+VOLUMES = ("ventricular_ml", "brain_ml")
+
+
+def volume_agreement(members: list[dict]) -> dict:
+    """Per volume: the mean on the inputs and on their reconstructions, and Pearson r between the two (n >= 3)."""
+    out = {}
+    for name in VOLUMES:
+        source, recon = [m[name] for m in members], [m[f"{name}_recon"] for m in members]
+        r = statistics.correlation(source, recon) if len(members) >= 3 else float("nan")
+        out[name] = {"mean": statistics.fmean(source), "mean_recon": statistics.fmean(recon), "r": r}
+    return out
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -33,6 +45,8 @@ def summarise(rows: list[dict]) -> dict:
             values = [m[name] for m in members]
             out[group][name] = {"mean": statistics.fmean(values),
                                 "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+        if VOLUMES[0] in members[0]:
+            out[group]["volumes"] = volume_agreement(members)
     return out
 
 
@@ -44,6 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     p.add_argument("--max-items", type=int, default=0, help="score at most this many items (0: all)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--morphometry", action="store_true", help="also brain / ventricular volume of input and output")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -53,6 +68,7 @@ def main(argv=None) -> int:
     from meddiff3d.data.datalist import load_datalist
     from meddiff3d.data.transforms import t1_brain_transforms
     from meddiff3d.errors import InputError
+    from meddiff3d.evaluation.morphometry import measure_volumes
     from meddiff3d.engine.reconstruction_metrics import reconstruction_scores
     from meddiff3d.models.loading import load_model
     from meddiff3d.pipelines.preflight import output_file
@@ -74,9 +90,14 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for item in tqdm(items, desc="reconstruct", unit="volume"):
             x = transform(dict(item))["image"].as_tensor().float()[None].to(args.device)
-            scores = reconstruction_scores(codec.network.decode(codec.network.encode(x)), x)
+            x_hat = codec.network.decode(codec.network.encode(x))
+            scores = reconstruction_scores(x_hat, x)
             rows.append({"id": item.get("id"), "variant": item.get("variant", "standard"),
                          **{k: round(v, 4) for k, v in scores.items()}})
+            if args.morphometry:
+                source, recon = (measure_volumes(v[0, 0].float().cpu().numpy(), image["spacing"]) for v in (x, x_hat))
+                rows[-1].update({f"{n}{tag}": round(m[n], 3) for n in VOLUMES
+                                 for tag, m in (("", source), ("_recon", recon))})
     summary = summarise(rows)
     result = {"codec": str(args.codec), "codec_sha256": codec.sha256, "datalist": str(args.datalist),
               "section": args.section, "seconds": round(time.perf_counter() - start, 1), "summary": summary,
@@ -87,6 +108,8 @@ def main(argv=None) -> int:
     print(f"{'group':<12}{'n':>4}" + "".join(f"{n:>20}" for n in NAMES))
     for group, s in summary.items():
         print(f"{group:<12}{s['n']:>4}" + "".join(f"{s[n]['mean']:>12.3f} +/- {s[n]['sd']:<5.3f}" for n in NAMES))
+        for name, v in s.get("volumes", {}).items():
+            print(f"{'':<16}{name}: input {v['mean']:.1f}, reconstruction {v['mean_recon']:.1f}, r {v['r']:.3f}")
     print(f"-> {args.out}")
     return 0
 

@@ -4,6 +4,7 @@ exactly as printed (:func:`run_as_printed`, :func:`run_until_first_step`) --, ch
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -20,6 +21,14 @@ from typing import NamedTuple
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def script_module(name: str):
+    """The repository's ``scripts/<name>.py`` imported as a module (its functions and ``main`` for tests)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
 
 

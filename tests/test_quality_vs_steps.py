@@ -1,22 +1,17 @@
 """scripts/quality_vs_steps.py: the equal-quality verdict, the table, and the sweep end to end with its caches."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "quality_vs_steps.py"
+from bundle_testing import script_module
 
 
 @pytest.fixture(scope="module")
 def qvs():
-    spec = importlib.util.spec_from_file_location("quality_vs_steps", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("quality_vs_steps")
 
 
 def fake(fd: float, r: float, ms_ssim: float = 0.9, data_ms_ssim: float = 0.85) -> dict:
