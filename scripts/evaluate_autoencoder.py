@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     from meddiff3d.data.datalist import load_datalist
     from meddiff3d.data.transforms import t1_brain_transforms
     from meddiff3d.errors import InputError
-    from meddiff3d.evaluation.morphometry import measure_volumes
     from meddiff3d.engine.reconstruction_metrics import reconstruction_scores
+    from meddiff3d.evaluation.morphometry import measure_volumes
     from meddiff3d.models.loading import load_model
     from meddiff3d.pipelines.preflight import output_file
 

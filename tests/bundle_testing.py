@@ -21,6 +21,7 @@ from typing import NamedTuple
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
 
 
 def script_module(name: str):
@@ -29,7 +30,6 @@ def script_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
 
 
 class Bundle:

@@ -72,12 +72,9 @@ T1_COVARIATES = {"sub-01_T1w": (52, "female"), "sub-02_T1w": (67, "male"), "sub-
 def user_datasets(path: Path, *, t1: bool = True) -> Path:
     """``path`` (the docs' ``DATA``) holding ``BraTS2021_Training_Data/`` (4 BraTS-named cases) and, with ``t1``,
     ``my_t1s/`` (3 T1 files, one stored LPS) and ``my_t1s_covariates.csv`` (id, age in years, sex)."""
-    import importlib.util
+    from bundle_testing import script_module
 
-    script = ROOT / "scripts" / "make_own_data_example.py"
-    spec = importlib.util.spec_from_file_location("make_own_data_example", script)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = script_module("make_own_data_example")
     path = Path(path)
     example.write_brats_cases(path / "BraTS2021_Training_Data", 4, 0, **SMALL_BRATS)
     if t1:

@@ -22,7 +22,6 @@ datalist and volume count. The declared ``train#inferer`` must equal the objecti
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import re
 import shutil
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bundle_testing import ROOT, SCHEMA, Bundle
+from bundle_testing import ROOT, SCHEMA, Bundle, script_module
 
 BUNDLES = ("brain_mri_ldm", "brats_mri_segdiff", "brain_mri_anomaly_ldm")
 TRAIN_CONFIGS = [("brain_mri_ldm", "train_autoencoder.yaml"), ("brain_mri_ldm", "train_diffusion.yaml"),
@@ -42,13 +41,6 @@ TRAIN_CONFIGS = [("brain_mri_ldm", "train_autoencoder.yaml"), ("brain_mri_ldm", 
 UNPUBLISHED = ("meddiff3d",)
 #: the model-zoo checks this project's bundles are exempt from, as model-zoo exempts its own generative bundles
 EXEMPT = ("verify_net_in_out", "ckpt_export")
-
-
-def load_sync():
-    spec = importlib.util.spec_from_file_location("sync_bundle_configs", ROOT / "scripts" / "sync_bundle_configs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def config_names(cmd: str) -> list[str]:
@@ -214,7 +206,7 @@ def test_recipe_trainer_counts_epochs_in_whole_batches(monkeypatch):
 # ------------------------------------------------------------------------------------------------ self-contained
 def test_bundle_copies_of_shared_fragments_equal_their_source():
     """Every copy under bundles/*/configs/{presets,data}/ is its configs/ source behind the copy header."""
-    sync = load_sync()
+    sync = script_module("sync_bundle_configs")
     copies = sync.bundle_copies()
     assert {f"{c.parts[-4]}/{c.parts[-2]}/{c.name}" for c in copies} >= {
         "brain_mri_ldm/data/synthetic_healthy.yaml", "brain_mri_ldm/presets/tiny_cpu.yaml",

@@ -61,7 +61,7 @@ def test_morphometry_measures_each_input_and_its_reconstruction(tmp_path, script
         assert volumes[name]["r"] == pytest.approx(np.corrcoef(source, recon)[0, 1], abs=1e-9)
 
 
-def test_without_morphometry_no_volumes_are_measured(tmp_path, script):
+def test_without_morphometry_no_volumes_are_measured(script):
     rows = [{"variant": "standard", "psnr_brain": 20.0 + k, "ssim_brain": 0.5, "psnr": 25.0, "ssim": 0.7}
             for k in range(3)]
     summary = script.summarise(rows)
