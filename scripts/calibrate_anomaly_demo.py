@@ -1,20 +1,25 @@
-"""Demo calibration of brain_mri_anomaly_ldm on the brain_mri_ldm demo weights (healthy-only models).
+"""Demo calibration of brain_mri_anomaly_ldm on its demo pairs (healthy-only models: the KL or the VQ-VAE pair).
 
-    python scripts/calibrate_anomaly_demo.py [--n 40] [--seed 1000] [--max-val N] [--max-test N] [--shape 160 224 160]
+    python scripts/calibrate_anomaly_demo.py [--pair kl|vq] [--n 40] [--seed 1000] [--max-val N] [--max-test N]
+        [--shape 160 224 160] [--ood-n N]
 
 1. writes the synthetic anomaly cohort (``meddiff3d synth anomaly --source mni``; 30% validation = healthy, 70% test
    = tumour / multifocal / dark / none in turn) to ``data/anomaly_demo`` (reused when it exists with the same request);
 2. calibrates the diffusion detector and the autoencoder baseline on the healthy validation volumes into
-   ``bundles/brain_mri_anomaly_ldm/models/demo/{calibration,calibration_autoencoder}.json``;
-3. evaluates both on the test split into ``bundles/brain_mri_anomaly_ldm/models/demo/evaluation/``
+   ``OUT/{calibration,calibration_autoencoder}.json`` (OUT: ``bundles/brain_mri_anomaly_ldm/models/demo/`` for the KL
+   pair, ``.../models/vq/`` for the VQ-VAE pair);
+3. evaluates both on the test split into ``OUT/evaluation/``
    (per_volume.csv, summary.csv, metrics.json) and times one detection (seconds, peak RSS) into ``demo_run.json``;
 4. with ``--ood-n N`` also on an out-of-template anomaly cohort (``synth anomaly --variant out_of_template``: the
    asymmetric, contrast and phantom families in turn, every lesion kind, seed ``--ood-seed``) into
-   ``.../demo/evaluation_ood/`` (``metrics.json`` ``by_variant``: per family the healthy volumes' flagged fraction,
+   ``OUT/evaluation_ood/`` (``metrics.json`` ``by_variant``: per family the healthy volumes' flagged fraction,
    Dice, AUPRC).
 
-Models: ``bundles/brain_mri_anomaly_ldm/models/{autoencoder,model}.pt`` (copies of brain_mri_ldm's) (override with --codec/--diffusion, e.g. the
-older pair in data/brain_demo). Detector settings: the bundle's configs/calibrate.yaml unless --settings JSON.
+Models: ``--pair kl`` (default) ``bundles/brain_mri_anomaly_ldm/models/{autoencoder,model}.pt`` (copies of
+brain_mri_ldm's), written to ``models/demo/``; ``--pair vq`` the VQ-VAE pair ``models/vq/{autoencoder,model}.pt``,
+written to ``models/vq/`` (where configs/vq_models.yaml reads the calibration); --codec / --diffusion / --out override
+them (e.g. an older pair in data/brain_demo). Detector settings: the bundle's configs/calibrate.yaml unless
+--settings JSON.
 Smoke test: ``--shape 160 224 160 --n 4 --max-val 1 --max-test 1``.
 """
 
@@ -28,6 +33,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "brain_mri_anomaly_ldm"
+MODELS = BUNDLE / "models"
+#: --pair -> (codec, diffusion model, output folder of the calibration and its record)
+PAIRS = {"kl": (MODELS / "autoencoder.pt", MODELS / "model.pt", MODELS / "demo"),
+         "vq": (MODELS / "vq" / "autoencoder.pt", MODELS / "vq" / "model.pt", MODELS / "vq")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,9 +45,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1000, help="cohort seed (not the seed of the models' training cohort)")
     p.add_argument("--shape", type=int, nargs=3, default=[160, 224, 160])
     p.add_argument("--data", type=Path, default=ROOT / "data" / "anomaly_demo")
-    p.add_argument("--codec", type=Path, default=BUNDLE / "models" / "autoencoder.pt")
-    p.add_argument("--diffusion", type=Path, default=BUNDLE / "models" / "model.pt")
-    p.add_argument("--out", type=Path, default=BUNDLE / "models" / "demo")
+    p.add_argument("--pair", choices=sorted(PAIRS), default="kl",
+                   help="the shipped demo pair whose files --codec / --diffusion / --out default to")
+    p.add_argument("--codec", type=Path, default=None, help="codec file (default: the --pair's autoencoder.pt)")
+    p.add_argument("--diffusion", type=Path, default=None, help="U-Net file (default: the --pair's model.pt)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="calibration and record folder (default: the --pair's, models/demo or models/vq; "
+                        "required with --codec or --diffusion)")
     p.add_argument("--settings", type=json.loads, default=None, help="detector settings as JSON (default: calibrate.yaml)")
     p.add_argument("--ood-n", type=int, default=0, help="subjects of the out-of-template evaluation cohort (0: none)")
     p.add_argument("--ood-seed", type=int, default=2000)
@@ -47,7 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-test", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.codec or args.diffusion) and args.out is None:
+        p.error("--out is required with --codec or --diffusion (the default folder holds the shipped calibration)")
+    codec, diffusion, out = PAIRS[args.pair]
+    args.codec, args.diffusion, args.out = args.codec or codec, args.diffusion or diffusion, args.out or out
+    return args
 
 
 def bundle_detector_settings() -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundle_testing import Bundle, assert_run_drives_the_components
+from bundle_testing import Bundle, assert_run_drives_the_components, script_module
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_UNDER_TEST = Bundle("brain_mri_anomaly_ldm")
@@ -28,8 +28,8 @@ def test_metadata_verifies_against_the_schema_offline():
 
 
 def test_bundle_files():
-    for name in ("common.yaml", *TASKS, "inference.yaml", "multi_gpu.yaml", "demo_models.yaml", "tiny_cpu.yaml", "logging.conf",
-                 "metadata.json"):
+    for name in ("common.yaml", *TASKS, "inference.yaml", "multi_gpu.yaml", "demo_models.yaml", "vq_models.yaml",
+                 "tiny_cpu.yaml", "logging.conf", "metadata.json", "presets/demo.yaml", "presets/demo_vq.yaml"):
         assert (BUNDLE / "configs" / name).is_file(), name
     licence = (BUNDLE / "LICENSE").read_text()
     assert "Apache License" in licence and "Version 2.0" in licence
@@ -75,6 +75,46 @@ def test_overlays_multi_gpu_and_demo_models(monkeypatch):
     codec = Path(demo.get_parsed_content("codec_path"))
     assert (BUNDLE / codec).parent.resolve() == (BUNDLE / "models").resolve()
     assert demo.get_parsed_content("calibration_path") == "./models/demo/calibration.json"
+
+
+def test_vq_overlay_names_the_shipped_vq_pair_and_its_calibration():
+    """configs/vq_models.yaml swaps in models/vq/: a VQ-VAE codec, an unconditional U-Net on its latents, and the
+    calibrations made with exactly these files (the sha256 detection checks)."""
+    import json
+
+    from meddiff3d.engine.checkpoint import file_sha256
+
+    parser = parse("common.yaml", "inference.yaml", "vq_models.yaml")
+    files = {key: BUNDLE / parser.get_parsed_content(key)
+             for key in ("codec_path", "diffusion_path", "calibration_path", "baseline_calibration_path")}
+    assert {f.parent.resolve() for f in files.values()} == {(BUNDLE / "models" / "vq").resolve()}
+    codec = torch.load(files["codec_path"], map_location="cpu", weights_only=True)["meta"]
+    assert codec["kind"] == "vq" and codec["network"]["class"] == "monai.networks.nets.VQVAE"
+    diffusion = torch.load(files["diffusion_path"], map_location="cpu", weights_only=True)["meta"]
+    assert diffusion["conditioning"]["mode"] == "none"
+    assert diffusion["latent"]["shape"][0] == codec["network"]["args"]["embedding_dim"]
+    for key in ("calibration_path", "baseline_calibration_path"):
+        models = json.loads(files[key].read_text())["models"]
+        assert models["codec"]["sha256"] == file_sha256(files["codec_path"]), key
+    models = json.loads(files["calibration_path"].read_text())["models"]
+    assert models["diffusion"]["sha256"] == file_sha256(files["diffusion_path"])
+
+
+@pytest.mark.parametrize("pair, overlay", [("kl", "demo_models.yaml"), ("vq", "vq_models.yaml")])
+def test_demo_calibration_script_calibrates_the_files_the_configs_load(pair, overlay, capsys):
+    """scripts/calibrate_anomaly_demo.py --pair: the codec and U-Net the bundle's configs load with that pair's
+    overlay, its calibration written where the overlay reads it; explicit paths win, and other models need --out
+    (never the shipped pair's folder by default)."""
+    script = script_module("calibrate_anomaly_demo")
+    args = script.parse_args(["--pair", pair])
+    parser = parse("common.yaml", "inference.yaml", overlay)
+    for key, path in (("codec_path", args.codec), ("diffusion_path", args.diffusion),
+                      ("calibration_path", args.out / "calibration.json")):
+        assert (BUNDLE / parser.get_parsed_content(key)).resolve() == path.resolve(), key
+    assert script.parse_args(["--pair", pair, "--out", "elsewhere"]).out == Path("elsewhere")
+    with pytest.raises(SystemExit) as stop:
+        script.parse_args(["--pair", pair, "--codec", "other.pt"])
+    assert stop.value.code == 2 and "--out" in capsys.readouterr().err
 
 
 def test_readme_commands_name_existing_configs():

@@ -115,11 +115,18 @@ def test_metadata_keys_model_zoo_expects(name):
 
 def test_eval_metrics_are_the_recorded_figures():
     """eval_metrics quote the records the model cards cite, not retyped numbers."""
-    anomaly = json.loads((ROOT / "bundles/brain_mri_anomaly_ldm/models/demo/evaluation/metrics.json").read_text())
     metrics = metadata("brain_mri_anomaly_ldm")["eval_metrics"]
-    for method in ("diffusion", "autoencoder"):
-        for key in ("dice", "best_dice", "auprc", "auroc", "volume_auroc"):
-            assert metrics[f"{method}_{key}"] == round(anomaly["methods"][method]["all"][key], 3), (method, key)
+    for pair, record in (("", "demo"), ("vq_", "vq")):  # the KL demo pair's and the VQ-VAE pair's evaluation
+        path = ROOT / "bundles/brain_mri_anomaly_ldm/models" / record / "evaluation" / "metrics.json"
+        anomaly = json.loads(path.read_text())
+        for method in ("diffusion", "autoencoder"):
+            for key in ("dice", "best_dice", "auprc", "auroc", "volume_auroc"):
+                expected = round(anomaly["methods"][method]["all"][key], 3)
+                assert metrics[f"{pair}{method}_{key}"] == expected, (pair, method, key)
+        run = json.loads((path.parents[1] / "demo_run.json").read_text())["out_of_template"]["summary"]
+        for method in ("diffusion", "autoencoder"):
+            key = f"{pair}{method}_flagged_healthy_fraction_out_of_template"
+            assert metrics[key] == round(run[method]["flagged_normal_fraction"], 3), key
     record = json.loads((ROOT / "bundles/brain_mri_ldm/models/demo_training.json").read_text())["autoencoder"]
     metrics = metadata("brain_mri_ldm")["eval_metrics"]
     assert metrics["autoencoder_psnr_db"] == round(record["psnr"], 2)
@@ -288,12 +295,9 @@ def test_data_license(name):
 
 
 # ------------------------------------------------------------------------------------------------ demo recipes
-def shipped_meta(bundle: Path, *names: str) -> dict:
-    """The meta of the first of ``names`` that exists in ``bundle/models`` (Helper C renames diffusion.pt)."""
-    for name in names:
-        if (bundle / "models" / name).is_file():
-            return torch.load(bundle / "models" / name, map_location="cpu", weights_only=True)["meta"]
-    raise FileNotFoundError(f"none of {names} in {bundle / 'models'}")
+def shipped_meta(bundle: Path, name: str) -> dict:
+    """The meta of ``bundle/models/name``."""
+    return torch.load(bundle / "models" / name, map_location="cpu", weights_only=True)["meta"]
 
 
 #: compared between the shipped weights' meta and a 1-2 iteration run of the demo preset: the network spec and the
@@ -318,8 +322,8 @@ def assert_same(trained: dict, shipped: dict, keys) -> None:
         assert pick(trained, key) == pick(shipped, key), key
 
 
-def demo_commands(name: str) -> list[str]:
-    return Bundle(name).readme_commands("Retrain the demo weights")
+def demo_commands(name: str, section: str = "Retrain the demo weights") -> list[str]:
+    return Bundle(name).readme_commands(section)
 
 
 def declared(bundle: Bundle, cmd: str, root: Path, *overrides: str):
@@ -363,28 +367,35 @@ BRAIN_SMALL = ("--image_shape", "[64,96,64]", "--spacing", "[2.5,2.5,2.5]", "--s
 BRATS_SMALL = ("--image_shape", "[48,64,48]", "--spacing", "[3.5,3.5,3.5]", "--synthetic_n", "6")
 
 
+#: (bundle, README section of the retraining commands, folder of the pair under models/)
+LDM_DEMOS = [("brain_mri_ldm", "Retrain the demo weights", ""),
+             ("brain_mri_anomaly_ldm", "Retrain the demo weights", ""),
+             ("brain_mri_anomaly_ldm", "Retrain the VQ-VAE pair", "vq/")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["brain_mri_ldm", "brain_mri_anomaly_ldm"])
-def test_demo_preset_reproduces_the_shipped_latent_diffusion_recipe(name, tmp_path_factory):
+@pytest.mark.parametrize("name, section, pair", LDM_DEMOS)
+def test_demo_preset_reproduces_the_shipped_latent_diffusion_recipe(name, section, pair, tmp_path_factory):
     bundle, root = Bundle(name), tmp_path_factory.mktemp(name)
-    train_ae, train_ldm = demo_commands(name)
+    train_ae, train_ldm = demo_commands(name, section)
     data = ("--data_dir", str(tmp_path_factory.getbasetemp() / "demo_healthy_cohort"))
     result = bundle.run(train_ae, root, *BRAIN_SMALL, *data, "--autoencoder_max_iterations", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     result = bundle.run(train_ldm, root, *BRAIN_SMALL, *data, "--diffusion_max_iterations", "1")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same(shipped_meta(root, "autoencoder.pt"), shipped_meta(bundle.path, "autoencoder.pt"), CODEC_KEYS)
-    trained = shipped_meta(root, "model.pt", "diffusion.pt")
+    assert_same(shipped_meta(root, pair + "autoencoder.pt"), shipped_meta(bundle.path, pair + "autoencoder.pt"),
+                CODEC_KEYS)
+    trained = shipped_meta(root, pair + "model.pt")
     # brain_mri_ldm's model also records its default sampling (the demo preset's, from the quality table); the
     # anomaly bundle ships the same weights without it (its calibration is tied to that file's hash)
     keys = LDM_KEYS + (("sampling",) if name == "brain_mri_ldm" else ())
-    assert_same(trained, shipped_meta(bundle.path, "model.pt", "diffusion.pt"), keys)
+    assert_same(trained, shipped_meta(bundle.path, pair + "model.pt"), keys)
     objective, network = declared(bundle, train_ldm, root, *BRAIN_SMALL, *data)
     assert_objective_is_the_trained_one(objective, trained)
-    weights = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)["ema"]
+    weights = torch.load(root / "models" / pair / "model.pt", map_location="cpu", weights_only=True)["ema"]
     assert_network_is_the_trained_one(network, weights)
     _, autoencoder = declared(bundle, train_ae, root, *BRAIN_SMALL, *data)
-    codec = torch.load(root / "models" / "autoencoder.pt", map_location="cpu", weights_only=True)["weights"]
+    codec = torch.load(root / "models" / pair / "autoencoder.pt", map_location="cpu", weights_only=True)["weights"]
     assert_network_is_the_trained_one(autoencoder, codec, prefix="autoencoder.")
 
 

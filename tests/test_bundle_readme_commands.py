@@ -101,6 +101,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
         bundle_run("inference.yaml", args=f"{T1} --section test"),
         bundle_run("inference.yaml", args="""--inputs "['$DATA/a.nii.gz','$DATA/b.nii.gz']" --output_dir out"""),
         bundle_run("inference.yaml", "demo_models.yaml", args="""--inputs "['$DATA/a.nii.gz']\""""),
+        bundle_run("inference.yaml", "vq_models.yaml", args="""--inputs "['$DATA/a.nii.gz']" --output_dir out_vq"""),
         bundle_run("evaluate.yaml", args="--datalist $DATA/anomaly/datalist.json"),
     ]),
     "test_anomaly_training_starts_on_a_datalist": (ANOMALY, [
@@ -115,10 +116,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
 
 _GPUS = ("needs 4 CUDA GPUs (torchrun, one process per GPU); multi_gpu.yaml taking its device from LOCAL_RANK is "
          "tested in the bundle's tests/test_bundle_<name>.py (test_multi_gpu_overlay_*, test_overlays_multi_gpu_*)")
-_BRAIN_DEMO = ("the demo recipe first writes its cohort, 64 full-size MNI152-based subjects: ~10 s a subject here "
-               "(2 in 19.8 s under load), ~11 min before the first step; the same config chain runs for one step on a "
-               "small cohort in tests/test_bundle_conventions.py::test_demo_preset_reproduces_the_shipped_latent_"
-               "diffusion_recipe")
+_BRAIN_DEMO = ("the demo recipe first writes its cohort, 256 full-size MNI152-based subjects with domain-randomised "
+               "acquisition: 4-5 s a subject here, ~20 min before the first step; the same config chain runs for one "
+               "step on a small cohort in tests/test_bundle_conventions.py::test_demo_preset_reproduces_the_shipped_"
+               "latent_diffusion_recipe")
 #: in-brain correlation the distilled demo student's sample must keep with its teacher's from the same noise and
 #: condition (measured 0.998; two teacher samples of one condition from different noise: 0.72)
 STUDENT_TEACHER_R = 0.95
@@ -167,6 +168,10 @@ EXEMPT: dict[str, dict[str, str]] = {
         bundle_run("train_autoencoder.yaml", "data/synthetic_healthy.yaml", "presets/demo.yaml"): _BRAIN_DEMO,
         bundle_run("train_diffusion.yaml", "data/synthetic_healthy.yaml", "presets/demo.yaml",
                    "presets/demo_conditional.yaml"): _BRAIN_DEMO,
+        bundle_run("train_autoencoder.yaml", "data/synthetic_healthy.yaml", "presets/demo.yaml",
+                   "presets/demo_vq.yaml", "vq_models.yaml"): _BRAIN_DEMO,
+        bundle_run("train_diffusion.yaml", "data/synthetic_healthy.yaml", "presets/demo.yaml",
+                   "presets/demo_vq.yaml", "vq_models.yaml"): _BRAIN_DEMO,
     },
 }
 
@@ -475,11 +480,11 @@ def check_detected(out: Path, inputs: dict[str, Path]) -> dict:
 
 @pytest.mark.slow
 def test_anomaly_on_the_demo_weights(tmp_path, data, commands):
-    """Calibrate (twice), Detect (three commands), Evaluate on the shipped demo weights, full-size inputs (2-2.5 min).
+    """Calibrate (twice), Detect (four commands), Evaluate on the shipped demo weights, full-size inputs (~3 min).
     The calibrations run first, so the first two detections use the one-step calibration the second wrote (cheaper);
-    the demo_models.yaml command uses the shipped record of the demo run."""
+    the demo_models.yaml command uses the shipped record of the demo run, the vq_models.yaml one the VQ-VAE pair."""
     root = Bundle(ANOMALY).copy_to(tmp_path / ANOMALY, models=True)
-    calibrate, calibrate_simplex, detect, detect_files, detect_demo, evaluate = commands
+    calibrate, calibrate_simplex, detect, detect_files, detect_demo, detect_vq, evaluate = commands
     t1 = json.loads((data / "t1" / "datalist.json").read_text())
     models = root / "models"
 
@@ -499,6 +504,10 @@ def test_anomaly_on_the_demo_weights(tmp_path, data, commands):
     run_ok(detect_demo, root, DATA=data)
     summary = check_detected(root / "outputs" / "anomaly", {"a": data / "a.nii.gz"})
     assert summary["calibration"].endswith("models/demo/calibration.json")
+    run_ok(detect_vq, root, DATA=data)  # the VQ-VAE pair with its own calibration, not the one calibrated above
+    summary = check_detected(root / "out_vq", {"a": data / "a.nii.gz"})
+    assert summary["calibration"].endswith("models/vq/calibration.json")
+    assert summary["settings"]["start_steps"] == [200, 350, 500]
 
     run_ok(evaluate, root, DATA=data)
     evaluation = root / "outputs" / "evaluation"  # under the current folder
