@@ -7,8 +7,10 @@
 Each item is read with the codec's own preprocessing (``t1_brain_transforms`` on the grid and spacing its meta
 records), encoded, decoded and scored (:mod:`meddiff3d.engine.reconstruction_metrics`). Writes OUT (JSON: per
 item, and the mean and SD per ``variant`` of the datalist items -- the out-of-template families of ``synth
---variant out_of_template`` -- and over all) and prints the table. Bad input: one ``error:`` line, exit status 2,
-nothing written.
+--variant out_of_template`` -- and over all) and prints the table. ``--morphometry`` adds the brain and ventricular
+volume measured on each input and on its reconstruction (:func:`meddiff3d.evaluation.morphometry.measure_volumes`)
+and, for a synthetic cohort whose items carry their true volumes (``covariates_raw``), the correlation of both
+measurements with the truth. Bad input: one ``error:`` line, exit status 2, nothing written.
 """
 
 from __future__ import annotations
@@ -24,13 +26,22 @@ NAMES = ("psnr_brain", "ssim_brain", "psnr", "ssim")
 VOLUMES = ("ventricular_ml", "brain_ml")
 
 
+def _r(a: list[float], b: list[float]) -> float:
+    return statistics.correlation(a, b) if len(a) >= 3 else float("nan")
+
+
 def volume_agreement(members: list[dict]) -> dict:
-    """Per volume: the mean on the inputs and on their reconstructions, and Pearson r between the two (n >= 3)."""
+    """Per volume: the mean on the inputs and on their reconstructions, and Pearson r between the two (n >= 3); where
+    every member knows its true volume (``<name>_true``, a synthetic cohort's ``covariates_raw``) also the true mean
+    and r of each measurement against the truth -- the measurement's own validity, which bounds the rest."""
     out = {}
     for name in VOLUMES:
         source, recon = [m[name] for m in members], [m[f"{name}_recon"] for m in members]
-        r = statistics.correlation(source, recon) if len(members) >= 3 else float("nan")
-        out[name] = {"mean": statistics.fmean(source), "mean_recon": statistics.fmean(recon), "r": r}
+        out[name] = {"mean": statistics.fmean(source), "mean_recon": statistics.fmean(recon), "r": _r(source, recon)}
+        if all(f"{name}_true" in m for m in members):
+            truth = [m[f"{name}_true"] for m in members]
+            out[name].update(mean_true=statistics.fmean(truth), r_true=_r(truth, source),
+                             r_true_recon=_r(truth, recon))
     return out
 
 
@@ -69,7 +80,7 @@ def main(argv=None) -> int:
     from meddiff3d.data.transforms import t1_brain_transforms
     from meddiff3d.errors import InputError
     from meddiff3d.engine.reconstruction_metrics import reconstruction_scores
-    from meddiff3d.evaluation.morphometry import measure_volumes
+    from meddiff3d.evaluation.morphometry import MEASURED_COVARIATES, measure_volumes
     from meddiff3d.models.loading import load_model
     from meddiff3d.pipelines.preflight import output_file
 
@@ -98,6 +109,9 @@ def main(argv=None) -> int:
                 source, recon = (measure_volumes(v[0, 0].float().cpu().numpy(), image["spacing"]) for v in (x, x_hat))
                 rows[-1].update({f"{n}{tag}": round(m[n], 3) for n in VOLUMES
                                  for tag, m in (("", source), ("_recon", recon))})
+                known = item.get("covariates_raw") or {}
+                rows[-1].update({f"{key}_true": float(known[name]) for name, key in MEASURED_COVARIATES.items()
+                                 if name in known})
     summary = summarise(rows)
     result = {"codec": str(args.codec), "codec_sha256": codec.sha256, "datalist": str(args.datalist),
               "section": args.section, "seconds": round(time.perf_counter() - start, 1), "summary": summary,
@@ -109,7 +123,9 @@ def main(argv=None) -> int:
     for group, s in summary.items():
         print(f"{group:<12}{s['n']:>4}" + "".join(f"{s[n]['mean']:>12.3f} +/- {s[n]['sd']:<5.3f}" for n in NAMES))
         for name, v in s.get("volumes", {}).items():
-            print(f"{'':<16}{name}: input {v['mean']:.1f}, reconstruction {v['mean_recon']:.1f}, r {v['r']:.3f}")
+            print(f"{'':<16}{name}: input {v['mean']:.1f}, reconstruction {v['mean_recon']:.1f}, r {v['r']:.3f}"
+                  + (f"; true {v['mean_true']:.1f}, r with the truth: input {v['r_true']:.3f}, reconstruction "
+                     f"{v['r_true_recon']:.3f}" if "r_true" in v else ""))
     print(f"-> {args.out}")
     return 0
 
