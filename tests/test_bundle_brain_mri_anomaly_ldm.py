@@ -80,9 +80,8 @@ def test_overlays_multi_gpu_and_demo_models(monkeypatch):
 def test_vq_overlay_names_the_shipped_vq_pair_and_its_calibration():
     """configs/vq_models.yaml swaps in models/vq/: a VQ-VAE codec, an unconditional U-Net on its latents, and the
     calibrations made with exactly these files (the sha256 detection checks)."""
-    import json
-
-    from meddiff3d.engine.checkpoint import file_sha256
+    from meddiff3d.anomaly.calibration import load_calibration
+    from meddiff3d.pipelines.anomaly import check_calibrated_models
 
     parser = parse("common.yaml", "inference.yaml", "vq_models.yaml")
     files = {key: BUNDLE / parser.get_parsed_content(key)
@@ -93,11 +92,11 @@ def test_vq_overlay_names_the_shipped_vq_pair_and_its_calibration():
     diffusion = torch.load(files["diffusion_path"], map_location="cpu", weights_only=True)["meta"]
     assert diffusion["conditioning"]["mode"] == "none"
     assert diffusion["latent"]["shape"][0] == codec["network"]["args"]["embedding_dim"]
-    for key in ("calibration_path", "baseline_calibration_path"):
-        models = json.loads(files[key].read_text())["models"]
-        assert models["codec"]["sha256"] == file_sha256(files["codec_path"]), key
-    models = json.loads(files["calibration_path"].read_text())["models"]
-    assert models["diffusion"]["sha256"] == file_sha256(files["diffusion_path"])
+    for key in ("calibration_path", "baseline_calibration_path"):  # detection's own check (raises on a mismatch)
+        calibration = load_calibration(files[key])
+        assert calibration.models["codec"] is not None, key
+        check_calibrated_models(calibration, files["codec_path"], files["diffusion_path"], key)
+    assert load_calibration(files["calibration_path"]).models["diffusion"] is not None  # the detector names its U-Net
 
 
 @pytest.mark.parametrize("pair, overlay", [("kl", "demo_models.yaml"), ("vq", "vq_models.yaml")])

@@ -9,6 +9,7 @@ import torch
 
 from bundle_testing import script_module
 from meddiff3d.engine.checkpoint import build_network
+from meddiff3d.evaluation.morphometry import MEASURED_COVARIATES
 from meddiff3d.models.codec import LatentCodec, save_codec
 
 SPEC = {"class": "monai.networks.nets.AutoencoderKL",
@@ -60,8 +61,7 @@ def test_morphometry_measures_each_input_and_its_reconstruction(tmp_path, script
         assert volumes[name]["mean_recon"] == pytest.approx(np.mean(recon))
         assert volumes[name]["r"] == pytest.approx(np.corrcoef(source, recon)[0, 1], abs=1e-9)
     # a synthetic cohort knows each subject's volumes: the measurement's agreement with the truth, on both images
-    covariate = {"ventricular_ml": "ventricular_volume", "brain_ml": "brain_volume"}
-    for name, key in covariate.items():
+    for key, name in MEASURED_COVARIATES.items():
         truth = [item["covariates_raw"][key] for item in items]
         assert [row[f"{name}_true"] for row in rows] == truth
         source, recon = [row[name] for row in rows], [row[f"{name}_recon"] for row in rows]
@@ -82,7 +82,8 @@ def test_agreement_with_the_truth_only_when_every_item_knows_it(script):
              "brain_ml_recon": 990.0 + k * k, "ventricular_ml_true": 5.0 + k * k} for k in range(4)]
     volumes = script.volume_agreement(rows)
     assert volumes["ventricular_ml"]["mean_true"] == pytest.approx(8.5)
-    assert volumes["ventricular_ml"]["r_true_recon"] == pytest.approx(np.corrcoef([5, 6, 9, 14], [9, 11, 13, 15])[0, 1])
+    expected = np.corrcoef([5, 6, 9, 14], [9, 11, 13, 15])[0, 1]
+    assert volumes["ventricular_ml"]["r_true_recon"] == pytest.approx(expected)
     assert "r_true" not in volumes["brain_ml"]  # no item carries brain_ml_true
     rows[0].pop("ventricular_ml_true")
     assert "r_true" not in script.volume_agreement(rows)["ventricular_ml"]
