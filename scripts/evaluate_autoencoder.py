@@ -76,11 +76,11 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from meddiff3d.data.datalist import load_datalist
+    from meddiff3d.data.datalist import load_datalist, read_datalist
     from meddiff3d.data.transforms import t1_brain_transforms
     from meddiff3d.errors import InputError
     from meddiff3d.engine.reconstruction_metrics import reconstruction_scores
-    from meddiff3d.evaluation.morphometry import MEASURED_COVARIATES, measure_volumes
+    from meddiff3d.evaluation.morphometry import MEASURED_COVARIATES, atlas_for, measure_volumes
     from meddiff3d.models.loading import load_model
     from meddiff3d.pipelines.preflight import output_file
 
@@ -93,6 +93,7 @@ def main(argv=None) -> int:
             items = items[: args.max_items]
         if not items:
             raise InputError(f"{args.datalist}: section {args.section!r} has no items")
+        doc = read_datalist(args.datalist)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -106,7 +107,9 @@ def main(argv=None) -> int:
             rows.append({"id": item.get("id"), "variant": item.get("variant", "standard"),
                          **{k: round(v, 4) for k, v in scores.items()}})
             if args.morphometry:
-                source, recon = (measure_volumes(v[0, 0].float().cpu().numpy(), image["spacing"]) for v in (x, x_hat))
+                atlas = atlas_for(doc, item)
+                source, recon = (measure_volumes(v[0, 0].float().cpu().numpy(), image["spacing"], atlas=atlas)
+                                 for v in (x, x_hat))
                 rows[-1].update({f"{n}{tag}": round(m[n], 3) for n in VOLUMES
                                  for tag, m in (("", source), ("_recon", recon))})
                 known = item.get("covariates_raw") or {}

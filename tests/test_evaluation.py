@@ -35,18 +35,36 @@ def subjects():
 
 
 def test_measurement_tracks_true_volumes(subjects):
-    """At ~5 mm voxels the label-free volumes correlate with the tissue-map truth: r > 0.85 (brain) and > 0.75
-    (ventricles) on these 12 subjects (observed 0.93 / 0.88 on 24 subjects; 0.94 / 0.97 at 2.5 mm)."""
+    """At ~5 mm voxels the label-free volumes correlate with the tissue-map truth: r > 0.9 for both (observed 0.99
+    brain, 0.97 ventricles on these 12 subjects with the procedural atlas)."""
     items, spacing = subjects
-    measured = [measure_volumes(image, spacing) for image, _ in items]
+    measured = [measure_volumes(image, spacing, atlas="procedural") for image, _ in items]
     assert all(m["valid"] for m in measured)
     for key, truth in (("brain_ml", "brain_volume"), ("ventricular_ml", "ventricular_volume")):
         r = np.corrcoef([m[key] for m in measured], [c[truth] for _, c in items])[0, 1]
-        assert r > (0.85 if key == "brain_ml" else 0.75), (key, r)
+        assert r > 0.9, (key, r)
     # deterministic and independent of the intensity scale
-    again = measure_volumes(items[0][0] * 3.0, spacing)
+    again = measure_volumes(items[0][0] * 3.0, spacing, atlas="procedural")
     assert again["brain_ml"] == pytest.approx(measured[0]["brain_ml"], rel=1e-3)
     assert again["ventricular_ml"] == pytest.approx(measured[0]["ventricular_ml"], rel=1e-3)
+    with pytest.raises(ValueError, match="atlas 'icbm' is unknown"):
+        measure_volumes(items[0][0], spacing, atlas="icbm")
+
+
+def test_ventricle_measurement_survives_domain_randomisation():
+    """The issue-14 bound: on domain-randomised MNI152 subjects (``--variant varied``: random tissue contrasts,
+    gamma, bias, noise, thick slices, head rotations; 2 mm here) the ventricle measurement correlates r >= 0.95
+    with the true lateral-ventricle volume and its mean stays within 25 % of the truth (observed r 0.958, 35.7 vs
+    35.5 mL; at 1 mm r 0.98 on 48 training subjects, where the former depth-and-box rule gave 0.51 and 2.7x the
+    volume)."""
+    anatomy = load_anatomy("mni", (80, 112, 80))
+    truth, measured = [], []
+    for index in range(16):
+        subject = healthy_subject(anatomy, 0, index, variant="varied")
+        truth.append(subject.covariates_raw["ventricular_volume"])
+        measured.append(measure_volumes(subject.images["t1"], anatomy.grid.spacing)["ventricular_ml"])
+    assert np.corrcoef(truth, measured)[0, 1] >= 0.95, (truth, measured)
+    assert np.mean(measured) == pytest.approx(np.mean(truth), rel=0.25)
 
 
 def test_calibration_curve_keeps_the_slope_of_a_noisy_measurement():

@@ -39,7 +39,7 @@ from meddiff3d.utils.io import save_json
 
 from .features import RandomConvFeatures, frechet_distance, handcrafted_features
 from .generative_report import summary_table, write_samples_csv
-from .morphometry import MEASURED_COVARIATES, calibrate, measure_volumes, to_model_scale
+from .morphometry import MEASURED_COVARIATES, atlas_for, calibrate, measure_volumes, to_model_scale
 from .similarity import _prepare, ms_ssim_config, nearest_neighbours, nn_vector, pair_indices, pairwise_ms_ssim
 
 logger = logging.getLogger("meddiff3d.evaluation")
@@ -63,10 +63,10 @@ class VolumeRecord:
 
 
 def describe_volume(volume: np.ndarray, name: str, spacing: Sequence[float], scaling: Mapping[str, Any],
-                    net: RandomConvFeatures, ssim_factor: int | None, info: Mapping[str, Any] | None = None
-                    ) -> VolumeRecord:
+                    net: RandomConvFeatures, ssim_factor: int | None, info: Mapping[str, Any] | None = None,
+                    atlas: str = "mni") -> VolumeRecord:
     volume = np.asarray(volume, dtype=np.float32).reshape(np.shape(volume)[-3:])
-    raw = measure_volumes(volume, spacing)
+    raw = measure_volumes(volume, spacing, atlas=atlas)
     small = None if ssim_factor is None else _prepare(volume, ssim_factor)[0, 0].numpy()
     return VolumeRecord(name, raw, to_model_scale(raw, scaling), net.features(volume),
                         handcrafted_features(volume, raw), nn_vector(volume), small, dict(info or {}))
@@ -154,6 +154,7 @@ class RealReference:
     held_items: list[dict]
     calibration: Any
     ceiling: dict[str, Any]
+    atlas: str = "mni"  # the morphometry atlas of the datalist (morphometry.atlas_for): samples are measured with it
 
 
 def _reference_key(datalist, image_meta, scaling, ssim_cfg, max_real) -> dict[str, Any]:
@@ -166,6 +167,9 @@ def measure_reference(datalist: str | os.PathLike, image_meta: Mapping[str, Any]
                       max_real: int | None, ssim_cfg: Mapping[str, Any]) -> RealReference:
     """Load and measure the datalist's real volumes in the model's geometry (training vs held-out: validation +
     test), fit the measurement calibration on the training volumes, and its ceiling per group."""
+    from meddiff3d.data.datalist import read_datalist
+
+    doc = read_datalist(datalist)
     net = RandomConvFeatures()
     spacing = image_meta["spacing"]
     # ---- real volumes
@@ -178,7 +182,7 @@ def measure_reference(datalist: str | os.PathLike, image_meta: Mapping[str, Any]
         keep_small = group == "training" and len(real["training"]) < 16
         real[group].append(describe_volume(volume, str(item.get("id")), spacing, scaling, net,
                                            ssim_factor=ssim_cfg["downsample"] if keep_small else None,
-                                           info={"section": section}))
+                                           info={"section": section}, atlas=atlas_for(doc, item)))
         truth[group].append(dict(item.get("covariates") or {}))
         if group == "held_out":
             held_items.append(item)
@@ -192,7 +196,7 @@ def measure_reference(datalist: str | os.PathLike, image_meta: Mapping[str, Any]
                                           [calib(r.measured).get(name, math.nan) for r in real[group]])
                           for name in MEASURED_COVARIATES}
     return RealReference(_reference_key(datalist, image_meta, scaling, ssim_cfg, max_real), net, real, truth,
-                         held_items, calib, ceiling)
+                         held_items, calib, ceiling, atlas_for(doc))
 
 
 def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, datalist: str | os.PathLike,
@@ -273,7 +277,7 @@ def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, d
         for i, path in enumerate(paths):
             samples.append(_load_sample(path, spacing, scaling, net, ssim_cfg["downsample"],
                                         {"kind": "conditional", "condition": k, "source_id": item.get("id"),
-                                         "seed": int(seed) + 1000 * k + i, "requested": request}))
+                                         "seed": int(seed) + 1000 * k + i, "requested": request}, reference.atlas))
         logger.info("condition %d/%d done", k + 1, len(picked))
     n_uncond = int(n_per_condition) * max(len(picked), 1)
     if uncond_ok:
@@ -283,7 +287,7 @@ def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, d
         for i, path in enumerate(paths):
             samples.append(_load_sample(path, spacing, scaling, net, ssim_cfg["downsample"],
                                         {"kind": "unconditional", "condition": None, "seed": int(seed) + 100000 + i,
-                                         "requested": None}))
+                                         "requested": None}, reference.atlas))
     cond = [s for s in samples if s.info["kind"] == "conditional"]
     uncond = [s for s in samples if s.info["kind"] == "unconditional"]
     for s in samples:
@@ -350,7 +354,8 @@ def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, d
                      "unconditional_samples": len(uncond),
                      "unconditional_skipped": None if uncond_ok else "model trained without conditioning dropout"
                      if unconditional else "not requested", "max_real": max_real, "max_pairs": max_pairs},
-        "measurement": {"method": "meddiff3d.evaluation.morphometry.measure_volumes", "calibration": calib.to_dict(),
+        "measurement": {"method": "meddiff3d.evaluation.morphometry.measure_volumes", "atlas": reference.atlas,
+                        "calibration": calib.to_dict(),
                         "ceiling_training_in_sample": reference.ceiling["training"],
                         "ceiling_held_out": reference.ceiling["held_out"],
                         "n_real": {k: len(v) for k, v in real.items()}},
@@ -365,8 +370,8 @@ def evaluate(codec_path: str | os.PathLike, diffusion_path: str | os.PathLike, d
     return result
 
 
-def _load_sample(path: Path, spacing, scaling, net, factor, info) -> VolumeRecord:
+def _load_sample(path: Path, spacing, scaling, net, factor, info, atlas) -> VolumeRecord:
     import nibabel as nib
 
     volume = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
-    return describe_volume(volume, Path(path).name, spacing, scaling, net, factor, info)
+    return describe_volume(volume, Path(path).name, spacing, scaling, net, factor, info, atlas)

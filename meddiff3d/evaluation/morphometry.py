@@ -15,37 +15,44 @@ intensity scale (every threshold is relative to the image's own tissue means):
 4. **Parenchymal fraction** per voxel (linear partial-volume model between the CSF and GM means):
    ``f = clip((I - mu_csf) / (mu_gm - mu_csf), 0, 1)``, 0 outside the mask; CSF fraction ``c = 1 - f`` inside it.
    ``brain_ml = sum(f) * voxel volume`` -- grey + white matter, as the datalist's ``brain_volume`` is measured.
-5. **Ventricles**: CSF-dominant voxels (``c > 0.5``) deeper than ``VENTRICLE_MIN_DEPTH_MM`` inside the mask, split in
-   connected components; a component is ventricular when it reaches a depth of ``VENTRICLE_CORE_DEPTH`` x the
-   mask's maximum depth and its centroid lies in the central box of the mask's bounding box (``VENTRICLE_BOX`` of the
-   half-extent per axis). ``ventricular_ml = sum(c)`` over those components dilated by one voxel (their partial-volume
-   rim) -- sulcal CSF, which reaches in from the surface, is excluded by the depth and box rules.
+5. **Ventricles** (atlas-weighted CSF, as tissue priors weight a segmentation): the template anatomy of the
+   synthetic cohorts (``atlas``: the MNI152 2009c template or the procedural brain, :mod:`meddiff3d.data.synthetic`)
+   gives two maps on the image grid, the lateral ventricles ``V`` and the rest of the intracranial CSF ``O``
+   (sulci, cisterns, the third ventricle, the partial CSF of the deep grey nuclei). They are placed on the image by
+   the moments of the brain masks (centroid and per-axis spread: position and head size) and smoothed by
+   ``VENTRICLE_PRIOR_SIGMA_MM`` (enlarged ventricles reach beyond the template's); every voxel's CSF is shared
+   between the two in proportion, ``ventricular_ml = sum(c * V_s / (V_s + O_s))``. Intensity alone cannot tell
+   the lateral ventricles from the CSF next to them: on the first 24 domain-randomised training subjects (``synth
+   healthy --variant varied``, 1 mm) the former depth-and-box rule reached r 0.51 with the true ventricular volume
+   (2.7x its mean), this 0.97 (0.98 and a mean within 3 % on 48; 0.99 on the standard contrast).
 
-The method targets skull-stripped T1 in the model's geometry (the datalist and the generator's output); it is a
-crude stand-in for a segmentation tool (no atlas, no topology), validated against the datalist's own covariates by
-:func:`meddiff3d.evaluation.generative.validate_measurement` (that correlation is the ceiling for conditioning
-fidelity). :func:`to_model_scale` / :func:`calibrate` map mL to the model's [0, 1] covariates.
+The method targets skull-stripped T1 in the model's geometry (the datalist and the generator's output: RAS, the
+template's box, roughly MNI-aligned); it is a crude stand-in for a segmentation tool (a template prior placed by
+moments, no registration, no topology), validated against the datalist's own covariates by
+:func:`meddiff3d.evaluation.generative.measure_reference` (its ceiling: the correlation on real volumes bounds
+conditioning fidelity). :func:`to_model_scale` / :func:`calibrate` map mL to the model's [0, 1] covariates.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["measure_volumes", "to_model_scale", "Calibration", "calibrate", "MEASURED_COVARIATES",
-           "BACKGROUND_FRACTION", "BIAS_SIGMA_MM", "VENTRICLE_MIN_DEPTH_MM"]
+__all__ = ["measure_volumes", "atlas_for", "to_model_scale", "Calibration", "calibrate", "MEASURED_COVARIATES",
+           "ATLASES", "BACKGROUND_FRACTION", "BIAS_SIGMA_MM", "VENTRICLE_PRIOR_SIGMA_MM"]
 
 BACKGROUND_FRACTION = 0.1
 MAX_FIT_VOXELS = 200_000
 BIAS_ITERATIONS = 2
 BIAS_SIGMA_MM = 40.0
 BIAS_GRID_FACTOR = 4  # the bias field is smoothed on a grid 4x coarser per axis (see _smooth_field)
-VENTRICLE_MIN_DEPTH_MM = 8.0
-VENTRICLE_CORE_DEPTH = 0.3
-VENTRICLE_BOX = (0.4, 0.6, 0.6)  # |centroid - centre| < box * half-extent, per axis (x, y, z)
+VENTRICLE_PRIOR_SIGMA_MM = 4.0  # r 0.95 / 0.97 / 0.97 at 2 / 4 / 6 mm on the varied training subjects
+#: the template anatomies whose ventricle maps the measurement can take as its prior (step 5)
+ATLASES = ("mni", "procedural")
 #: covariate name -> key of :func:`measure_volumes`' result
 MEASURED_COVARIATES = {"brain_volume": "brain_ml", "ventricular_volume": "ventricular_ml"}
 
@@ -113,10 +120,49 @@ def tissue_model(image: np.ndarray, mask: np.ndarray, spacing: Sequence[float]) 
     return corrected, means
 
 
-def measure_volumes(image: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
+@functools.lru_cache(maxsize=4)
+def _atlas_maps(atlas: str, shape: tuple[int, ...], spacing: tuple[float, ...]) -> np.ndarray:
+    """``(lateral ventricles, other CSF, brain)`` fractions of the template anatomy ``atlas`` on an image grid of
+    ``shape`` and ``spacing`` centred on the template's box (cached: the same geometry is measured many times)."""
+    from meddiff3d.data.synthetic.anatomy import TISSUES, load_anatomy
+    from meddiff3d.data.synthetic.grid import DEFAULT_SHAPE, Grid, grid_for_shape, resample
+
+    if atlas not in ATLASES:
+        raise ValueError(f"morphometry atlas {atlas!r} is unknown; choose one of {list(ATLASES)}")
+    standard = np.allclose(grid_for_shape(shape).spacing, spacing, rtol=1e-3)
+    anatomy = load_anatomy(atlas, tuple(shape) if standard else DEFAULT_SHAPE)  # the standard grid: no resampling
+    ventricles, csf, brain = (anatomy.maps[TISSUES.index(name)] for name in ("ventricles", "csf", "brain"))
+    maps = np.stack([ventricles, np.clip(csf - ventricles, 0.0, 1.0), brain]).astype(np.float64)
+    if standard:
+        return maps
+    source = anatomy.grid
+    fov = np.asarray(shape, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)
+    centre = np.asarray(source.low_mm) + 0.5 * np.asarray(source.fov_mm)
+    target = Grid(shape=tuple(int(n) for n in shape), fov_mm=tuple(float(f) for f in fov),
+                  low_mm=tuple(float(c) for c in centre - 0.5 * fov))
+    return resample(maps, source, target).astype(np.float64)
+
+
+def _ventricle_share(mask: np.ndarray, spacing: Sequence[float], atlas: str) -> np.ndarray:
+    """The share of each voxel's CSF that is ventricular (step 5): the atlas maps placed on ``mask`` by the moments
+    of the two brain masks, smoothed, ``V_s / (V_s + O_s)``."""
+    ventricles, other, brain = _atlas_maps(atlas, mask.shape, tuple(float(s) for s in spacing))
+    template, image = (np.argwhere(m).astype(np.float64) for m in (brain > 0.5, mask))
+    if len(template) == 0:
+        return np.zeros(mask.shape)
+    scale = template.std(0) / np.maximum(image.std(0), 1e-6)
+    offset = template.mean(0) - image.mean(0) * scale  # image voxel x -> template voxel offset + scale * x
+    sigma = [VENTRICLE_PRIOR_SIGMA_MM / float(s) for s in spacing]
+    v, o = (ndimage.gaussian_filter(ndimage.affine_transform(m, scale, offset, order=1), sigma)
+            for m in (ventricles, other))
+    return v / (v + o + 1e-3)
+
+
+def measure_volumes(image: np.ndarray, spacing: Sequence[float], atlas: str = "mni") -> dict[str, float]:
     """Brain (GM + WM) and ventricular volume in mL of a skull-stripped T1 ``image`` (3D array, any intensity
-    scale) with voxel ``spacing`` in mm; also the intracranial mask volume and the tissue means (relative to WM).
-    See the module docstring for the method."""
+    scale, in the model's geometry) with voxel ``spacing`` in mm; also the intracranial mask volume and the tissue
+    means (relative to WM). ``atlas`` (:data:`ATLASES`) is the template whose ventricles are the prior: ``"mni"``
+    for MNI152-like brains, ``"procedural"`` for the procedural phantom. See the module docstring for the method."""
     image = np.asarray(image, dtype=np.float64)
     if image.ndim == 4:
         image = image[0]
@@ -132,27 +178,22 @@ def measure_volumes(image: np.ndarray, spacing: Sequence[float]) -> dict[str, fl
     frac = np.zeros(image.shape)
     frac[mask] = np.clip((corrected[mask] - mu_csf) / max(mu_gm - mu_csf, 1e-6), 0.0, 1.0)
     csf = np.where(mask, 1.0 - frac, 0.0)
-    depth = ndimage.distance_transform_edt(mask, sampling=spacing)
-    candidates = (csf > 0.5) & (depth > VENTRICLE_MIN_DEPTH_MM)
-    labels, count = ndimage.label(candidates)
-    keep = np.zeros(count + 1, dtype=bool)
-    if count:
-        idx = np.arange(1, count + 1)
-        deepest = ndimage.maximum(depth, labels, idx)
-        centroids = np.asarray(ndimage.center_of_mass(candidates, labels, idx)).reshape(count, 3)
-        coords = np.argwhere(mask)
-        low, high = coords.min(0), coords.max(0)
-        centre, half = (low + high) / 2.0, np.maximum((high - low) / 2.0, 1.0)
-        central = np.all(np.abs(centroids - centre) < np.asarray(VENTRICLE_BOX) * half, axis=1)
-        keep[1:] = central & (np.asarray(deepest) >= VENTRICLE_CORE_DEPTH * depth.max())
-    ventricles = ndimage.binary_dilation(keep[labels]) & mask
     return {
         "brain_ml": float(frac.sum() * voxel_ml),
-        "ventricular_ml": float(csf[ventricles].sum() * voxel_ml),
+        "ventricular_ml": float((csf * _ventricle_share(mask, spacing, atlas)).sum() * voxel_ml),
         "intracranial_ml": float(mask.sum() * voxel_ml),
         "csf_mean": float(mu_csf / mu_wm), "gm_mean": float(mu_gm / mu_wm),
         "valid": True,
     }
+
+
+def atlas_for(datalist: Mapping, item: Mapping | None = None) -> str:
+    """The :data:`ATLASES` entry for the volumes of a datalist document (or one ``item`` of it): ``"procedural"`` for
+    the procedural phantom (a synthetic cohort of that source, an out-of-template item of the ``phantom`` family),
+    ``"mni"`` for everything else, MNI152-derived cohorts and real brains alike."""
+    if item is not None and item.get("variant") == "phantom":
+        return "procedural"
+    return "procedural" if (datalist.get("synthetic") or {}).get("source") == "procedural" else "mni"
 
 
 def to_model_scale(raw: Mapping[str, float], scaling: Mapping[str, Mapping]) -> dict[str, float]:

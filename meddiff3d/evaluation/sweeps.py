@@ -124,7 +124,7 @@ def paired_sweeps(codec_path: str | os.PathLike, diffusion_path: str | os.PathLi
                                    output_dir=out / covariate / f"{covariate}_{value:g}", device=device, amp=amp,
                                    progress=False)
                 volume = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
-                raw = measure_volumes(volume, image_meta["spacing"])
+                raw = measure_volumes(volume, image_meta["spacing"], atlas=reference.atlas)
                 value_measured = calib(to_model_scale(raw, scaling)).get(covariate, math.nan)
                 row_mes.append(value_measured)
                 samples.append({"seed": int(seed), "requested": value, "measured": round(value_measured, 4),
