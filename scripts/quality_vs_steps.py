@@ -226,7 +226,7 @@ def save_reference(cache: dict, folder: Path) -> None:
                         arrays[f"{group}_{j}_{a}"] = getattr(r, a)
         np.savez(folder / f"reference{i}.npz", **arrays)
         doc = {"key": key, "records": records, "truth": ref.truth, "held_items": ref.held_items,
-               "calibration": ref.calibration.to_dict(), "ceiling": ref.ceiling}
+               "calibration": ref.calibration.to_dict(), "ceiling": ref.ceiling, "atlas": ref.atlas}
         (folder / f"reference{i}.json").write_text(json.dumps(doc, default=str), encoding="utf-8")
 
 
@@ -245,7 +245,8 @@ def load_reference(folder: Path) -> dict:
                                            for a in ARRAYS], info=r["info"])
                             for j, r in enumerate(recs)] for group, recs in doc["records"].items()}
         cache[doc["key"]] = RealReference(json.loads(doc["key"]), RandomConvFeatures(), real, doc["truth"],
-                                          doc["held_items"], Calibration(**doc["calibration"]), doc["ceiling"])
+                                          doc["held_items"], Calibration(**doc["calibration"]), doc["ceiling"],
+                                          doc.get("atlas", "mni"))
     return cache
 
 

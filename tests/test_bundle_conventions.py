@@ -132,6 +132,11 @@ def test_eval_metrics_are_the_recorded_figures():
     assert metrics["autoencoder_ssim"] == round(record["ssim"], 3)
     assert metrics["autoencoder_psnr_brain_db"] == round(record["psnr_brain"], 2)
     assert metrics["autoencoder_ssim_brain"] == round(record["ssim_brain"], 3)
+    for covariate, short in (("ventricular_volume", "ventricles"), ("brain_volume", "brain")):  # unguided sweeps
+        sweep = ROOT / "bundles/brain_mri_ldm/models/evaluation/sweeps" / f"sweep_{covariate}.json"
+        statistics = json.loads(sweep.read_text())["statistics"]
+        assert metrics[f"sweep_{short}_slope"] == round(statistics["slope"], 3)
+        assert metrics[f"sweep_{short}_r"] == round(statistics["r"], 3)
 
 
 # ------------------------------------------------------------------------------------------------ model-zoo, full

@@ -49,6 +49,20 @@ def test_measurement_tracks_true_volumes(subjects):
     assert again["ventricular_ml"] == pytest.approx(measured[0]["ventricular_ml"], rel=1e-3)
     with pytest.raises(ValueError, match="atlas 'icbm' is unknown"):
         measure_volumes(items[0][0], spacing, atlas="icbm")
+    # off the standard grid (a smaller box: the atlas is resampled, then placed by the brain masks' moments)
+    cropped = items[0][0][1:-1, 2:-2, 1:-1]
+    off_grid = measure_volumes(cropped, spacing, atlas="procedural")
+    assert off_grid["ventricular_ml"] == pytest.approx(measured[0]["ventricular_ml"], rel=0.05)
+
+
+def test_atlas_for_picks_the_template_of_each_item():
+    from meddiff3d.evaluation.morphometry import atlas_for
+
+    assert atlas_for({"synthetic": {"source": "procedural"}}) == "procedural"
+    mni = {"synthetic": {"source": "mni", "variant": "out_of_template"}}
+    assert atlas_for(mni) == "mni" and atlas_for(mni, {"variant": "asymmetric"}) == "mni"
+    assert atlas_for(mni, {"variant": "phantom"}) == "procedural"
+    assert atlas_for({"name": "my own T1s"}) == "mni"  # real brains: the MNI152 template
 
 
 def test_ventricle_measurement_survives_domain_randomisation():

@@ -157,8 +157,13 @@ class RealReference:
     atlas: str = "mni"  # the morphometry atlas of the datalist (morphometry.atlas_for): samples are measured with it
 
 
+#: bumped when measure_volumes changes, so that a saved reference of an older measurement is not reused
+MEASUREMENT_VERSION = 2  # 2: atlas-weighted ventricles (2026-12-03)
+
+
 def _reference_key(datalist, image_meta, scaling, ssim_cfg, max_real) -> dict[str, Any]:
     return {"datalist": str(Path(datalist).resolve()), "mtime": Path(datalist).stat().st_mtime_ns,
+            "measurement_version": MEASUREMENT_VERSION,
             "spacing": list(image_meta["spacing"]), "shape": list(image_meta["shape"]), "scaling": dict(scaling),
             "ssim": dict(ssim_cfg), "max_real": max_real}
 

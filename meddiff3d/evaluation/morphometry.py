@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from meddiff3d.errors import InputError
+
 __all__ = ["measure_volumes", "atlas_for", "to_model_scale", "Calibration", "calibrate", "MEASURED_COVARIATES",
            "ATLASES", "BACKGROUND_FRACTION", "BIAS_SIGMA_MM", "VENTRICLE_PRIOR_SIGMA_MM"]
 
@@ -128,19 +130,23 @@ def _atlas_maps(atlas: str, shape: tuple[int, ...], spacing: tuple[float, ...]) 
     from meddiff3d.data.synthetic.grid import DEFAULT_SHAPE, Grid, grid_for_shape, resample
 
     if atlas not in ATLASES:
-        raise ValueError(f"morphometry atlas {atlas!r} is unknown; choose one of {list(ATLASES)}")
+        raise InputError(f"morphometry atlas {atlas!r} is unknown; choose one of {list(ATLASES)}")
     standard = np.allclose(grid_for_shape(shape).spacing, spacing, rtol=1e-3)
-    anatomy = load_anatomy(atlas, tuple(shape) if standard else DEFAULT_SHAPE)  # the standard grid: no resampling
+    try:
+        anatomy = load_anatomy(atlas, tuple(shape) if standard else DEFAULT_SHAPE)  # the standard grid: no resampling
+    except InputError as err:
+        raise InputError(f"morphometry atlas {atlas!r}: {err} (pip install 'meddiff3d[data]')") from err
     ventricles, csf, brain = (anatomy.maps[TISSUES.index(name)] for name in ("ventricles", "csf", "brain"))
-    maps = np.stack([ventricles, np.clip(csf - ventricles, 0.0, 1.0), brain]).astype(np.float64)
-    if standard:
-        return maps
-    source = anatomy.grid
-    fov = np.asarray(shape, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)
-    centre = np.asarray(source.low_mm) + 0.5 * np.asarray(source.fov_mm)
-    target = Grid(shape=tuple(int(n) for n in shape), fov_mm=tuple(float(f) for f in fov),
-                  low_mm=tuple(float(c) for c in centre - 0.5 * fov))
-    return resample(maps, source, target).astype(np.float64)
+    maps = np.stack([ventricles, np.clip(csf - ventricles, 0.0, 1.0), brain]).astype(np.float32)
+    if not standard:
+        source = anatomy.grid
+        fov = np.asarray(shape, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)
+        centre = np.asarray(source.low_mm) + 0.5 * np.asarray(source.fov_mm)
+        target = Grid(shape=tuple(int(n) for n in shape), fov_mm=tuple(float(f) for f in fov),
+                      low_mm=tuple(float(c) for c in centre - 0.5 * fov))
+        maps = resample(maps, source, target).astype(np.float32)
+    maps.setflags(write=False)  # cached and shared
+    return maps
 
 
 def _ventricle_share(mask: np.ndarray, spacing: Sequence[float], atlas: str) -> np.ndarray:

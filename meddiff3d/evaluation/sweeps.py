@@ -137,7 +137,7 @@ def paired_sweeps(codec_path: str | os.PathLike, diffusion_path: str | os.PathLi
         results[covariate] = {
             "covariate": covariate, "values": values, "seeds": [int(s) for s in seeds], "fixed": base,
             "statistics": sweep_statistics(requested, measured),
-            "measurement": {"calibration": calib.to_dict(), "ceiling": reference.ceiling},
+            "measurement": {"atlas": reference.atlas, "calibration": calib.to_dict(), "ceiling": reference.ceiling},
             "generation": {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale},
             "samples": samples,
             "seconds": round(time.perf_counter() - start, 1)}
