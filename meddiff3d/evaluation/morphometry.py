@@ -123,9 +123,11 @@ def tissue_model(image: np.ndarray, mask: np.ndarray, spacing: Sequence[float]) 
 
 
 @functools.lru_cache(maxsize=4)
-def _atlas_maps(atlas: str, shape: tuple[int, ...], spacing: tuple[float, ...]) -> np.ndarray:
-    """``(lateral ventricles, other CSF, brain)`` fractions of the template anatomy ``atlas`` on an image grid of
-    ``shape`` and ``spacing`` centred on the template's box (cached: the same geometry is measured many times)."""
+def _atlas_maps(atlas: str, shape: tuple[int, ...], spacing: tuple[float, ...]):
+    """``(maps, brain moments)``: the lateral-ventricle and other-CSF fractions ``(2, *shape)`` of the template
+    anatomy ``atlas`` on an image grid of ``shape`` and ``spacing`` centred on the template's box, and the voxel
+    moments of its brain mask (:func:`_moments`; None if the grid holds none of it). Cached: the same geometry is
+    measured many times."""
     from meddiff3d.data.synthetic.anatomy import TISSUES, load_anatomy
     from meddiff3d.data.synthetic.grid import DEFAULT_SHAPE, Grid, grid_for_shape, resample
 
@@ -145,19 +147,27 @@ def _atlas_maps(atlas: str, shape: tuple[int, ...], spacing: tuple[float, ...]) 
         target = Grid(shape=tuple(int(n) for n in shape), fov_mm=tuple(float(f) for f in fov),
                       low_mm=tuple(float(c) for c in centre - 0.5 * fov))
         maps = resample(maps, source, target).astype(np.float32)
+    brain = maps[2] > 0.5
+    maps = maps[:2].copy()
     maps.setflags(write=False)  # cached and shared
-    return maps
+    return maps, (_moments(brain) if brain.any() else None)
+
+
+def _moments(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centroid and per-axis spread (standard deviation) of a mask's voxel indices."""
+    coords = np.argwhere(mask).astype(np.float64)
+    return coords.mean(0), coords.std(0)
 
 
 def _ventricle_share(mask: np.ndarray, spacing: Sequence[float], atlas: str) -> np.ndarray:
     """The share of each voxel's CSF that is ventricular (step 5): the atlas maps placed on ``mask`` by the moments
     of the two brain masks, smoothed, ``V_s / (V_s + O_s)``."""
-    ventricles, other, brain = _atlas_maps(atlas, mask.shape, tuple(float(s) for s in spacing))
-    template, image = (np.argwhere(m).astype(np.float64) for m in (brain > 0.5, mask))
-    if len(template) == 0:
+    (ventricles, other), template = _atlas_maps(atlas, mask.shape, tuple(float(s) for s in spacing))
+    if template is None:
         return np.zeros(mask.shape)
-    scale = template.std(0) / np.maximum(image.std(0), 1e-6)
-    offset = template.mean(0) - image.mean(0) * scale  # image voxel x -> template voxel offset + scale * x
+    (template_centre, template_spread), (centre, spread) = template, _moments(mask)
+    scale = template_spread / np.maximum(spread, 1e-6)
+    offset = template_centre - centre * scale  # image voxel x -> template voxel offset + scale * x
     sigma = [VENTRICLE_PRIOR_SIGMA_MM / float(s) for s in spacing]
     v, o = (ndimage.gaussian_filter(ndimage.affine_transform(m, scale, offset, order=1), sigma)
             for m in (ventricles, other))
