@@ -11,6 +11,14 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv label-venv demo test test-fast test-label clean
 
+# The suite runs in TEST_WORKERS pytest-xdist processes of one torch thread each (tests/conftest.py): most of its time
+# is single-threaded (bundle commands at OMP_NUM_THREADS=1, reading and writing NIfTI), so two workers on 2 cores take
+# about half the time of one. Each test module runs whole on one worker (loadscope: its module fixtures are built once,
+# and the 10-12 GB first training steps of tests/test_bundle_readme_commands.py never run side by side); the modules
+# go out in collected order, slow tests first. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
+
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip wheel
@@ -46,7 +54,7 @@ demo: venv
 	$(PY) -m monai.bundle run --config_file "['bundles/brain_mri_ldm/configs/common.yaml','bundles/brain_mri_ldm/configs/inference.yaml']" --bundle_root bundles/brain_mri_ldm --output_dir outputs/demo_brain_ldm
 
 test: venv label-venv
-	$(PY) -m pytest tests --durations=30
+	$(PY) -m pytest tests $(PARALLEL) --durations=30
 	$(MAKE) test-label
 
 # the MONAI Label server tests and docs/slicer.md's commands (run as printed) in their own environment;
@@ -57,7 +65,7 @@ test-label: label-venv
 	    tests/test_label_doc_commands.py
 
 test-fast: venv
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -m "not slow" $(PARALLEL)
 
 clean:
 	rm -rf $(VENV) $(LABEL_VENV) .pytest_cache outputs runs
