@@ -16,6 +16,7 @@ Datalist JSON (paths are relative to the folder holding the JSON, or absolute)::
       "covariates": {"age": {"min": 40, "max": 90, "unit": "years"}, ...},   # allowed covariate names (+ scaling)
       "labels": {"0": "background", "1": "NCR", "2": "ED", "4": "ET"},       # optional, for label maps
       "label_convention": "brats2021",                    # optional: brats2021 (1/2/4) or brats2023 (1/2/3)
+      "spatial_dims": 2,                                  # optional: 3 (volumes, the default) or 2 (images)
       "training":   [ITEM, ...],
       "validation": [ITEM, ...],
       "test":       [ITEM, ...]
@@ -29,6 +30,9 @@ Datalist JSON (paths are relative to the folder holding the JSON, or absolute)::
       "covariates": {"age": 0.41, "sex": 1.0, ...},       # optional, values scaled to [0, 1]
       ... any further keys (e.g. "lesion_kind") are kept as they are
     }
+
+A 2D datalist (``"spatial_dims": 2``) lists 2D images (PNG, JPEG, single-frame DICOM, 2D NIfTI:
+:mod:`meddiff3d.data.images2d`), grayscale, all of a section of one size (``scripts/`` conversions resample them).
 
 Covariate values in items are the model inputs, scaled to [0, 1]; the top-level ``covariates`` block documents the
 scaling (``value = (raw - min) / (max - min)``, or ``index / (len(categories) - 1)`` for a ``categories`` list) so raw
@@ -198,12 +202,17 @@ def _load_section(path: Path, doc: Mapping, section: str, *, modalities=None, re
                   covariates=None, check_images: bool | str = True, content: bool = False) -> tuple[list, list]:
     """``(resolved items, problems)`` of the non-empty list ``doc[section]`` (see :func:`load_datalist`)."""
     where_file = f"datalist {path}"
+    dims = doc.get("spatial_dims", 3)
+    if dims not in (2, 3) or isinstance(dims, bool):
+        raise DatalistError(f"{where_file}: 'spatial_dims' must be 2 or 3, got {dims!r}")
     names, count = _expected_modalities(doc.get("modalities"), modalities, where_file)
     allowed = _allowed_covariates(doc.get("covariates"), covariates, where_file)
     read_data = check_images is True
     problems: list[str] = []
     out: list[dict] = []
     seen_ids: dict[str, int] = {}
+    shapes: list[tuple[int, int]] = []  # 2D: the size of each image read
+    sizes: dict[tuple[int, int], list[str]] = {}  # 2D: size -> the items of that size
     for index, item in enumerate(doc[section]):
         where = f"{section}[{index}]"
         if isinstance(item, Mapping) and "id" in item:
@@ -216,8 +225,11 @@ def _load_section(path: Path, doc: Mapping, section: str, *, modalities=None, re
                 if case in seen_ids:
                     problems.append(f"{where}: duplicate id, also at {section}[{seen_ids[case]}]")
                 seen_ids.setdefault(case, index)
+        read = len(shapes)
         item_problems, resolved = _check_item(item, path.parent, count, names, require_label, allowed, check_images,
-                                              read_data, content)
+                                              read_data, content, dims, shapes)
+        for shape in shapes[read:]:
+            sizes.setdefault(shape, []).append(where)
         problems += [f"{where}: {p}" for p in item_problems]
         if resolved is not None:
             if "label_convention" in doc and "convention" not in resolved:
@@ -225,6 +237,9 @@ def _load_section(path: Path, doc: Mapping, section: str, *, modalities=None, re
             out.append(resolved)
         if count is None and resolved is not None:  # no declared modalities: the first item fixes the count
             count = len(resolved["image"]) if isinstance(resolved["image"], list) else 1
+    if len(sizes) > 1:
+        counts = ", ".join(f"{len(w)} of {s[0]} rows x {s[1]} columns (first {w[0]})" for s, w in sizes.items())
+        problems.append(f"images differ in size: {counts}; a 2D datalist's images share one size")
     return out, problems
 
 
@@ -256,9 +271,12 @@ def _allowed_covariates(declared, requested, where_file) -> set[str]:
     return set(declared)
 
 
-def _check_item(item, root, count, names, require_label, allowed, check_images, read_data, content=False):
-    """``(problems, resolved item or None)`` for one datalist item."""
+def _check_item(item, root, count, names, require_label, allowed, check_images, read_data, content=False, dims=3,
+                shapes=None):
+    """``(problems, resolved item or None)`` for one datalist item; a 2D item's image sizes are appended to
+    ``shapes``."""
     from meddiff3d.data.images import check_image, grid_mismatch
+    from meddiff3d.data.images2d import image_2d_size, read_image_2d
 
     if not isinstance(item, Mapping):
         return [f"item must be a JSON object, got {type(item).__name__}"], None
@@ -307,6 +325,9 @@ def _check_item(item, root, count, names, require_label, allowed, check_images, 
         if check_images is False:
             continue
         try:
+            if dims == 2:
+                shapes.append(read_image_2d(file).shape if read_data else image_2d_size(file))
+                continue
             infos.append((role, check_image(file, read_data=read_data, content=content and role == "image")))
         except ImageError as err:
             problems.append(f"{role} {err}")

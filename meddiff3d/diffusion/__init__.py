@@ -1,8 +1,9 @@
 """Diffusion library: schedules, the denoiser interface and its adapters, pure samplers, wrappers (guidance,
-conditioning, coordinates, sliding windows, inpainting), inversion/SDEdit, structured noise, and the training
-objective."""
+conditioning, coordinates, sliding windows, inpainting, data consistency for inverse problems with their
+measurement operators), inversion/SDEdit, structured noise, and the training objective."""
 
 from .conditioning import AppendCoordinates, ConcatConditioning, CoordinateChannels, broadcast_channels
+from .data_consistency import DataConsistency
 from .denoisers import (
     PREDICTION_TYPES,
     EpsilonDenoiser,
@@ -25,6 +26,7 @@ from .distillation import (
 from .guidance import ClassifierFreeGuidance, null_conditioning
 from .inpainting import Inpainting, sample_repaint
 from .inversion import ddim_invert, noise_to, sdedit
+from .measurements import Downsample, KSpaceSampling, MaskOperator, cartesian_mask, fft2c, ifft2c
 from .noise import gaussian_noise, simplex_noise
 from .objectives import DiffusionObjective, min_snr_weight, prediction_target
 from .samplers import (
@@ -59,6 +61,7 @@ __all__ = [
     "truncated_snr_weight",
     "ClassifierFreeGuidance", "null_conditioning",
     "Inpainting", "sample_repaint",
+    "DataConsistency", "Downsample", "KSpaceSampling", "MaskOperator", "cartesian_mask", "fft2c", "ifft2c",
     "ddim_invert", "noise_to", "sdedit",
     "gaussian_noise", "simplex_noise",
     "DiffusionObjective", "min_snr_weight", "prediction_target",

@@ -104,6 +104,8 @@ class DiffusionObjective:
         concat_keys: batch keys concatenated (in this order) to the noisy image along channels; each is
             ``(B, C, *spatial)`` or a ``(B, C)`` vector broadcast over space.
         context_key: batch key passed to the network as ``context=`` (cross-attention, ``(B, S, D)``).
+        keyword_keys: batch keys passed to the network as keywords of their own name (e.g. ``class_labels``
+            ``(B,)``, MONAI's class embedding).
         loss: ``"mse"`` or ``"l1"``, averaged over all non-batch dims.
         network_wrapper: ``wrapper(network) -> callable`` applied to the network before the channel conditioning,
             e.g. ``lambda net: AppendCoordinates(net, CoordinateChannels())``; inference wraps the same way, so
@@ -117,7 +119,7 @@ class DiffusionObjective:
     def __init__(self, schedule: Schedule, prediction: str = "epsilon", min_snr_gamma: float | None = None,
                  cond_dropout: float = 0.0, null_cond: Mapping[str, torch.Tensor | None] | None = None,
                  concat_keys: str | Sequence[str] = ("concat",), context_key: str = "context", loss: str = "mse",
-                 generator: torch.Generator | None = None,
+                 generator: torch.Generator | None = None, keyword_keys: str | Sequence[str] = (),
                  network_wrapper: Callable[[Any], Callable[..., torch.Tensor]] | None = None) -> None:
         _check_prediction(prediction)
         if prediction == "epsilon" and isinstance(schedule, FlowSchedule):
@@ -133,11 +135,12 @@ class DiffusionObjective:
         self.cond_dropout, self.null_cond, self.loss, self.generator = float(cond_dropout), null_cond, loss, generator
         self.concat_keys = (concat_keys,) if isinstance(concat_keys, str) else tuple(concat_keys)
         self.context_key = context_key
+        self.keyword_keys = (keyword_keys,) if isinstance(keyword_keys, str) else tuple(keyword_keys)
         self.network_wrapper = network_wrapper
 
     def conditioning(self, batch: Mapping[str, Any], like: torch.Tensor) -> dict[str, torch.Tensor]:
         """The batch's conditioning by key, with the dropped samples replaced by the null condition."""
-        keys = [k for k in (*self.concat_keys, self.context_key) if batch.get(k) is not None]
+        keys = [k for k in (*self.concat_keys, self.context_key, *self.keyword_keys) if batch.get(k) is not None]
         cond = {k: torch.as_tensor(batch[k]).to(like.device) for k in keys}
         if self.cond_dropout > 0 and cond:
             drop = rand((like.shape[0],), self.generator, like) < self.cond_dropout

@@ -53,13 +53,14 @@ FILE_FORMATS = (CHECKPOINT_FORMAT, INFERENCE_FORMAT, CODEC_FORMAT)
 #: the entries of a training checkpoint a resume reads
 RESUME_KEYS = ("iteration", "model", "ema", "ema_num_updates", "optimizer", "grad_scaler", "rng", "train_config")
 #: the kinds of model file, each tagged ``meddiff3d.<kind>/1`` (:func:`kind_tag`)
-MODEL_KINDS = ("codec", "latent_diffusion", "segmentation_diffusion", "seg_baseline")
+MODEL_KINDS = ("codec", "latent_diffusion", "segmentation_diffusion", "seg_baseline", "image_diffusion")
 #: tags of files written before the one scheme (the shipped demo weights among them) -> their kind
 LEGACY_KIND_TAGS = {"latent_diffusion": "latent_diffusion", "segmentation_diffusion": "segmentation_diffusion",
                     "meddiff3d.brats_seg_baseline/1": "seg_baseline"}
 #: how each model kind is named in messages
 KIND_NOUNS = {"codec": "codec", "latent_diffusion": "latent diffusion model",
-              "segmentation_diffusion": "segmentation diffusion model", "seg_baseline": "segmentation baseline model"}
+              "segmentation_diffusion": "segmentation diffusion model", "seg_baseline": "segmentation baseline model",
+              "image_diffusion": "image diffusion model"}
 _LIST_LIMIT = 8
 #: the temporary name :func:`meddiff3d.utils.io.atomic_path` writes to (tempfile.mkstemp's 8 random characters)
 _PARTIAL_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>(\.[^.]+)*)")

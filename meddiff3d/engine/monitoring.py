@@ -26,19 +26,22 @@ from meddiff3d.engine.checkpoint import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger("meddiff3d.engine")
 
-PreviewFn = Callable[[torch.nn.Module], Any]  # EMA network -> a 3D volume (D, H, W) or (C, D, H, W)
+PreviewFn = Callable[[torch.nn.Module], Any]  # EMA network -> a 3D volume (D, H, W), (C, D, H, W), or a 2D image (H, W)
 ValidateFn = Callable[[torch.nn.Module], dict]  # EMA network -> {"name": float}
 
 
 def centre_slices(volume: Any) -> list[np.ndarray]:
-    """The three orthogonal centre slices of a 3D volume (channel 0 of a 4D one), each scaled to [0, 1]."""
+    """The three orthogonal centre slices of a 3D volume (channel 0 of a 4D one), each scaled to [0, 1]; a 2D image
+    ``(H, W)`` is its own one view."""
     vol = volume.detach().float().cpu().numpy() if torch.is_tensor(volume) else np.asarray(volume, dtype=np.float32)
     while vol.ndim > 3:
         vol = vol[0]
-    if vol.ndim != 3:
-        raise ValueError(f"a preview must be a 3D volume, got shape {vol.shape}")
+    if vol.ndim not in (2, 3):
+        raise ValueError(f"a preview must be a 2D image or a 3D volume, got shape {vol.shape}")
     lo, hi = float(np.nanmin(vol)), float(np.nanmax(vol))
     vol = np.clip((vol - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
+    if vol.ndim == 2:
+        return [vol]
     cx, cy, cz = (s // 2 for s in vol.shape)
     return [vol[:, :, cz].T[::-1].copy(), vol[:, cy, :].T[::-1].copy(), vol[cx, :, :].T[::-1].copy()]
 
@@ -158,15 +161,20 @@ class TrainingMonitor:
         """Call the preview hook on the EMA network; log its centre slices to TensorBoard and ``RUN_DIR/previews``."""
         if not self.is_main:
             return
-        from meddiff3d.utils.io import save_preview_png
+        from meddiff3d.utils.io import save_image_png, save_preview_png
 
         volume = self._call_with_ema(self.preview_fn)
-        for axis, image in zip(("axial", "coronal", "sagittal"), centre_slices(volume)):
+        views = centre_slices(volume)
+        for axis, image in zip(("axial", "coronal", "sagittal") if len(views) == 3 else ("image",), views):
             self.writer.add_image(f"preview/{axis}", image, iteration, dataformats="HW")
         vol = volume.detach().float().cpu().numpy() if torch.is_tensor(volume) else np.asarray(volume)
         while vol.ndim > 3:
             vol = vol[0]
-        save_preview_png(vol, Path(self.trainer.run_dir) / "previews" / f"iter_{iteration:08d}.png")
+        png = Path(self.trainer.run_dir) / "previews" / f"iter_{iteration:08d}.png"
+        if vol.ndim == 3:
+            save_preview_png(vol, png)
+        else:
+            save_image_png(views[0], png)
 
     def validate(self, iteration: int) -> None:
         """Call the validation hook on the EMA network and log the scalars it returns as ``val/<name>``."""

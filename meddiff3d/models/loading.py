@@ -2,7 +2,7 @@
 
 ``load_model(path, kind)`` reads the file weights-only (:func:`meddiff3d.engine.checkpoint.read_file`), checks that
 it holds a model of ``kind`` (one of :data:`~meddiff3d.engine.checkpoint.MODEL_KINDS`: ``codec``,
-``latent_diffusion``, ``segmentation_diffusion``, ``seg_baseline``), builds the network its meta describes and
+``latent_diffusion``, ``segmentation_diffusion``, ``seg_baseline``, ``image_diffusion``), builds the network its meta describes and
 loads the weights (EMA by default) after checking they fit. Codec files become a
 :class:`~meddiff3d.models.codec.LatentCodec` (autoencoder + the latent scale/shift saved with it) and carry their
 content fingerprint, so a diffusion model can be paired with its codec without reading the codec again.
@@ -34,11 +34,13 @@ __all__ = ["LoadedModel", "load_model", "KIND_NAMES"]
 
 #: how the file of each kind is named in messages (what it must hold: :data:`~meddiff3d.engine.checkpoint.KIND_NOUNS`)
 KIND_NAMES = {"codec": "codec file", "latent_diffusion": "diffusion model file",
-              "segmentation_diffusion": "segmentation diffusion model", "seg_baseline": "segmentation baseline model"}
+              "segmentation_diffusion": "segmentation diffusion model", "seg_baseline": "segmentation baseline model",
+              "image_diffusion": "image diffusion model file"}
 
 #: the meta entries (mappings) that inference reads from each kind's file: a file without them is refused on loading
 META_ENTRIES = {"codec": (), "latent_diffusion": ("schedule", "conditioning", "latent", "image", "codec"),
-                "segmentation_diffusion": ("schedule", "coordinates", "image"), "seg_baseline": ("image", "inference")}
+                "segmentation_diffusion": ("schedule", "coordinates", "image"), "seg_baseline": ("image", "inference"),
+                "image_diffusion": ("schedule", "image")}
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Atomic output writing: NIfTI volumes (scalar and per-voxel vector), JSON, PNG previews.
+"""Atomic output writing: NIfTI volumes (scalar and per-voxel vector), 2D images (NIfTI, grayscale PNG), JSON, PNG
+previews.
 
 Every writer goes through :func:`atomic_path`: it writes a temporary file in the destination folder and renames it
 into place, so a killed process never leaves a partial output behind.
@@ -36,7 +37,7 @@ import numpy as np
 from meddiff3d.errors import InputError
 
 __all__ = ["atomic_path", "read_json", "save_json", "save_nifti", "save_vector_nifti", "read_channels",
-           "save_preview_png", "CONVENTIONS", "PREVIEW_MIN_VIEW"]
+           "save_preview_png", "save_image_nifti", "save_image_png", "CONVENTIONS", "PREVIEW_MIN_VIEW"]
 
 #: where the preview draws the patient's right, per display convention
 CONVENTIONS = {"radiological": "patient's right on image left (as 3D Slicer and ITK-SNAP show it)",
@@ -136,6 +137,42 @@ def save_nifti(array, affine, path: str | os.PathLike, dtype=np.float32, header_
     img = _nifti_image(data, affine, (header_extra or {}).get("descrip"))
     img.header.set_xyzt_units("mm", "sec")
     return _save_image(img, path)
+
+
+def save_image_nifti(image, spacing: Sequence[float], path: str | os.PathLike, dtype=np.float32) -> Path:
+    """A 2D image ``(rows, columns)`` with its pixel spacing (mm, rows then columns) as a 2D NIfTI: data
+    ``(columns, rows)`` (x along the columns, as ITK and Slicer show it; :func:`meddiff3d.data.images2d.read_image_2d`
+    reads it back as the same image)."""
+    data = np.asarray(image)
+    if data.ndim != 2:
+        raise ValueError(f"save_image_nifti needs a 2D image (rows, columns), got shape {data.shape}")
+    affine = np.diag([float(spacing[1]), float(spacing[0]), 1.0, 1.0])
+    img = _nifti_image(np.ascontiguousarray(data.T.astype(dtype, copy=False)), affine, None)
+    img.header.set_xyzt_units("mm")
+    return _save_image(img, path)
+
+
+def save_image_png(images, path: str | os.PathLike, *, columns: int | None = None, bits: int = 8) -> Path:
+    """2D images ``(rows, columns)`` with values in [0, 1] (clipped) as one grayscale PNG: a single image at its
+    size, several side by side in a grid of ``columns`` (default: about square), 2 px apart; 8 or 16 bits."""
+    from PIL import Image
+
+    stack = np.asarray(images, dtype=np.float32)
+    stack = stack[None] if stack.ndim == 2 else stack
+    if stack.ndim != 3 or bits not in (8, 16):
+        raise ValueError(f"save_image_png needs (rows, columns) images and 8 or 16 bits, got {stack.shape}, {bits}")
+    n, h, w = stack.shape
+    cols = columns or math.ceil(math.sqrt(n))
+    rows, gap = math.ceil(n / cols), 2 if n > 1 else 0
+    grid = np.zeros((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap), np.float32)
+    for i, image in enumerate(stack):
+        r, c = divmod(i, cols)
+        grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = image
+    top = 2**bits - 1
+    pixels = np.round(np.clip(grid, 0, 1) * top).astype(np.uint8 if bits == 8 else np.uint16)
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+    return Path(path)
 
 
 def save_vector_nifti(channels, affine, path: str | os.PathLike, *, names: Sequence[str] | None = None,

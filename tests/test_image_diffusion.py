@@ -1,0 +1,112 @@
+"""The 2D image diffusion model end to end on a tiny class-conditional dataset: a 2D datalist of PNG files, training
+(bounded by iterations), the model file, generation and its outputs, and the bad settings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from meddiff3d.data.datalist import write_datalist
+from meddiff3d.data.images2d import read_image_2d
+from meddiff3d.errors import InputError
+from meddiff3d.models.image_diffusion import class_labels, image_unet_spec
+from meddiff3d.models.loading import load_model
+from meddiff3d.pipelines.image_generation import generate_images
+from meddiff3d.pipelines.image_training import load_image_set, train_image_diffusion
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZE, CLASSES = 16, ("left", "right")
+
+
+def blob_image(side: str, rng: np.random.Generator) -> np.ndarray:
+    """A bright blob in the left or right half of a dark 16x16 image (uint8)."""
+    rows, cols = np.mgrid[:SIZE, :SIZE]
+    centre = (SIZE / 2 + rng.normal(0, 1), (SIZE / 4 if side == "left" else 3 * SIZE / 4) + rng.normal(0, 1))
+    image = 0.1 + 0.8 * np.exp(-((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2) / (2 * 2.0**2))
+    return np.clip((image + rng.normal(0, 0.02, image.shape)) * 255, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blobs")
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(48):
+        side = CLASSES[i % 2]
+        Image.fromarray(blob_image(side, rng)).save(root / f"img{i:02d}.png")
+        items.append({"id": f"img{i:02d}", "image": f"img{i:02d}.png", "class": side})
+    return write_datalist(root / "datalist.json", {"training": items}, spatial_dims=2, modalities=["image"],
+                          classes=list(CLASSES))
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train2d")
+    summary = train_image_diffusion(dataset, root / "run", out=root / "model.pt", shape=(SIZE, SIZE),
+                                    classes=CLASSES, network="test", max_iterations=400, batch_size=16, lr=2e-3,
+                                    ema_decay=0.95, checkpoint_every=200, amp="none", device="cpu", progress=False,
+                                    sampling={"sampler": "dpmpp_2m", "steps": 20})
+    return root / "model.pt", summary
+
+
+def test_image_set_scales_each_image_by_its_own_window(dataset):
+    images = load_image_set(dataset, (SIZE, SIZE), classes=CLASSES)
+    assert images.images.shape == (48, 1, SIZE, SIZE) and images.labels.tolist() == [0, 1] * 24
+    flat = images.images.flatten(1)
+    assert torch.quantile(flat, 0.995, dim=1).sub(1).abs().max() < 0.05  # each image's 99.5th percentile -> 1
+    small = load_image_set(dataset, (8, 8))
+    assert small.images.shape == (48, 1, 8, 8) and small.labels is None and small.spacing == [2.0, 2.0]
+
+
+def test_trained_model_file_and_class_conditional_samples(trained, tmp_path):
+    """After 400 iterations the samples of each class put their blob on that class's side (half-image intensity
+    difference, right minus left, of opposite sign and at least 0.1 for both classes: the classes are learnt)."""
+    path, summary = trained
+    loaded = load_model(path, "image_diffusion")
+    meta = loaded.meta
+    assert meta["classes"] == list(CLASSES) and meta["image"]["shape"] == [SIZE, SIZE]
+    assert meta["network"]["args"]["num_class_embeds"] == 3 and meta["sampling"]["sampler"] == "dpmpp_2m"
+    assert meta["training"]["num_images"] == 48 and meta["prediction"] == "v"
+    side_difference = {}
+    for name in CLASSES:
+        paths = generate_images(loaded, tmp_path / name, num_samples=8, class_name=name, guidance_scale=2.0,
+                                device="cpu", amp="none", progress=False)
+        images = np.stack([read_image_2d(p).array for p in paths])
+        assert images.shape == (8, SIZE, SIZE) and images.min() >= 0 and images.max() <= 1
+        side_difference[name] = float((images[:, :, SIZE // 2:].mean() - images[:, :, :SIZE // 2].mean()))
+        side = json.loads((tmp_path / name / "sample_seed0.json").read_text())
+        assert side["class"] == name and side["sampler"] == "dpmpp_2m" and side["steps"] == 20
+        png = np.asarray(Image.open(tmp_path / name / "sample_seed0.png"), dtype=np.float32) / 255
+        np.testing.assert_allclose(png, read_image_2d(paths[0]).array, atol=1 / 255)
+        assert (tmp_path / name / "samples.png").is_file()
+    assert side_difference["right"] > 0.1 and side_difference["left"] < -0.1, side_difference
+
+
+def test_bad_settings_are_refused_before_anything_is_written(trained, tmp_path):
+    path, _ = trained
+    out = tmp_path / "out"
+    for kwargs, match in (({"class_name": "middle"}, "unknown class 'middle'; this model knows left, right"),
+                          ({"guidance_scale": 3.0}, "guidance_scale needs a class"),
+                          ({"sampler": "euler_a"}, "unknown sampler 'euler_a'"),
+                          ({"num_samples": 0}, "num_samples")):
+        with pytest.raises(InputError, match=match):
+            generate_images(path, out, device="cpu", amp="none", progress=False, **kwargs)
+        assert not out.exists()
+
+
+def test_a_3d_datalist_or_missing_classes_are_refused(dataset):
+    doc = json.loads(dataset.read_text())
+    three = write_datalist(dataset.parent / "three.json", {"training": doc["training"]})
+    with pytest.raises(InputError, match=r"not a 2D datalist \(it needs \"spatial_dims\": 2"):
+        load_image_set(three, (SIZE, SIZE))
+    unlabelled = write_datalist(dataset.parent / "unlabelled.json", {"training": [dict(i, **{"class": None})
+                                                                  for i in doc["training"]]}, spatial_dims=2)
+    with pytest.raises(InputError, match="item 'img00' has no 'class'"):
+        load_image_set(unlabelled, (SIZE, SIZE), classes=CLASSES)
+    assert class_labels(["right", None], CLASSES).tolist() == [1, 2]
+    assert image_unet_spec(1, (), "test")["args"].get("num_class_embeds") is None
