@@ -110,3 +110,22 @@ def test_a_3d_datalist_or_missing_classes_are_refused(dataset):
         load_image_set(unlabelled, (SIZE, SIZE), classes=CLASSES)
     assert class_labels(["right", None], CLASSES).tolist() == [1, 2]
     assert image_unet_spec(1, (), "test")["args"].get("num_class_embeds") is None
+
+
+def test_diffusion_reconstruction_of_undersampled_k_space_beats_zero_filling(trained):
+    """A held-out blob image, 4x undersampled k-space (4 of 16 lines): the posterior mean of 4 samples under the tiny
+    model has under 0.3 times the NMSE of the zero-filled inverse FFT (measured 0.05-0.13 times over 3 images x 2
+    masks), and it keeps the measured lines."""
+    from meddiff3d.diffusion import KSpaceSampling, cartesian_mask
+    from meddiff3d.pipelines.inverse_problems import diffusion_reconstruction, nmse, zero_filled
+
+    loaded = load_model(trained[0], "image_diffusion")
+    truth = torch.from_numpy(blob_image("right", np.random.default_rng(99)) / 255.0).float()[None, None]
+    op = KSpaceSampling(cartesian_mask(SIZE, 4, 0.125, "random", seed=3).float())
+    y = op.forward(truth)
+    estimate, spread = diffusion_reconstruction(loaded, op, y, num_samples=4, steps=20, class_name="right",
+                                                window_=(float(truth.min()), float(truth.max())))
+    assert estimate.shape == truth.shape and spread is not None and spread.shape == truth.shape
+    assert nmse(estimate, truth) < 0.3 * nmse(zero_filled(op, y), truth), (nmse(estimate, truth),
+                                                                          nmse(zero_filled(op, y), truth))
+    torch.testing.assert_close(op.forward(estimate), y, atol=1e-3, rtol=0)
