@@ -3,6 +3,8 @@ the reference) and on PNG / NIfTI files written here, and their refusals."""
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -144,3 +146,82 @@ def test_2d_datalist_loads_and_names_each_problem(tmp_path):
     path = write_datalist(tmp_path / "dims.json", {"training": good}, spatial_dims=4)
     with pytest.raises(DatalistError, match="'spatial_dims' must be 2 or 3, got 4"):
         load_datalist(path)
+
+
+# ------------------------------------------------------------------------------------------------ slices of a 3D cohort
+def test_slice_datalist_shows_axial_slices_radiologically(tmp_path):
+    """A volume with a marker in the right anterior corner, stored RAS and LPS: the slices show the marker at the top
+    left (anterior up, the patient's right on the image's left), the same for both files."""
+    from bundle_testing import script_module
+    from meddiff3d.data.datalist import load_datalist, write_datalist
+
+    script = script_module("make_slice_datalist")
+    volume = np.zeros((20, 24, 16), np.float32)
+    volume[3:17, 3:21, 2:14] = 0.5  # the brain
+    volume[14:17, 18:21, 2:14] = 1.0  # right (high x), anterior (high y)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(volume, affine), tmp_path / "ras.nii.gz")
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = [19, 23]
+    nib.save(nib.Nifti1Image(volume[::-1, ::-1].copy(), affine @ flip), tmp_path / "lps.nii.gz")
+    cohort = write_datalist(tmp_path / "cohort.json", {"training": [{"id": "ras", "image": str(tmp_path / "ras.nii.gz")}],
+                                                       "test": [{"id": "lps", "image": str(tmp_path / "lps.nii.gz")}]})
+    assert script.main([str(cohort), "--out", str(tmp_path / "slices"), "--size", "12", "12", "--slices", "3",
+                        "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "slices" / "datalist.json").read_text())
+    assert doc["spatial_dims"] == 2 and doc["classes"] == ["inferior", "middle", "superior"]
+    assert [i["class"] for i in doc["training"]] == ["inferior", "middle", "superior"]
+    assert doc["pixel_spacing_mm"] == [4.0, 4.0]  # 24 voxels of 2 mm over 12 pixels
+    items = load_datalist(tmp_path / "slices" / "datalist.json", "training")
+    ras = [read_image_2d(i["image"]).array for i in items]
+    lps = [read_image_2d(i["image"]).array for i in load_datalist(tmp_path / "slices" / "datalist.json", "test")]
+    for a, b in zip(ras, lps):
+        assert a.shape == (12, 12) and a.max() > 255 * 100  # 16-bit
+        np.testing.assert_array_equal(a, b)
+        assert np.unravel_index(np.argmax(a), a.shape)[0] < 4 and np.unravel_index(np.argmax(a), a.shape)[1] < 4
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), affine), tmp_path / "empty.nii.gz")
+    bad = write_datalist(tmp_path / "bad.json", {"training": [{"id": "e", "image": str(tmp_path / "empty.nii.gz")}]})
+    assert script.main([str(bad), "--out", str(tmp_path / "none"), "--no-progress"]) == 2
+    assert not (tmp_path / "none" / "images").exists()
+
+
+def test_chestxray14_folder_converts_by_patient_with_its_classes(tmp_path, capsys):
+    """A small folder laid out as NIH ChestX-ray14 (PNG files, Data_Entry_2017.csv): 1024 -> 16 pixels here 64 -> 16,
+    one class per image, patients never split across sections, a grey RGBA file read as grey; bad inputs: one error."""
+    from bundle_testing import script_module
+
+    script = script_module("convert_chestxray14")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+            "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"]
+    findings = ["No Finding", "Effusion", "Cardiomegaly|Effusion", "No Finding", "Effusion", "Nodule"]
+    for i, finding in enumerate(findings):
+        name = f"0000{i:04d}_000.png"
+        grey = rng.integers(0, 255, (64, 64), dtype=np.uint8)
+        Image.fromarray(np.stack([grey] * 3 + [np.full_like(grey, 255)], -1) if i == 1 else grey).save(images / name)
+        rows.append(f"{name},{finding},0,{i // 2 + 1},50,M,PA,64,64,0.143,0.143")
+    rows.append("missing.png,No Finding,0,9,50,F,PA,64,64,0.143,0.143")  # listed but not in the folder: not used
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "cxr"
+    assert script.main([str(images), str(tmp_path / "labels.csv"), "--out", str(out), "--size", "16",
+                        "--findings", "Effusion", "--fractions", "0.34", "0.33", "0.33", "--no-progress"]) == 0
+    doc = json.loads((out / "datalist.json").read_text())
+    assert doc["spatial_dims"] == 2 and doc["classes"] == ["No Finding", "Effusion"]
+    items = [i for s in ("training", "validation", "test") for i in doc[s]]
+    assert sorted(i["class"] for i in items) == ["Effusion", "Effusion", "No Finding", "No Finding"]
+    assert doc["source"]["skipped"] == 2  # the two-finding image and the nodule
+    for section in ("training", "validation", "test"):
+        for item in doc[section]:
+            others = [j for s in ("training", "validation", "test") if s != section for j in doc[s]]
+            assert item["patient"] not in {j["patient"] for j in others}
+            image = read_image_2d(out / item["image"])
+            assert image.shape == (16, 16) and item["pixel_spacing_mm"] == pytest.approx([0.572, 0.572])
+    assert script.main([str(images), str(tmp_path / "labels.csv"), "--out", str(tmp_path / "all"), "--size", "16",
+                        "--no-progress"]) == 0
+    assert json.loads((tmp_path / "all" / "datalist.json").read_text())["classes"] == ["No Finding", "Finding"]
+    (tmp_path / "bad.csv").write_text("Image Index,Patient ID\nx.png,1\n")
+    capsys.readouterr()
+    assert script.main([str(images), str(tmp_path / "bad.csv"), "--out", str(tmp_path / "none")]) == 2
+    assert "error: " in capsys.readouterr().err and not (tmp_path / "none" / "datalist.json").exists()

@@ -1,0 +1,125 @@
+"""Axial slices of a 3D T1 datalist as a 2D datalist (the training data of the 2D image diffusion model).
+
+    python scripts/make_slice_datalist.py data/healthy/datalist.json --out data/slices --size 64 64 --slices 12
+
+For every volume of every section (the 3D datalist's split is kept: slices of one subject stay in one section), the
+volume is read in RAS order (nibabel's closest canonical), ``--slices`` axial slices are taken evenly over the middle
+of its brain (``--band``: fractions of the inferior-superior extent of the voxels above 10 % of the volume's 99.5th
+percentile), each shown radiologically (anterior at the top, the patient's right on the image's left), padded to a
+square, resampled to ``--size`` (bilinear, antialiased), scaled by the volume's 99.5th percentile to [0, 1] and
+written as a 16-bit PNG. Each slice's class is its level: the lower, middle or upper third of the band
+(``inferior``, ``middle``, ``superior``).
+
+    OUT/images/<subject>_s<k>.png
+    OUT/datalist.json   {"spatial_dims": 2, "modalities": ["t1"], "classes": [...], "pixel_spacing_mm": [..],
+                         "source": {...}, "training": [{"id", "image", "class", "subject", "level"}], ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from meddiff3d.checks import check_output_dir
+from meddiff3d.data.datalist import SECTIONS, check_datalist, write_datalist
+from meddiff3d.errors import InputError
+from meddiff3d.utils.io import save_image_png
+
+LEVELS = ("inferior", "middle", "superior")
+
+
+def axial_slices(volume: np.ndarray, count: int, band: tuple[float, float]) -> list[tuple[int, float]]:
+    """``count`` axial indices evenly over ``band`` of the brain's inferior-superior extent, with their position in
+    the band (0 = its bottom, 1 = its top)."""
+    tissue = volume > 0.1 * np.percentile(volume, 99.5)
+    rows = np.nonzero(tissue.any(axis=(0, 1)))[0]
+    if rows.size < 2:
+        raise InputError("no brain found (no voxel above 10 % of the 99.5th percentile)")
+    low, high = rows[0] + band[0] * (rows[-1] - rows[0]), rows[0] + band[1] * (rows[-1] - rows[0])
+    positions = np.linspace(0, 1, count) if count > 1 else np.array([0.5])
+    return [(int(round(low + p * (high - low))), float(p)) for p in positions]
+
+
+def radiological(slice_ras: np.ndarray) -> np.ndarray:
+    """An axial RAS slice ``(X, Y)`` as displayed radiologically: rows anterior -> posterior, columns right -> left."""
+    return slice_ras[::-1, ::-1].T
+
+
+def square(image: np.ndarray) -> np.ndarray:
+    side = max(image.shape)
+    out = np.zeros((side, side), image.dtype)
+    r, c = (side - image.shape[0]) // 2, (side - image.shape[1]) // 2
+    out[r:r + image.shape[0], c:c + image.shape[1]] = image
+    return out
+
+
+def write_slices(datalist: Path, out: Path, size: tuple[int, int], count: int, band: tuple[float, float],
+                 progress: bool = True) -> Path:
+    """Every slice is made in memory first, so that a volume without a brain stops the script before anything is
+    written."""
+    sections = check_datalist(datalist, check_images="header", modalities=1)
+    out = check_output_dir(out, "--out")
+    written: dict[str, list[dict]] = {}
+    slices: dict[str, np.ndarray] = {}
+    spacing = None
+    for section in SECTIONS:
+        written[section] = []
+        for item in tqdm(sections.get(section) or [], desc=f"{section} volumes", disable=not progress):
+            img = nib.as_closest_canonical(nib.load(item["image"]))
+            volume = np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3])
+            scale = float(np.percentile(volume, 99.5)) or 1.0
+            try:
+                levels = axial_slices(volume, count, band)
+            except InputError as err:
+                raise InputError(f"{item['image']}: {err}") from None
+            for k, (z, position) in enumerate(levels):
+                image = square(radiological(volume[:, :, z]))
+                tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
+                small = F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)
+                name = f"{item['id']}_s{k:02d}"
+                slices[name] = np.clip(small[0, 0].numpy() / scale, 0, 1)
+                level = LEVELS[min(int(position * len(LEVELS)), len(LEVELS) - 1)]
+                written[section].append({"id": name, "image": str(out / "images" / f"{name}.png"), "class": level,
+                                         "subject": item["id"], "level": round(position, 3), "z_index": z})
+                spacing = spacing or [max(image.shape) * float(min(img.header.get_zooms()[:2])) / s for s in size]
+    for name, image in tqdm(slices.items(), desc="writing slices", disable=not progress):
+        save_image_png(image, out / "images" / f"{name}.png", bits=16)
+    return write_datalist(out / "datalist.json", written, name="axial slices", spatial_dims=2, modalities=["t1"],
+                          classes=list(LEVELS), pixel_spacing_mm=spacing,
+                          source={"datalist": str(datalist), "slices_per_volume": count, "band": list(band),
+                                  "size": list(size), "orientation": "radiological (anterior up, right on the left)"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("datalist", type=Path, help="3D datalist of T1 volumes")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (images/, datalist.json)")
+    parser.add_argument("--size", type=int, nargs=2, default=(64, 64), metavar=("ROWS", "COLUMNS"))
+    parser.add_argument("--slices", type=int, default=12, help="axial slices per volume")
+    parser.add_argument("--band", type=float, nargs=2, default=(0.3, 0.75), metavar=("LOW", "HIGH"),
+                        help="fractions of the brain's inferior-superior extent the slices span")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if not 0 <= args.band[0] < args.band[1] <= 1:
+            raise InputError(f"--band must be two fractions 0 <= LOW < HIGH <= 1, got {args.band}")
+        if args.slices < 1 or min(args.size) < 8:
+            raise InputError(f"--slices must be >= 1 and --size at least 8x8, got {args.slices}, {args.size}")
+        path = write_slices(args.datalist, args.out, tuple(args.size), args.slices, tuple(args.band),
+                            progress=not args.no_progress)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
