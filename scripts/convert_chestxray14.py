@@ -4,14 +4,15 @@
     python scripts/convert_chestxray14.py NIH/images NIH/Data_Entry_2017.csv --out data/cxr_eff --findings Effusion
 
 The CSV is the one NIH distributes (columns ``Image Index``, ``Finding Labels`` -- findings joined by ``|``, or
-``No Finding`` --, ``Patient ID``, ``Patient Age``, ``Patient Gender``, ``View Position``,
-``OriginalImagePixelSpacing[x``); only the rows whose image is in the folder are used. Classes: ``No Finding`` and
+``No Finding`` --, ``Patient ID``, ``Patient Age``, ``Patient Gender``, ``View Position``, and, when present,
+``OriginalImage[Width``, ``Height]``, ``OriginalImagePixelSpacing[x``, ``y]``: the original radiograph's size and
+spacing, from which the output's pixel spacing follows); only the rows whose image is in the folder are used. Classes: ``No Finding`` and
 ``Finding`` (any finding) by default; with ``--findings A B``, ``No Finding``, ``A`` and ``B``, keeping the images
 whose label is exactly one of them (the others are skipped, and counted). The split is by patient (all images of a
 patient in one section; ``--fractions`` training/validation/test, seeded). Each image is read and checked
 (:func:`meddiff3d.data.images2d.read_image_2d`: grayscale, finite, not constant), resampled to ``--size``
-(bilinear, antialiased: 1024 -> 128 averages 8x8 pixels), its 8- or 16-bit range kept, and written as an
-8-bit PNG.
+(bilinear, antialiased: 1024 -> 128 averages 8x8 pixels), its own range (minimum to maximum) mapped to 0-255, and
+written as an 8-bit PNG.
 
     OUT/images/<image index>.png
     OUT/datalist.json  {"spatial_dims": 2, "modalities": ["xray"], "classes": [...], "training": [{"id", "image",
@@ -29,17 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from meddiff3d.checks import check_output_dir, safe_name
-from meddiff3d.data.datalist import split_ids, write_datalist
-from meddiff3d.data.images2d import read_image_2d
+from meddiff3d.checks import check_memory, check_output_dir, safe_name
+from meddiff3d.data.datalist import split_ids, write_checked_datalist
+from meddiff3d.data.images2d import read_image_2d, resample
 from meddiff3d.errors import InputError
 from meddiff3d.utils.io import save_image_png
 
 COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position")
-SPACING_COLUMN = "OriginalImagePixelSpacing[x"
+#: the original radiograph's (width, height) in pixels and (x, y) spacing in mm, as NIH's CSV splits them
+ORIGINAL = ("OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]")
 NORMAL = "No Finding"
 
 
@@ -57,6 +58,20 @@ def read_rows(csv_path: Path, images: Path) -> list[dict[str, str]]:
     if present is None:
         raise InputError(f"{images}: image folder not found")
     return [row for row in rows if row["Image Index"] in present]
+
+
+def original_spacing(row: dict[str, str], csv_path: Path, size: int) -> list[float] | None:
+    """The output's pixel spacing ``[row, column]`` in mm from the original radiograph's size and spacing (``None``
+    when the CSV has no such columns)."""
+    values = [row.get(c) for c in ORIGINAL]
+    if any(v in (None, "") for v in values):
+        return None
+    try:
+        width, height, sx, sy = (float(v) for v in values)
+    except ValueError:
+        raise InputError(f"{csv_path}: image {row['Image Index']}: original size / spacing {values} are not "
+                         f"numbers") from None
+    return [sy * height / size, sx * width / size]
 
 
 def class_of(findings: str, chosen: list[str]) -> str | None:
@@ -83,32 +98,31 @@ def convert(images: Path, csv_path: Path, out: Path, size: int, findings: list[s
         kept.append((row, label))
     if not kept:
         raise InputError(f"{csv_path}: no image of the folder {images} has one of the classes {classes}")
+    check_memory(f"{len(kept)} radiographs of {size}x{size} pixels", len(kept) * (size * size + 256))
     converted = {}
     for row, _ in tqdm(kept, desc="reading radiographs", disable=not progress):
         image = read_image_2d(images / row["Image Index"])
-        tensor = torch.from_numpy(image.array)[None, None]
-        small = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        top = 255.0 if image.array.max() <= 255 else 65535.0  # 8- or 16-bit files
-        converted[row["Image Index"]] = (np.clip(small[0, 0].numpy() / top, 0, 1), image.shape)
+        small = resample(torch.from_numpy(image.array)[None, None], (size, size))[0, 0].numpy()
+        low, high = float(small.min()), float(small.max())
+        pixels = np.round((small - low) / max(high - low, 1e-8) * 255).astype(np.uint8)
+        converted[row["Image Index"]] = (pixels, original_spacing(row, csv_path, size))
     patients = sorted({row["Patient ID"] for row, _ in kept})
     split = {p: name for name, ids in split_ids(patients, fractions, seed).items() for p in ids}
     sections: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
     for row, label in kept:
         stem = safe_name("image index", Path(row["Image Index"]).stem)
-        pixels, shape = converted[row["Image Index"]]
-        original = float(row.get(SPACING_COLUMN) or 0) or None
         sections[split[row["Patient ID"]]].append({
             "id": stem, "image": str(out / "images" / f"{stem}.png"), "class": label,
             "findings": row["Finding Labels"], "patient": row["Patient ID"], "age": row["Patient Age"],
             "sex": row["Patient Gender"], "view": row["View Position"],
-            "pixel_spacing_mm": None if original is None else [original * s / size for s in shape]})
-    for stem, (pixels, _) in ((Path(k).stem, v) for k, v in converted.items()):
-        save_image_png(pixels, out / "images" / f"{stem}.png")
+            "pixel_spacing_mm": converted[row["Image Index"]][1]})
+    for name, (pixels, _) in converted.items():
+        save_image_png(pixels / 255.0, out / "images" / f"{Path(name).stem}.png")
     counts = {c: sum(1 for _, label in kept if label == c) for c in classes}
-    path = write_datalist(out / "datalist.json", sections, name="ChestX-ray14", spatial_dims=2,
-                          modalities=["xray"], classes=classes,
-                          source={"images": str(images), "labels": str(csv_path), "size": size,
-                                  "skipped": skipped, "per_class": counts, "split": "by patient"})
+    path = write_checked_datalist(out / "datalist.json", {k: v for k, v in sections.items() if v},
+                                  name="ChestX-ray14", spatial_dims=2, modalities=["xray"], classes=classes,
+                                  source={"images": str(images), "labels": str(csv_path), "size": size,
+                                          "skipped": skipped, "per_class": counts, "split": "by patient"})
     return path, {**counts, "skipped": skipped}
 
 

@@ -52,8 +52,7 @@ def slices(datalist: Path, section: str, n: int, shape: list[int]) -> list[tuple
         image = read_image_2d(item["image"])
         if list(image.shape) != list(shape):
             raise InputError(f"{item['image']}: {list(image.shape)} pixels, the model's images are {shape}")
-        top = 65535.0 if image.array.max() > 255 else 255.0
-        out.append((str(item["id"]), torch.from_numpy(image.array / top).float()[None, None]))
+        out.append((str(item["id"]), torch.from_numpy(image.array / image.full_scale()).float()[None, None]))
     return out
 
 
@@ -89,14 +88,14 @@ def methods(name: str, value: int, op, norm: float, y: torch.Tensor, lam: float,
     return out
 
 
-def tune_tv(name: str, value: int, images, width: int) -> float:
+def tune_tv(name: str, value: int, images, width: int, iterations: int) -> float:
     best = None
     for lam in TV_GRID:
         scores = []
         for k, (_, x) in enumerate(images):
             op, norm = operator_for(name, value, width, 10_000 + k)
-            scores.append(reconstruction_scores(tv_reconstruction(op, op.forward(x), lam, operator_norm=norm)
-                                                .clamp(0, 1), x)["psnr"])
+            estimate = tv_reconstruction(op, op.forward(x), lam, iterations=iterations, operator_norm=norm)
+            scores.append(reconstruction_scores(estimate.clamp(0, 1), x)["psnr"])
         if best is None or np.mean(scores) > best[1]:
             best = (lam, float(np.mean(scores)))
     return best[0]
@@ -119,9 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        out = check_output_dir(args.out, "--out")
+        if min(args.n, args.tune, args.samples, args.steps, args.tv_iterations) < 1:
+            raise InputError("--n, --tune, --samples, --steps and --tv-iterations must be >= 1")
+        if not args.accelerations + args.factors:
+            raise InputError("nothing to evaluate: give --accelerations and/or --factors")
         model = load_model(args.model, "image_diffusion")
         shape = model.meta["image"]["shape"]
+        for a in args.accelerations:
+            cartesian_mask(shape[1], a, CENTRE_FRACTION.get(a, 0.32 / a))  # checks the acceleration
+        bad = [f for f in args.factors if f < 2 or any(s % f for s in shape)]
+        if bad:
+            raise InputError(f"--factors {bad}: each must be >= 2 and divide the model's size {shape}")
+        out = check_output_dir(args.out, "--out")
         test = slices(args.datalist, args.section, args.n, shape)
         tune = slices(args.datalist, "validation", args.tune, shape)
     except InputError as err:
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rows, table, examples = [], {}, []
     for name, value in settings(args.accelerations, args.factors):
-        lam = tune_tv(name, value, tune, shape[1])
+        lam = tune_tv(name, value, tune, shape[1], args.tv_iterations)
         per_method: dict[str, list[dict]] = {}
         for k, (case, x) in enumerate(test):
             op, norm = operator_for(name, value, shape[1], k)

@@ -21,14 +21,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from tqdm.auto import tqdm
 
 from meddiff3d.checks import check_output_dir
-from meddiff3d.data.datalist import SECTIONS, check_datalist, write_datalist
+from meddiff3d.data.datalist import SECTIONS, check_datalist, write_checked_datalist
+from meddiff3d.data.images import read_image
+from meddiff3d.data.images2d import resample
 from meddiff3d.errors import InputError
 from meddiff3d.utils.io import save_image_png
 
@@ -45,6 +46,20 @@ def axial_slices(volume: np.ndarray, count: int, band: tuple[float, float]) -> l
     low, high = rows[0] + band[0] * (rows[-1] - rows[0]), rows[0] + band[1] * (rows[-1] - rows[0])
     positions = np.linspace(0, 1, count) if count > 1 else np.array([0.5])
     return [(int(round(low + p * (high - low))), float(p)) for p in positions]
+
+
+def ras_volume(path: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The volume in ``path`` (any format meddiff3d reads) in RAS voxel order, and its voxel size; refuses voxels
+    that are not square in the axial plane (the slices would be distorted)."""
+    array, affine = read_image(path)
+    axes = io_orientation(affine)  # per array axis: (its RAS axis, flip)
+    volume = apply_orientation(np.asarray(array, dtype=np.float32), ornt_transform(axes, axcodes2ornt("RAS")))
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    zooms = tuple(float(sizes[int(np.nonzero(axes[:, 0] == ras)[0][0])]) for ras in range(3))
+    if abs(zooms[0] - zooms[1]) > 1e-3 * max(zooms[:2]):
+        raise InputError(f"{path}: voxels of {zooms[0]:g} x {zooms[1]:g} mm in the axial plane; the slices need "
+                         f"square pixels (resample the volume first)")
+    return volume, zooms
 
 
 def radiological(slice_ras: np.ndarray) -> np.ndarray:
@@ -72,8 +87,7 @@ def write_slices(datalist: Path, out: Path, size: tuple[int, int], count: int, b
     for section in SECTIONS:
         written[section] = []
         for item in tqdm(sections.get(section) or [], desc=f"{section} volumes", disable=not progress):
-            img = nib.as_closest_canonical(nib.load(item["image"]))
-            volume = np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3])
+            volume, zooms = ras_volume(item["image"])
             scale = float(np.percentile(volume, 99.5)) or 1.0
             try:
                 levels = axial_slices(volume, count, band)
@@ -81,20 +95,22 @@ def write_slices(datalist: Path, out: Path, size: tuple[int, int], count: int, b
                 raise InputError(f"{item['image']}: {err}") from None
             for k, (z, position) in enumerate(levels):
                 image = square(radiological(volume[:, :, z]))
-                tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
-                small = F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)
+                small = resample(torch.from_numpy(np.ascontiguousarray(image))[None, None], size)
                 name = f"{item['id']}_s{k:02d}"
                 slices[name] = np.clip(small[0, 0].numpy() / scale, 0, 1)
                 level = LEVELS[min(int(position * len(LEVELS)), len(LEVELS) - 1)]
                 written[section].append({"id": name, "image": str(out / "images" / f"{name}.png"), "class": level,
                                          "subject": item["id"], "level": round(position, 3), "z_index": z})
-                spacing = spacing or [max(image.shape) * float(min(img.header.get_zooms()[:2])) / s for s in size]
+                spacing = spacing or [max(image.shape) * zooms[0] / s for s in size]
     for name, image in tqdm(slices.items(), desc="writing slices", disable=not progress):
         save_image_png(image, out / "images" / f"{name}.png", bits=16)
-    return write_datalist(out / "datalist.json", written, name="axial slices", spatial_dims=2, modalities=["t1"],
-                          classes=list(LEVELS), pixel_spacing_mm=spacing,
-                          source={"datalist": str(datalist), "slices_per_volume": count, "band": list(band),
-                                  "size": list(size), "orientation": "radiological (anterior up, right on the left)"})
+    written = {name: items for name, items in written.items() if items}
+    return write_checked_datalist(out / "datalist.json", written, name="axial slices", spatial_dims=2,
+                                  modalities=["t1"],
+                                  classes=list(LEVELS), pixel_spacing_mm=spacing,
+                                  source={"datalist": str(datalist), "slices_per_volume": count, "band": list(band),
+                                          "size": list(size),
+                                          "orientation": "radiological (anterior up, right on the left)"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,16 +149,17 @@ def test_2d_datalist_loads_and_names_each_problem(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ slices of a 3D cohort
-def test_slice_datalist_shows_axial_slices_radiologically(tmp_path):
-    """A volume with a marker in the right anterior corner, stored RAS and LPS: the slices show the marker at the top
-    left (anterior up, the patient's right on the image's left), the same for both files."""
+def test_slice_datalist_shows_axial_slices_radiologically(tmp_path, capsys):
+    """A volume with a marker in the right posterior corner, stored RAS and LPS: the slices show the marker at the
+    bottom left (anterior up, the patient's right on the image's left; a transposed or flipped slice would not),
+    the same for both files."""
     from bundle_testing import script_module
     from meddiff3d.data.datalist import load_datalist, write_datalist
 
     script = script_module("make_slice_datalist")
     volume = np.zeros((20, 24, 16), np.float32)
     volume[3:17, 3:21, 2:14] = 0.5  # the brain
-    volume[14:17, 18:21, 2:14] = 1.0  # right (high x), anterior (high y)
+    volume[14:17, 4:7, 2:14] = 1.0  # right (high x), posterior (low y)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     nib.save(nib.Nifti1Image(volume, affine), tmp_path / "ras.nii.gz")
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -178,15 +179,20 @@ def test_slice_datalist_shows_axial_slices_radiologically(tmp_path):
     for a, b in zip(ras, lps):
         assert a.shape == (12, 12) and a.max() > 255 * 100  # 16-bit
         np.testing.assert_array_equal(a, b)
-        assert np.unravel_index(np.argmax(a), a.shape)[0] < 4 and np.unravel_index(np.argmax(a), a.shape)[1] < 4
+        row, column = np.unravel_index(np.argmax(a), a.shape)
+        assert row >= 8 and column < 4, (row, column)
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), affine), tmp_path / "empty.nii.gz")
-    bad = write_datalist(tmp_path / "bad.json", {"training": [{"id": "e", "image": str(tmp_path / "empty.nii.gz")}]})
-    assert script.main([str(bad), "--out", str(tmp_path / "none"), "--no-progress"]) == 2
-    assert not (tmp_path / "none" / "images").exists()
+    nib.save(nib.Nifti1Image(volume, np.diag([1.0, 2.0, 2.0, 1.0])), tmp_path / "aniso.nii.gz")
+    for name, match in (("empty", "no brain found"), ("aniso", "voxels of 1 x 2 mm in the axial plane")):
+        bad = write_datalist(tmp_path / f"{name}.json", {"training": [{"id": name,
+                                                                       "image": str(tmp_path / f"{name}.nii.gz")}]})
+        capsys.readouterr()
+        assert script.main([str(bad), "--out", str(tmp_path / "none"), "--no-progress"]) == 2
+        assert match in capsys.readouterr().err and not (tmp_path / "none" / "images").exists()
 
 
 def test_chestxray14_folder_converts_by_patient_with_its_classes(tmp_path, capsys):
-    """A small folder laid out as NIH ChestX-ray14 (PNG files, Data_Entry_2017.csv): 1024 -> 16 pixels here 64 -> 16,
+    """A small folder laid out as NIH ChestX-ray14 (PNG files, Data_Entry_2017.csv; 1024 -> 128 there, 64 -> 16 here),
     one class per image, patients never split across sections, a grey RGBA file read as grey; bad inputs: one error."""
     from bundle_testing import script_module
 
@@ -201,7 +207,7 @@ def test_chestxray14_folder_converts_by_patient_with_its_classes(tmp_path, capsy
         name = f"0000{i:04d}_000.png"
         grey = rng.integers(0, 255, (64, 64), dtype=np.uint8)
         Image.fromarray(np.stack([grey] * 3 + [np.full_like(grey, 255)], -1) if i == 1 else grey).save(images / name)
-        rows.append(f"{name},{finding},0,{i // 2 + 1},50,M,PA,64,64,0.143,0.143")
+        rows.append(f"{name},{finding},0,{i // 2 + 1},50,M,PA,2500,2000,0.143,0.150")  # the original's size
     rows.append("missing.png,No Finding,0,9,50,F,PA,64,64,0.143,0.143")  # listed but not in the folder: not used
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "cxr"
@@ -217,7 +223,8 @@ def test_chestxray14_folder_converts_by_patient_with_its_classes(tmp_path, capsy
             others = [j for s in ("training", "validation", "test") if s != section for j in doc[s]]
             assert item["patient"] not in {j["patient"] for j in others}
             image = read_image_2d(out / item["image"])
-            assert image.shape == (16, 16) and item["pixel_spacing_mm"] == pytest.approx([0.572, 0.572])
+            assert image.shape == (16, 16) and image.array.min() == 0 and image.array.max() == 255
+            assert item["pixel_spacing_mm"] == pytest.approx([0.150 * 2000 / 16, 0.143 * 2500 / 16])
     assert script.main([str(images), str(tmp_path / "labels.csv"), "--out", str(tmp_path / "all"), "--size", "16",
                         "--no-progress"]) == 0
     assert json.loads((tmp_path / "all" / "datalist.json").read_text())["classes"] == ["No Finding", "Finding"]

@@ -2,8 +2,8 @@
 slice), NRRD and MetaImage by SimpleITK; 2D NIfTI by nibabel (SimpleITK's NIfTI reader turns NaN into 0).
 
 A 2D image is a float32 array ``(rows, columns)`` as displayed, row 0 at the top (SimpleITK's and PIL's order; for
-a DICOM file, its pixel data order; a NIfTI of shape ``(X, Y)`` gives rows ``Y`` x columns ``X``, as ITK and Slicer
-show it), with its pixel spacing in mm ``(row spacing, column spacing)``: the file's for DICOM, NIfTI, NRRD and
+a DICOM file, its pixel data order; a NIfTI of shape ``(X, Y)`` gives rows ``Y`` x columns ``X`` in file order, its
+affine's orientation not applied), with its pixel spacing in mm ``(row spacing, column spacing)``: the file's for DICOM, NIfTI, NRRD and
 MetaImage, 1 mm for PNG and JPEG (which store none). Stored values are kept (DICOM's rescale slope and intercept
 applied); GDCM reads a ``MONOCHROME1`` DICOM (a radiograph whose low values display white) inverted, so that every
 image has bright = high.
@@ -16,15 +16,19 @@ Every error is an :class:`~meddiff3d.errors.ImageError` naming the file.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from meddiff3d.checks import check_voxels
+from meddiff3d.data.images import _nifti
 from meddiff3d.errors import ImageError
 
-__all__ = ["Image2D", "IMAGE_2D_SUFFIXES", "read_image_2d", "image_2d_size", "is_image_2d_file"]
+__all__ = ["Image2D", "IMAGE_2D_SUFFIXES", "read_image_2d", "image_2d_size", "is_image_2d_file", "resample"]
 
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 _NO_SPACING = (".png", ".jpg", ".jpeg")
@@ -34,17 +38,32 @@ _FRAMES = "0028|0008"
 
 @dataclass(frozen=True)
 class Image2D:
-    """A 2D image: ``array`` float32 ``(rows, columns)``, ``spacing`` mm ``(rows, columns)``, the ``path`` read and
-    its ``format`` (``"png"``, ``"jpeg"``, ``"dicom"``, ``"nifti"`` or ``"itk"``)."""
+    """A 2D image: ``array`` float32 ``(rows, columns)``, ``spacing`` mm ``(rows, columns)``, the ``path`` read, its
+    ``format`` (``"png"``, ``"jpeg"``, ``"dicom"``, ``"nifti"`` or ``"itk"``) and the ``dtype`` its pixels are
+    stored in (``"uint8"``, ``"uint16"``, ``"float32"``, ...; :meth:`full_scale` gives an unsigned type's maximum)."""
 
     array: np.ndarray
     spacing: tuple[float, float]
     path: Path
     format: str
+    dtype: str = "float32"
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.array.shape)
+
+    def full_scale(self) -> float:
+        """The largest value the stored type holds (255 for 8-bit, 65535 for 16-bit files); else the image's max."""
+        kind = np.dtype(self.dtype)
+        return float(np.iinfo(kind).max) if kind.kind == "u" else float(self.array.max())
+
+
+def resample(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``(N, C, h, w)`` images resampled to ``shape`` (bilinear, antialiased when shrinking: 1024 -> 128 averages
+    8 x 8 pixels); unchanged when already of that size."""
+    if tuple(image.shape[2:]) == tuple(shape):
+        return image
+    return F.interpolate(image, size=tuple(shape), mode="bilinear", antialias=True, align_corners=False)
 
 
 def _suffix(path: Path) -> str:
@@ -104,15 +123,6 @@ def _nifti_shape(path: Path, img) -> tuple[int, int]:
     return shape
 
 
-def _nifti(path: Path):
-    import nibabel as nib
-
-    try:
-        return nib.load(str(path))
-    except Exception as err:
-        raise ImageError(f"{path}: unreadable NIfTI image ({type(err).__name__}: {err})") from err
-
-
 def image_2d_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(rows, columns)`` of the 2D image in ``path`` from its header only (fast; no pixel checks)."""
     path = _checked_path(path)
@@ -161,6 +171,7 @@ def read_image_2d(path: str | os.PathLike) -> Image2D:
             array = array[..., 0]
     if np.iscomplexobj(array):
         raise ImageError(f"{path}: has complex pixel values; a real-valued image is expected")
+    stored = str(np.asarray(array).dtype)
     array = np.asarray(array, dtype=np.float32)
     if min(array.shape) < 2:
         raise ImageError(f"{path}: image of shape {list(array.shape)} is not a 2D image of at least 2x2 pixels")
@@ -173,4 +184,4 @@ def read_image_2d(path: str | os.PathLike) -> Image2D:
         spacing = (1.0, 1.0)
     if not all(np.isfinite(s) and s > 0 for s in spacing):
         raise ImageError(f"{path}: pixel spacing {list(spacing)} is not positive and finite")
-    return Image2D(np.ascontiguousarray(array), spacing, path, _format(suffix))
+    return Image2D(np.ascontiguousarray(array), spacing, path, _format(suffix), stored)

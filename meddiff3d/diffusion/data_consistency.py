@@ -11,7 +11,8 @@ approximation ``x0 | x_t ~ N(x0_hat, r_t^2 I)`` (Pseudoinverse-guided diffusion,
 Without measurement noise (``noise_std = 0``) this is the projection of ``x0_hat`` onto ``{x : A x = y}`` of
 DDNM (Wang et al. 2023) and of the k-space data-consistency step of score-based MRI reconstruction (Chung & Ye
 2022): the sampled k-space lines are replaced by the measured ones. By Tweedie's formula the corrected estimate is
-the posterior's denoiser, so deterministic and stochastic samplers alike sample the posterior; for data that is
+the posterior's denoiser, so deterministic and stochastic samplers alike sample the posterior (a sampler whose last
+step is not the denoiser's estimate, UniPC's corrector, ends close to but not exactly on ``A x = y``); for data that is
 Gaussian with variance ``v`` per voxel the correction is exact (tests/test_data_consistency.py checks the samples'
 mean and variance against the closed form). The correction costs one ``A``, one ``A^T``: no network gradient.
 """

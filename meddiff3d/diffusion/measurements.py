@@ -60,8 +60,10 @@ def cartesian_mask(columns: int, acceleration: float, center_fraction: float, ki
         raise InputError(f"k-space mask needs at least 2 columns, got {columns!r}")
     if not (math.isfinite(acceleration) and acceleration >= 1):
         raise InputError(f"acceleration must be a number >= 1, got {acceleration!r}")
+    if not (isinstance(center_fraction, (int, float)) and math.isfinite(center_fraction) and center_fraction > 0):
+        raise InputError(f"center_fraction must be a finite number > 0, got {center_fraction!r}")
     low = max(1, round(columns * center_fraction))
-    if not (0 < center_fraction and low * acceleration < columns):
+    if not low * acceleration < columns:
         raise InputError(f"center_fraction must be > 0 and leave lines to undersample (round(columns * "
                          f"center_fraction) * acceleration < columns = {columns}), got {center_fraction!r}")
     generator = torch.Generator().manual_seed(int(seed))
@@ -73,7 +75,7 @@ def cartesian_mask(columns: int, acceleration: float, center_fraction: float, ki
     else:
         spacing = acceleration * (columns - low) / (columns - low * acceleration)
         offset = int(torch.randint(0, max(1, round(spacing)), (1,), generator=generator))
-        mask[torch.arange(offset, columns - 0.5, spacing).round().long().clamp(max=columns - 1)] = True
+        mask[torch.arange(offset, columns - 1, spacing).round().long()] = True  # fastMRI's EquispacedMaskFunc
     return mask
 
 

@@ -119,8 +119,9 @@ class DiffusionObjective:
     def __init__(self, schedule: Schedule, prediction: str = "epsilon", min_snr_gamma: float | None = None,
                  cond_dropout: float = 0.0, null_cond: Mapping[str, torch.Tensor | None] | None = None,
                  concat_keys: str | Sequence[str] = ("concat",), context_key: str = "context", loss: str = "mse",
-                 generator: torch.Generator | None = None, keyword_keys: str | Sequence[str] = (),
-                 network_wrapper: Callable[[Any], Callable[..., torch.Tensor]] | None = None) -> None:
+                 generator: torch.Generator | None = None,
+                 network_wrapper: Callable[[Any], Callable[..., torch.Tensor]] | None = None,
+                 keyword_keys: str | Sequence[str] = ()) -> None:
         _check_prediction(prediction)
         if prediction == "epsilon" and isinstance(schedule, FlowSchedule):
             raise InputError("prediction 'epsilon' cannot be sampled on a FlowSchedule (x0 = (x_t - s eps) / (1 - s) "

@@ -16,23 +16,15 @@ import torch
 from tqdm.auto import tqdm
 
 from meddiff3d.checks import check_int, check_number, check_output_dir
-from meddiff3d.diffusion import SAMPLERS, initial_noise, sample, schedule_from_dict
+from meddiff3d.diffusion import initial_noise, sample
 from meddiff3d.engine.precision import resolve_device, resolve_precision
 from meddiff3d.errors import InputError
 from meddiff3d.models.image_diffusion import build_image_denoiser, class_labels, from_model_range
 from meddiff3d.models.loading import LoadedModel, load_model
+from meddiff3d.pipelines.inferers import SamplingSettings
 from meddiff3d.utils.io import save_image_nifti, save_image_png, save_json
 
-__all__ = ["generate_images", "model_sampling"]
-
-
-def model_sampling(meta: dict, sampler: str | None, steps: int | None) -> tuple[str, int]:
-    """The sampler and steps to use: the given ones, else the model's own (``meta["sampling"]``), else DDIM 50."""
-    own = meta.get("sampling") or {"sampler": "ddim", "steps": 50}
-    sampler = own["sampler"] if sampler is None else sampler
-    if sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler {sampler!r}; valid: {list(SAMPLERS)}")
-    return sampler, check_int("steps", own["steps"] if steps is None else steps, 1, 10_000)
+__all__ = ["generate_images"]
 
 
 def generate_images(model: Any, output_dir: Any, *, num_samples: int = 4, class_name: str | None = None,
@@ -53,13 +45,12 @@ def generate_images(model: Any, output_dir: Any, *, num_samples: int = 4, class_
     dtype = resolve_precision(amp, dev, "inference").dtype
     loaded = model if isinstance(model, LoadedModel) else load_model(model, "image_diffusion", device=dev, dtype=dtype)
     meta = loaded.meta
-    sampler, steps = model_sampling(meta, sampler, steps)
+    sampling = SamplingSettings(meta, sampler, steps, None)  # None: the model's own (meta["sampling"])
     if class_name is None and guidance_scale != 1.0:
         raise InputError("guidance_scale needs a class (class_name) to guide towards")
     labels = class_labels([class_name], meta.get("classes") or [])
     out = check_output_dir(output_dir)
     denoiser = build_image_denoiser(loaded.network, meta, guidance_scale=guidance_scale, amp_dtype=dtype)
-    schedule = schedule_from_dict(meta["schedule"])
     shape, spacing = meta["image"]["shape"], meta["image"]["spacing"]
     seeds = list(range(seed, seed + num_samples))
     images, paths = [], []
@@ -69,15 +60,16 @@ def generate_images(model: Any, output_dir: Any, *, num_samples: int = 4, class_
         start = time.perf_counter()
         noise = initial_noise(batch, [1, *shape], dev)
         cond = {"class_labels": labels.expand(len(batch)).to(dev)} if meta.get("classes") else None
-        with torch.no_grad():
-            x = sample(denoiser, noise, schedule, sampler=sampler, steps=steps, cond=cond)
+        with torch.no_grad():  # the generator: stochastic samplers draw reproducibly per batch
+            x = sample(denoiser, noise, sampling.schedule, sampler=sampling.sampler, steps=sampling.steps,
+                       spacing=sampling.spacing, cond=cond, generator=batch[0])
         seconds = (time.perf_counter() - start) / len(batch)
         for s, image in zip(batch, from_model_range(x[:, 0].float()).clamp(0, 1).cpu().numpy()):
             stem = out / f"sample_seed{s}"
             paths.append(save_image_nifti(image, spacing, stem.with_suffix(".nii.gz")))
             save_image_png(image, stem.with_suffix(".png"))
             save_json({"file": paths[-1].name, "seed": s, "class": class_name, "guidance_scale": guidance_scale,
-                       "sampler": sampler, "steps": steps, "model": loaded.provenance(),
+                       **sampling.settings, "model": loaded.provenance(),
                        "image": {"shape": list(shape), "spacing": list(spacing), "range": [0, 1]},
                        "seconds_per_image": round(seconds, 3), "device": str(dev)}, stem.with_suffix(".json"))
             images.append(image)

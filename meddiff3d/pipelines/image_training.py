@@ -16,17 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from meddiff3d.checks import check_memory, check_output_dir, check_sizes
 from meddiff3d.data.datalist import load_datalist, read_datalist
-from meddiff3d.data.images2d import read_image_2d
+from meddiff3d.data.images2d import read_image_2d, resample
 from meddiff3d.diffusion import DiffusionObjective, initial_noise, sample, schedule_from_dict
 from meddiff3d.engine import build_network, seed_everything, train
 from meddiff3d.engine.recipes import publish_inference, trainer_settings, training_summary
 from meddiff3d.errors import InputError
 from meddiff3d.models.image_diffusion import (build_image_denoiser, class_labels, from_model_range,
                                               image_diffusion_meta, image_unet_spec, to_model_range, window)
+from meddiff3d.models.ldm import sampling_meta
 from meddiff3d.pipelines.preflight import output_file
 
 __all__ = ["ImageSet", "load_image_set", "train_image_diffusion", "IMAGE_SCHEDULE", "TRAINER_DEFAULTS"]
@@ -52,13 +52,6 @@ class ImageSet:
         if self.labels is None:
             return [{"image": x} for x in self.images]
         return [{"image": x, "class_labels": y} for x, y in zip(self.images, self.labels)]
-
-
-def resample(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """``(N, C, h, w)`` resampled to ``shape`` (bilinear, antialiased when shrinking)."""
-    if tuple(image.shape[2:]) == tuple(shape):
-        return image
-    return F.interpolate(image, size=tuple(shape), mode="bilinear", antialias=True, align_corners=False)
 
 
 def load_image_set(datalist: Any, shape: Sequence[int], *, section: str = "training",
@@ -131,8 +124,9 @@ def train_image_diffusion(datalist: Any, run_dir: Any, *, out: Any, shape: Seque
     objective = DiffusionObjective(schedule_obj, prediction, min_snr_gamma=min_snr_gamma,
                                    cond_dropout=cond_dropout if classes else 0.0, null_cond=null,
                                    keyword_keys=("class_labels",))
+    spec = image_unet_spec(1, classes, network, **dict(network_overrides or {}))  # checked before reading
+    sampling = sampling_meta(sampling) if sampling else None
     image_set = load_image_set(datalist, shape, section=section, classes=classes)
-    spec = image_unet_spec(1, classes, network, **dict(network_overrides or {}))
     meta = image_diffusion_meta(
         network=spec, schedule=schedule_obj.to_dict(), prediction=prediction, shape=shape, spacing=image_set.spacing,
         classes=classes, sampling=sampling,

@@ -31,7 +31,8 @@ from meddiff3d.engine.precision import AUTOCAST_LOW_PRECISION_LAYERS, Autocast
 from meddiff3d.models.ldm import build_denoiser, model_conditioning
 from meddiff3d.models.segdiff import check_volume_shape, conditioned_network
 
-__all__ = ["DEFAULT_SAMPLING", "model_sampling", "autocast_dtype", "ClampedDenoiser", "sample_masks", "LatentDiffusionInferer",
+__all__ = ["DEFAULT_SAMPLING", "model_sampling", "SamplingSettings", "autocast_dtype", "ClampedDenoiser", "sample_masks",
+           "LatentDiffusionInferer",
            "DiffusionSegmentationInferer"]
 
 
@@ -85,7 +86,7 @@ def model_sampling(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {**DEFAULT_SAMPLING.get(kind, DEFAULT_SAMPLING["NoiseSchedule"]), **dict(meta.get("sampling") or {})}
 
 
-class _SamplingSettings:
+class SamplingSettings:
     """Sampler name, steps and timestep spacing, validated against the model's schedule when built; a ``None``
     sampler or steps is the model's own (:func:`model_sampling`), as is its spacing when the sampler is."""
 
@@ -107,7 +108,7 @@ class _SamplingSettings:
         return {"sampler": self.sampler, "steps": self.steps, "timestep_spacing": self.spacing}
 
 
-class LatentDiffusionInferer(Inferer, _SamplingSettings):
+class LatentDiffusionInferer(Inferer, SamplingSettings):
     """Sample latents with the latent U-Net, then decode them with the codec (a
     :class:`~meddiff3d.models.codec.LatentCodec`, latent scale/shift inside).
 
@@ -126,7 +127,7 @@ class LatentDiffusionInferer(Inferer, _SamplingSettings):
                  spacing: str | None = None, decode_tile: Sequence[int] | int | None = None,
                  decode_split: int | None = None) -> None:
         Inferer.__init__(self)
-        _SamplingSettings.__init__(self, meta, sampler, steps, spacing)
+        SamplingSettings.__init__(self, meta, sampler, steps, spacing)
         self.guidance_scale = check_number("guidance_scale", guidance_scale, 0.0)
         self.decode_tile = check_sizes("decode_tile", decode_tile)
         self.decode_split = None if decode_split is None else check_int("decode_split", decode_split, 1)
@@ -173,7 +174,7 @@ class LatentDiffusionInferer(Inferer, _SamplingSettings):
         return initial_noise(seeds, self.meta["latent"]["shape"], device)
 
 
-class DiffusionSegmentationInferer(Inferer, _SamplingSettings):
+class DiffusionSegmentationInferer(Inferer, SamplingSettings):
     """An ensemble of ``num_samples`` masks for one case's sequences, from a segmentation diffusion network
     (PatchDDM: whole volume in one pass, or window by window with ``roi_size``).
 
@@ -189,7 +190,7 @@ class DiffusionSegmentationInferer(Inferer, _SamplingSettings):
                  seed: int = 0, batch_size: int | None = None, roi_size: Sequence[int] | int | None = None,
                  overlap: float = 0.25, sw_batch_size: int = 1, spacing: str | None = None) -> None:
         Inferer.__init__(self)
-        _SamplingSettings.__init__(self, meta, sampler, steps, spacing)
+        SamplingSettings.__init__(self, meta, sampler, steps, spacing)
         self.overlap = check_number("overlap", overlap, 0.0, 1.0, open_high=True)
         self.num_samples = check_int("num_samples", num_samples, 1)
         self.seed = check_int("seed", seed, 0)

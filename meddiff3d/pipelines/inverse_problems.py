@@ -5,8 +5,10 @@
   intensity range by an affine window ``(low, high)`` (``A`` is linear: ``A(s x + c) = s A(x) + c A(1)``), by default
   the percentile window of the pseudo-inverse image ``A^+ y``; ``num_samples > 1`` averages posterior samples (the
   posterior mean, the MMSE estimate) and returns their per-pixel standard deviation.
-* :func:`zero_filled` -- ``A^+ y``: the inverse FFT of zero-filled k-space, the block-constant upsampling, the masked
-  image.
+* :func:`zero_filled` -- fastMRI's zero-filled baseline for k-space, ``|ifft2c(y)|`` (unsampled frequencies zero);
+  ``A^+ y`` for the other operators (block-constant upsampling, the masked image). The pseudo-inverse ``A^+ y`` of
+  k-space also fills each frequency sampled without its mirror from the mirror's conjugate (a real image's Hermitian
+  symmetry), so it is a little better than zero filling; it sets the default intensity window.
 * :func:`tv_reconstruction` -- ``argmin_x 1/2 ||A x - y||^2 + lam TV(x)`` (isotropic total variation, the classical
   compressed-sensing reconstruction) by the primal-dual algorithm of Chambolle & Pock (2011), on the same operators.
   Written here rather than taken from a library: the MRI CS packages (e.g. SigPy's ``TotalVariationRecon``) bring their
@@ -26,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from meddiff3d.checks import check_int, check_number
-from meddiff3d.diffusion import DataConsistency, initial_noise, sample, schedule_from_dict
+from meddiff3d.diffusion import DataConsistency, KSpaceSampling, ifft2c, initial_noise, sample
 from meddiff3d.errors import InputError
 from meddiff3d.models.image_diffusion import (MODEL_RANGE, build_image_denoiser, class_labels, from_model_range,
                                               to_model_range, window)
+from meddiff3d.pipelines.inferers import SamplingSettings
 
 __all__ = ["zero_filled", "tv_reconstruction", "interpolate", "diffusion_reconstruction", "nmse", "INTERPOLATIONS"]
 
@@ -37,7 +40,9 @@ INTERPOLATIONS = ("bicubic", "bspline")
 
 
 def zero_filled(operator: Any, y: torch.Tensor) -> torch.Tensor:
-    """``A^+ y``, the reconstruction that assumes nothing about the image."""
+    """The reconstruction that assumes nothing about the image (module docstring)."""
+    if isinstance(operator, KSpaceSampling):
+        return ifft2c(y).abs()
     return operator.back_project(y, 0.0, 1.0)
 
 
@@ -110,8 +115,8 @@ def nmse(x_hat: torch.Tensor, x: torch.Tensor) -> float:
 
 
 def diffusion_reconstruction(model: Any, operator: Any, y: torch.Tensor, *, window_: tuple[float, float] | None = None,
-                             noise_std: float = 0.0, num_samples: int = 1, sampler: str = "dpmpp_2m",
-                             steps: int = 50, seed: int = 0, class_name: str | None = None,
+                             noise_std: float = 0.0, num_samples: int = 1, sampler: str | None = None,
+                             steps: int | None = None, seed: int = 0, class_name: str | None = None,
                              prior_variance: float = 0.35, amp_dtype: torch.dtype | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(estimate, per-pixel standard deviation or None)`` of the image behind one measurement ``y`` (a batch of
@@ -119,32 +124,39 @@ def diffusion_reconstruction(model: Any, operator: Any, y: torch.Tensor, *, wind
 
     Args:
         model: a loaded image diffusion model (:func:`~meddiff3d.models.loading.load_model` ``"image_diffusion"``).
-        window_: the intensities mapped to the model's [-1, 1]; default: :func:`~meddiff3d.models.image_diffusion.window`
-            of ``A^+ y``.
-        noise_std: the measurement noise, in ``y``'s units (0: data consistency is exact).
+        window_: the intensities mapped to the model's [-1, 1]; default: the
+            :func:`~meddiff3d.models.image_diffusion.window` of ``A^+ y``.
+        noise_std: the measurement noise, in ``y``'s units (0: data consistency is exact, and the estimate is
+            projected onto ``A x = y`` once more at the end: UniPC's last corrector step moves off it).
+        sampler, steps: ``None``: the model's own (its meta's ``sampling``).
         prior_variance: the variance per pixel of the model's training images in its range (about 0.35 for
             windowed MRI slices: only the balance with measurement noise depends on it).
     """
     num_samples = check_int("num_samples", num_samples, 1, 1000)
     meta = model.meta
     y = y.to(torch.complex64 if y.is_complex() else torch.float32)
-    pseudo = zero_filled(operator, y)
+    pseudo = operator.back_project(y, 0.0, 1.0)  # A^+ y
     if list(pseudo.shape[2:]) != list(meta["image"]["shape"]):
         raise InputError(f"measured image size {list(pseudo.shape[2:])} differs from the model's "
                          f"{meta['image']['shape']}")
     low, high = window_ or window(pseudo)
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise InputError(f"intensity window must be two finite numbers low < high, got {window_}")
+    sampling = SamplingSettings(meta, sampler, steps, None)
     scale = (MODEL_RANGE[1] - MODEL_RANGE[0]) / (high - low)
     offset = to_model_range(torch.zeros_like(pseudo), low, high)
     y_model = scale * y + operator.forward(offset)  # A(s x + c) = s A(x) + A(c)
     denoiser = build_image_denoiser(model.network, meta, amp_dtype=amp_dtype)
-    schedule = schedule_from_dict(meta["schedule"])
-    posterior = DataConsistency(denoiser, operator, y_model, schedule, noise_std=noise_std * scale,
+    posterior = DataConsistency(denoiser, operator, y_model, sampling.schedule, noise_std=noise_std * scale,
                                 prior_variance=prior_variance)
     device = next(model.network.parameters()).device
     noise = initial_noise(list(range(seed, seed + num_samples)), [1, *meta["image"]["shape"]], device)
     cond = ({"class_labels": class_labels([class_name] * num_samples, meta["classes"]).to(device)}
             if meta.get("classes") else None)
     with torch.no_grad():
-        x = sample(posterior, noise, schedule, sampler=sampler, steps=steps, cond=cond)
-    x = from_model_range(x.float(), low, high)
+        x = sample(posterior, noise, sampling.schedule, sampler=sampling.sampler, steps=sampling.steps,
+                   spacing=sampling.spacing, cond=cond, generator=seed)
+    x = from_model_range(x.float(), low, high).to(pseudo.device)
+    if noise_std == 0:
+        x = x + operator.back_project(y - operator.forward(x), 0.0, 1.0)
     return x.mean(0, keepdim=True), (x.std(0, keepdim=True) if num_samples > 1 else None)

@@ -75,6 +75,9 @@ def read_measurement(path: Path, task: str, shape: Sequence[int], *, mask: Path 
         y = torch.from_numpy(k.astype(np.complex64))[None, None] * torch.from_numpy(sampled)
         return {"operator": KSpaceSampling(torch.from_numpy(sampled)), "y": y, "reference": None,
                 "spacing": [1.0, 1.0], "mask": sampled.tolist() if sampled.ndim == 1 else None}
+    if mask is not None:
+        raise InputError(f"{path}: --mask goes with a k-space .npy input; an image's k-space is simulated with "
+                         f"--acceleration / --center_fraction / --mask_kind")
     image = read_image_2d(path)
     x = torch.from_numpy(image.array)[None, None]
     if task == "kspace":
@@ -83,7 +86,8 @@ def read_measurement(path: Path, task: str, shape: Sequence[int], *, mask: Path 
         lines = cartesian_mask(shape[1], acceleration, center_fraction, mask_kind, seed=seed)
         operator = KSpaceSampling(lines.float())
         return {"operator": operator, "y": operator.forward(x), "reference": x, "spacing": list(image.spacing),
-                "mask": lines.int().tolist()}
+                "mask": lines.int().tolist(), "simulated": {"acceleration": acceleration,
+                                                             "center_fraction": center_fraction, "kind": mask_kind}}
     if any(s % factor for s in shape):
         raise InputError(f"{path}: super-resolution by --factor {factor} needs the model's size {shape} to be a "
                          f"multiple of it")
@@ -100,7 +104,8 @@ def read_measurement(path: Path, task: str, shape: Sequence[int], *, mask: Path 
 
 def reconstruct(model: Any, inputs: Sequence[Any], output_dir: Any, *, task: str = "kspace",
                 mask: Any = None, acceleration: float = 4, center_fraction: float = 0.08, mask_kind: str = "random",
-                factor: int = 2, num_samples: int = 4, sampler: str = "dpmpp_2m", steps: int = 50, seed: int = 0,
+                factor: int = 2, num_samples: int = 4, sampler: str | None = None, steps: int | None = None,
+                seed: int = 0,
                 noise_std: float = 0.0, class_name: str | None = None) -> list[Path]:
     """Reconstruct every input (module docstring); returns the ``_recon.nii.gz`` paths."""
     task = check_choice("task", task, TASKS)
@@ -127,10 +132,11 @@ def reconstruct(model: Any, inputs: Sequence[Any], output_dir: Any, *, task: str
         baseline = (zero_filled(m["operator"], m["y"]) if task == "kspace" else
                     interpolate(m["y"], (factor, factor), "bicubic"))
         spacing = m["spacing"]
+        estimate, baseline = estimate.cpu(), baseline.cpu()
         written.append(save_image_nifti(estimate[0, 0].numpy(), spacing, out / f"{case}_recon.nii.gz"))
         save_image_nifti(baseline[0, 0].numpy(), spacing, out / f"{case}_baseline.nii.gz")
         if spread is not None:
-            save_image_nifti(spread[0, 0].numpy(), spacing, out / f"{case}_std.nii.gz")
+            save_image_nifti(spread[0, 0].cpu().numpy(), spacing, out / f"{case}_std.nii.gz")
         reference = m["reference"]
         views = [v for v in (reference, baseline, estimate) if v is not None]
         low, high = (float(v) for v in (reference if reference is not None else estimate).quantile(
@@ -140,12 +146,12 @@ def reconstruct(model: Any, inputs: Sequence[Any], output_dir: Any, *, task: str
         record = {"input": str(source), "task": task, "num_samples": num_samples, "sampler": sampler, "steps": steps,
                   "seed": seed, "noise_std": noise_std, "class": class_name, "model": loaded.provenance(),
                   "seconds": round(seconds, 3), "baseline_method": "zero_filled" if task == "kspace" else "bicubic"}
-        record.update({"acceleration": acceleration, "center_fraction": center_fraction, "mask": m["mask"]}
-                      if task == "kspace" else {"factor": factor})
-        if reference is not None:
-            scale = max(float(reference.max()), 1e-8)
+        record.update({"mask": m["mask"], "simulated_mask": m.get("simulated")} if task == "kspace" else
+                      {"factor": factor, "simulated_low_resolution": reference is not None})
+        if reference is not None:  # scores on the reference's range mapped to [0, 1]
+            low, span = float(reference.min()), max(float(reference.max() - reference.min()), 1e-8)
             for name, value in (("recon", estimate), ("baseline", baseline)):
-                scores = reconstruction_scores((value / scale).clamp(0, 1), reference / scale)
+                scores = reconstruction_scores(((value - low) / span).clamp(0, 1), (reference - low) / span)
                 record[name] = {"psnr": scores["psnr"], "ssim": scores["ssim"], "nmse": nmse(value, reference)}
         save_json(record, out / f"{case}.json")
     return written

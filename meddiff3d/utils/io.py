@@ -141,12 +141,14 @@ def save_nifti(array, affine, path: str | os.PathLike, dtype=np.float32, header_
 
 def save_image_nifti(image, spacing: Sequence[float], path: str | os.PathLike, dtype=np.float32) -> Path:
     """A 2D image ``(rows, columns)`` with its pixel spacing (mm, rows then columns) as a 2D NIfTI: data
-    ``(columns, rows)`` (x along the columns, as ITK and Slicer show it; :func:`meddiff3d.data.images2d.read_image_2d`
-    reads it back as the same image)."""
+    ``(columns, rows)`` and the affine ``diag(-column spacing, -row spacing, 1)`` -- columns towards patient left,
+    rows towards posterior, so that 3D Slicer and ITK-SNAP (axial view) show it as the PNG shows it, and a
+    radiologically displayed slice (meddiff3d's) has its anatomical orientation. :func:`read_image_2d
+    <meddiff3d.data.images2d.read_image_2d>` reads it back as the same image."""
     data = np.asarray(image)
     if data.ndim != 2:
         raise ValueError(f"save_image_nifti needs a 2D image (rows, columns), got shape {data.shape}")
-    affine = np.diag([float(spacing[1]), float(spacing[0]), 1.0, 1.0])
+    affine = np.diag([-float(spacing[1]), -float(spacing[0]), 1.0, 1.0])
     img = _nifti_image(np.ascontiguousarray(data.T.astype(dtype, copy=False)), affine, None)
     img.header.set_xyzt_units("mm")
     return _save_image(img, path)
