@@ -1,5 +1,6 @@
 """The 2D image diffusion model end to end on a tiny class-conditional dataset: a 2D datalist of PNG files, training
-(bounded by iterations), the model file, generation and its outputs, and the bad settings."""
+(bounded by iterations; the tests on the trained model are slow: ~25 s of training, then sampling), the model file,
+generation and its outputs, the reconstructions, and the bad settings."""
 
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def test_image_set_scales_each_image_by_its_own_window(dataset):
     assert small.images.shape == (48, 1, 8, 8) and small.labels is None and small.spacing == [2.0, 2.0]
 
 
+@pytest.mark.slow
 def test_trained_model_file_and_class_conditional_samples(trained, tmp_path):
     """After 400 iterations the samples of each class put their blob on that class's side (half-image intensity
     difference, right minus left, of opposite sign and at least 0.1 for both classes: the classes are learnt)."""
@@ -87,6 +89,7 @@ def test_trained_model_file_and_class_conditional_samples(trained, tmp_path):
     assert side_difference["right"] > 0.1 and side_difference["left"] < -0.1, side_difference
 
 
+@pytest.mark.slow
 def test_bad_settings_are_refused_before_anything_is_written(trained, tmp_path):
     path, _ = trained
     out = tmp_path / "out"
@@ -112,6 +115,7 @@ def test_a_3d_datalist_or_missing_classes_are_refused(dataset):
     assert image_unet_spec(1, (), "test")["args"].get("num_class_embeds") is None
 
 
+@pytest.mark.slow
 def test_diffusion_reconstruction_of_undersampled_k_space_beats_zero_filling(trained):
     """A held-out blob image, 4x undersampled k-space (4 of 16 lines): the posterior mean of 4 samples under the tiny
     model has under 0.3 times the NMSE of the zero-filled inverse FFT (measured 0.05-0.13 times over 3 images x 2
@@ -131,6 +135,7 @@ def test_diffusion_reconstruction_of_undersampled_k_space_beats_zero_filling(tra
     torch.testing.assert_close(op.forward(estimate), y, atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_inverse_problem_table_script_end_to_end(trained, tmp_path):
     """scripts/evaluate_inverse_problems.py on held-out blob images with the tiny model: every method of every
     setting scored, the TV weight chosen on the validation slices, the example strip written."""
@@ -160,6 +165,7 @@ def test_inverse_problem_table_script_end_to_end(trained, tmp_path):
     assert Image.open(out / "examples.png").size == (5 * SIZE, 2 * SIZE + 2)  # truth + the methods, per setting
 
 
+@pytest.mark.slow
 def test_reconstruction_commands_from_files(trained, tmp_path):
     """reconstruct(): a PNG with simulated 4x k-space, the same k-space as a .npy, super-resolution of a full-size
     image (simulated) and of a real low-resolution one; outputs on disk, the estimate beats the baseline where a
