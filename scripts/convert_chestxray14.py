@@ -6,7 +6,8 @@
 The CSV is the one NIH distributes (columns ``Image Index``, ``Finding Labels`` -- findings joined by ``|``, or
 ``No Finding`` --, ``Patient ID``, ``Patient Age``, ``Patient Gender``, ``View Position``, and, when present,
 ``OriginalImage[Width``, ``Height]``, ``OriginalImagePixelSpacing[x``, ``y]``: the original radiograph's size and
-spacing, from which the output's pixel spacing follows); only the rows whose image is in the folder are used. Classes: ``No Finding`` and
+spacing, from which the output's pixel spacing follows); only the rows whose image is in the folder are
+used. Classes: ``No Finding`` and
 ``Finding`` (any finding) by default; with ``--findings A B``, ``No Finding``, ``A`` and ``B``, keeping the images
 whose label is exactly one of them (the others are skipped, and counted). The split is by patient (all images of a
 patient in one section; ``--fractions`` training/validation/test, seeded). Each image is read and checked

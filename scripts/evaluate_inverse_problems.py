@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                 examples.append(torch.cat([x, *[results[m][0].clamp(0, 1) for m in results]], dim=3)[0, 0].numpy())
             print(f"{name} slice {k + 1}/{len(test)}: " + ", ".join(
                 f"{m} {per_method[m][-1]['psnr']:.2f} dB" for m in per_method), flush=True)
-        table[name] = {"tv_lambda": lam, "methods": {
-            m: {key: float(np.mean([r[key] for r in v])) for key in ("psnr", "ssim", "psnr_brain", "ssim_brain",
-                                                                     "nmse", "seconds")} for m, v in per_method.items()}}
+        keys = ("psnr", "ssim", "psnr_brain", "ssim_brain", "nmse", "seconds")
+        table[name] = {"tv_lambda": lam, "methods": {m: {key: float(np.mean([r[key] for r in v])) for key in keys}
+                                                     for m, v in per_method.items()}}
     save_json({"model": str(args.model), "datalist": str(args.datalist), "section": args.section, "slices": len(test),
                "samples": args.samples, "sampler": args.sampler, "steps": args.steps, "brain_threshold": BRAIN,
                "table": table}, out / "table.json")

@@ -3,8 +3,8 @@ slice), NRRD and MetaImage by SimpleITK; 2D NIfTI by nibabel (SimpleITK's NIfTI 
 
 A 2D image is a float32 array ``(rows, columns)`` as displayed, row 0 at the top (SimpleITK's and PIL's order; for
 a DICOM file, its pixel data order; a NIfTI of shape ``(X, Y)`` gives rows ``Y`` x columns ``X`` in file order, its
-affine's orientation not applied), with its pixel spacing in mm ``(row spacing, column spacing)``: the file's for DICOM, NIfTI, NRRD and
-MetaImage, 1 mm for PNG and JPEG (which store none). Stored values are kept (DICOM's rescale slope and intercept
+affine's orientation not applied), with its pixel spacing in mm ``(row spacing, column spacing)``: the file's for
+DICOM, NIfTI, NRRD and MetaImage, 1 mm for PNG and JPEG (which store none). Stored values are kept (DICOM's rescale slope and intercept
 applied); GDCM reads a ``MONOCHROME1`` DICOM (a radiograph whose low values display white) inverted, so that every
 image has bright = high.
 

@@ -69,15 +69,13 @@ class DataConsistency:
         x0 = self.denoiser(x, t, **cond)
         a, b = self.schedule.scaling(batch_timesteps(t, x).to(x.device), x.ndim)
         v = self.prior_variance
-        r2 = (v * b**2 / (a**2 * v + b**2)).float()
-        estimate = x0.float()
+        estimate = x0.float() if x0.dtype in (torch.float16, torch.bfloat16) else x0  # the correction in full precision
+        r2 = (v * b**2 / (a**2 * v + b**2)).to(estimate.dtype)
         measured = self.operator.forward(estimate)
         if measured.shape[1:] != self.y.shape[1:] or self.y.shape[0] not in (1, measured.shape[0]):
             raise InputError(f"measurement of shape {list(self.y.shape)} does not match the operator's output for "
                              f"the batch, {list(measured.shape)}")
         residual = self.y.to(measured) - measured
-        if residual.is_complex():
-            r2 = r2.to(residual.real.dtype)
         corrected = estimate + r2 * self.operator.back_project(residual, self.noise_var, r2)
         return corrected.to(x0.dtype)
 

@@ -26,7 +26,7 @@ from meddiff3d.engine.checkpoint import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger("meddiff3d.engine")
 
-PreviewFn = Callable[[torch.nn.Module], Any]  # EMA network -> a 3D volume (D, H, W), (C, D, H, W), or a 2D image (H, W)
+PreviewFn = Callable[[torch.nn.Module], Any]  # EMA network -> a volume (D, H, W) or (C, D, H, W), an image (H, W)
 ValidateFn = Callable[[torch.nn.Module], dict]  # EMA network -> {"name": float}
 
 

@@ -2,8 +2,8 @@
 
 ``load_model(path, kind)`` reads the file weights-only (:func:`meddiff3d.engine.checkpoint.read_file`), checks that
 it holds a model of ``kind`` (one of :data:`~meddiff3d.engine.checkpoint.MODEL_KINDS`: ``codec``,
-``latent_diffusion``, ``segmentation_diffusion``, ``seg_baseline``, ``image_diffusion``), builds the network its meta describes and
-loads the weights (EMA by default) after checking they fit. Codec files become a
+``latent_diffusion``, ``segmentation_diffusion``, ``seg_baseline``, ``image_diffusion``), builds the network its
+meta describes and loads the weights (EMA by default) after checking they fit. Codec files become a
 :class:`~meddiff3d.models.codec.LatentCodec` (autoencoder + the latent scale/shift saved with it) and carry their
 content fingerprint, so a diffusion model can be paired with its codec without reading the codec again.
 

@@ -31,9 +31,8 @@ from meddiff3d.engine.precision import AUTOCAST_LOW_PRECISION_LAYERS, Autocast
 from meddiff3d.models.ldm import build_denoiser, model_conditioning
 from meddiff3d.models.segdiff import check_volume_shape, conditioned_network
 
-__all__ = ["DEFAULT_SAMPLING", "model_sampling", "SamplingSettings", "autocast_dtype", "ClampedDenoiser", "sample_masks",
-           "LatentDiffusionInferer",
-           "DiffusionSegmentationInferer"]
+__all__ = ["DEFAULT_SAMPLING", "model_sampling", "SamplingSettings", "autocast_dtype", "ClampedDenoiser",
+           "sample_masks", "LatentDiffusionInferer", "DiffusionSegmentationInferer"]
 
 
 def autocast_dtype(network: torch.nn.Module) -> torch.dtype | None:
