@@ -36,13 +36,15 @@ from meddiff3d.data.images2d import read_image_2d
 from meddiff3d.diffusion import Downsample, KSpaceSampling, cartesian_mask
 from meddiff3d.engine.reconstruction_metrics import reconstruction_scores
 from meddiff3d.errors import InputError
+from meddiff3d.engine.precision import resolve_device, resolve_precision
 from meddiff3d.models.loading import load_model
+from meddiff3d.pipelines.inferers import ImageDiffusionInferer
 from meddiff3d.pipelines.inverse_problems import (diffusion_reconstruction, interpolate, nmse, tv_reconstruction,
                                                   zero_filled)
 from meddiff3d.utils.io import save_image_png, save_json
 
 CENTRE_FRACTION = {4: 0.08, 8: 0.04}
-TV_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+TV_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 BRAIN = 0.02
 
 
@@ -70,6 +72,7 @@ def operator_for(name: str, value: int, width: int, seed: int):
 
 def methods(name: str, value: int, op, norm: float, y: torch.Tensor, lam: float, model, args) -> dict:
     """``{method: (estimate, seconds)}`` for one measurement."""
+    inferer = ImageDiffusionInferer(model.meta, args.sampler, args.steps)
     def timed(fn):
         start = time.perf_counter()
         estimate = fn()
@@ -82,9 +85,8 @@ def methods(name: str, value: int, op, norm: float, y: torch.Tensor, lam: float,
         for method in ("bicubic", "bspline"):
             out[method] = timed(lambda m=method: interpolate(y, (value, value), m))
     out["tv"] = timed(lambda: tv_reconstruction(op, y, lam, iterations=args.tv_iterations, operator_norm=norm))
-    out["diffusion"] = timed(lambda: diffusion_reconstruction(model, op, y, num_samples=args.samples,
-                                                              steps=args.steps, sampler=args.sampler,
-                                                              seed=args.seed)[0])
+    out["diffusion"] = timed(lambda: diffusion_reconstruction(model.network, inferer, op, y,
+                                                              num_samples=args.samples, seed=args.seed)[0])
     return out
 
 
@@ -116,13 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--tv-iterations", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", default="auto", help="auto | bf16 | fp16 | none (the diffusion model's precision)")
     args = parser.parse_args(argv)
     try:
         if min(args.n, args.tune, args.samples, args.steps, args.tv_iterations) < 1:
             raise InputError("--n, --tune, --samples, --steps and --tv-iterations must be >= 1")
         if not args.accelerations + args.factors:
             raise InputError("nothing to evaluate: give --accelerations and/or --factors")
-        model = load_model(args.model, "image_diffusion")
+        device = resolve_device(args.device)
+        model = load_model(args.model, "image_diffusion", device=device,
+                           dtype=resolve_precision(args.amp, device, "inference").dtype)
         shape = model.meta["image"]["shape"]
         for a in args.accelerations:
             cartesian_mask(shape[1], a, CENTRE_FRACTION.get(a, 0.32 / a))  # checks the acceleration

@@ -19,15 +19,18 @@ import torch
 from bundle_testing import ROOT
 
 BUNDLES = ROOT / "bundles"
-LDM, SEG, ANOMALY = (BUNDLES / n for n in ("brain_mri_ldm", "brats_mri_segdiff", "brain_mri_anomaly_ldm"))
+LDM, SEG, ANOMALY, IMAGE = (BUNDLES / n for n in ("brain_mri_ldm", "brats_mri_segdiff", "brain_mri_anomaly_ldm",
+                                                   "medical_2d_ddpm"))
 #: every inference config a README runs with shipped weights: (bundle, config files)
 INFERENCE_CONFIGS = [
     (LDM, ["inference.yaml"]), (LDM, ["common.yaml", "inference.yaml"]),
     (SEG, ["inference.yaml"]), (SEG, ["common.yaml", "inference.yaml"]),
     (ANOMALY, ["inference.yaml"]), (ANOMALY, ["common.yaml", "inference.yaml"]),
     (ANOMALY, ["common.yaml", "inference.yaml", "demo_models.yaml"]),
+    (IMAGE, ["inference.yaml"]), (IMAGE, ["common.yaml", "inference.yaml"]),
+    (IMAGE, ["common.yaml", "reconstruct.yaml"]),
 ]
-MAIN_NETWORK = {LDM: "model.pt", SEG: "model.pt", ANOMALY: "model.pt"}
+MAIN_NETWORK = {LDM: "model.pt", SEG: "model.pt", ANOMALY: "model.pt", IMAGE: "model.pt"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -57,7 +60,7 @@ def test_infer_properties_pass_with_the_shipped_weights(case):
     assert isinstance(wf.inferer, Inferer)  # the anomaly bundle's too (the calibrated Detector)
 
 
-@pytest.mark.parametrize("bundle", [LDM, SEG, ANOMALY], ids=lambda b: b.name)
+@pytest.mark.parametrize("bundle", [LDM, SEG, ANOMALY, IMAGE], ids=lambda b: b.name)
 def test_network_def_holds_the_weights_of_models_model_pt(bundle):
     from monai.bundle import ConfigParser
 
@@ -84,7 +87,7 @@ def test_the_anomaly_bundle_ships_its_own_copies_of_the_demo_weights():
         assert "../brain_mri_ldm" not in path.read_text(), path.name  # reads no other bundle's files
 
 
-@pytest.mark.parametrize("bundle", [LDM, SEG, ANOMALY], ids=lambda b: b.name)
+@pytest.mark.parametrize("bundle", [LDM, SEG, ANOMALY, IMAGE], ids=lambda b: b.name)
 def test_inference_repeats_common_keys_with_the_same_values(bundle):
     import yaml
 

@@ -33,10 +33,10 @@ import pytest
 import torch
 from bundle_testing import ROOT, SCHEMA, Bundle, script_module
 
-BUNDLES = ("brain_mri_ldm", "brats_mri_segdiff", "brain_mri_anomaly_ldm")
+BUNDLES = ("brain_mri_ldm", "brats_mri_segdiff", "brain_mri_anomaly_ldm", "medical_2d_ddpm")
 TRAIN_CONFIGS = [("brain_mri_ldm", "train_autoencoder.yaml"), ("brain_mri_ldm", "train_diffusion.yaml"),
                  ("brats_mri_segdiff", "train.yaml"), ("brain_mri_anomaly_ldm", "train_autoencoder.yaml"),
-                 ("brain_mri_anomaly_ldm", "train_diffusion.yaml")]
+                 ("brain_mri_anomaly_ldm", "train_diffusion.yaml"), ("medical_2d_ddpm", "train.yaml")]
 #: packages a bundle may not list in required_packages_version: not on PyPI (each README says how to install it)
 UNPUBLISHED = ("meddiff3d",)
 #: the model-zoo checks this project's bundles are exempt from, as model-zoo exempts its own generative bundles
@@ -224,7 +224,8 @@ def test_bundle_copies_of_shared_fragments_equal_their_source():
         "brain_mri_ldm/presets/demo.yaml", "brats_mri_segdiff/data/synthetic_brats.yaml",
         "brats_mri_segdiff/presets/tiny_cpu.yaml", "brain_mri_anomaly_ldm/data/synthetic_anomaly.yaml",
         "brain_mri_anomaly_ldm/data/synthetic_healthy.yaml", "brain_mri_anomaly_ldm/presets/tiny_cpu.yaml",
-        "brain_mri_anomaly_ldm/presets/demo.yaml"}
+        "brain_mri_anomaly_ldm/presets/demo.yaml", "medical_2d_ddpm/data/synthetic_slices.yaml",
+        "medical_2d_ddpm/presets/tiny_cpu.yaml", "medical_2d_ddpm/presets/demo.yaml"}
     for copy in copies:
         expected = sync.expected_copy(copy)
         assert copy.read_text() == expected, (f"{copy.relative_to(ROOT)} differs from its source; edit the source in "
@@ -250,8 +251,9 @@ def test_readme_commands_name_only_files_inside_the_bundle(name):
 @pytest.mark.parametrize("name", BUNDLES)
 def test_no_other_config_overwrites_an_inference_component(name):
     """Presets, data fragments and overlays are merged with inference.yaml by README commands: none of their top-level
-    keys may replace one of its components (a preset's `network: tiny_cpu` would replace the network). Training
-    configs, never merged with it, declare their own `network_def`."""
+    keys may replace one of its components (a preset's `network: tiny_cpu` would replace the network). Task configs
+    (training, medical_2d_ddpm's reconstruct.yaml: each with a `run` of its own), never merged with it, declare their
+    own components."""
     import yaml
 
     configs = ROOT / "bundles" / name / "configs"
@@ -262,6 +264,8 @@ def test_no_other_config_overwrites_an_inference_component(name):
         if path.name in ("inference.yaml", "common.yaml") or path.name.startswith("train"):
             continue
         keys = set(yaml.safe_load(path.read_text()) or {})
+        if "run" in keys and path.parent == configs:
+            continue  # a task config
         clash = keys & components - {"device", "initialize", "datalist"}
         assert not clash, f"{path.relative_to(ROOT)} sets the inference component(s) {sorted(clash)}"
 
@@ -313,6 +317,8 @@ LDM_KEYS = ("network", "schedule", "prediction", "conditioning#mode", "condition
             "training#batch_size", "training#lr", "training#seed", "latent#shape#0")
 SEGDIFF_KEYS = ("network", "schedule", "prediction", "regions", "modalities", "inputs", "patch",
                 "training#batch_size", "training#lr", "training#seed")
+IMAGE_KEYS = ("network", "schedule", "prediction", "classes", "image#shape", "image#intensity", "sampling",
+              "training#cond_dropout", "training#min_snr_gamma", "training#batch_size", "training#lr", "training#seed")
 
 
 def pick(meta: dict, key: str):
@@ -369,6 +375,8 @@ def assert_objective_is_the_trained_one(objective, meta: dict) -> None:
 # a small cohort on which the demo recipes' patches fit (64^3 for the autoencoder, 48^3 for the segmentation model)
 BRAIN_SMALL = ("--image_shape", "[64,96,64]", "--spacing", "[2.5,2.5,2.5]", "--synthetic_n", "6")
 BRATS_SMALL = ("--image_shape", "[48,64,48]", "--spacing", "[3.5,3.5,3.5]", "--synthetic_n", "6")
+# 6 small subjects (4 mm voxels), 2 slices each; the slices keep the demo's 64x64 (the image size is in IMAGE_KEYS)
+SLICES_SMALL = ("--synthetic_n", "6", "--synthetic_volume_shape", "[40,56,40]", "--slices_per_volume", "2")
 
 
 #: (bundle, README section of the retraining commands, folder of the pair under models/)
@@ -413,5 +421,20 @@ def test_demo_preset_reproduces_the_shipped_segmentation_recipe(tmp_path):
     assert_same(trained, shipped_meta(bundle.path, "model.pt"), SEGDIFF_KEYS)
     objective, network = declared(bundle, train, tmp_path, *BRATS_SMALL)
     assert_objective_is_the_trained_one(objective, trained)
+    weights = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)["ema"]
+    assert_network_is_the_trained_one(network, weights)
+
+
+@pytest.mark.slow
+def test_demo_preset_reproduces_the_shipped_image_diffusion_recipe(tmp_path):
+    bundle = Bundle("medical_2d_ddpm")
+    (train,) = demo_commands("medical_2d_ddpm")
+    result = bundle.run(train, tmp_path, *SLICES_SMALL, "--max_iterations", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = shipped_meta(tmp_path, "model.pt")
+    assert_same(trained, shipped_meta(bundle.path, "model.pt"), IMAGE_KEYS)
+    objective, network = declared(bundle, train, tmp_path, *SLICES_SMALL)
+    assert_objective_is_the_trained_one(objective, trained)
+    assert objective.cond_dropout == trained["training"]["cond_dropout"] and objective.keyword_keys == ("class_labels",)
     weights = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)["ema"]
     assert_network_is_the_trained_one(network, weights)

@@ -39,8 +39,8 @@ from bundle_testing import (ROOT, Bundle, check_generated, check_segmented, run_
                             run_until_first_step)
 from doc_commands import commands as printed_commands
 
-LDM, SEG, ANOMALY = "brain_mri_ldm", "brats_mri_segdiff", "brain_mri_anomaly_ldm"
-BUNDLES = (LDM, SEG, ANOMALY)
+LDM, SEG, ANOMALY, IMAGE = "brain_mri_ldm", "brats_mri_segdiff", "brain_mri_anomaly_ldm", "medical_2d_ddpm"
+BUNDLES = (LDM, SEG, ANOMALY, IMAGE)
 #: the READMEs' placeholders (shell variables, each stated in the README's prose)
 PLACEHOLDERS = ("DATA", "ZOO")
 
@@ -56,6 +56,8 @@ LDM_TINY = ("data/synthetic_healthy.yaml", "presets/tiny_cpu.yaml")
 SEG_TINY = ("data/synthetic_brats.yaml", "presets/tiny_cpu.yaml")
 ANOMALY_TINY = ("data/synthetic_anomaly.yaml", "presets/tiny_cpu.yaml", "tiny_cpu.yaml")
 ZOO_FILES = "$ZOO/brain_image_synthesis_latent_diffusion_model/models"
+SLICE, SLICES = "--inputs \"['$DATA/slices/slice.png']\"", "$DATA/slices/datalist.json"
+IMAGE_TINY = ("data/synthetic_slices.yaml", "presets/tiny_cpu.yaml")
 
 
 def torchrun(command: str) -> str:
@@ -111,6 +113,21 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "test_anomaly_tiny_preset_in_order": (ANOMALY, [
         bundle_run(f"{task}.yaml", *ANOMALY_TINY)
         for task in ("train_autoencoder", "train_diffusion", "calibrate", "inference", "evaluate")
+    ]),
+    "test_image_generate_and_reconstruct_on_the_demo_weights": (IMAGE, [
+        bundle_run("inference.yaml"),
+        bundle_run("inference.yaml", args="--class_name superior --guidance_scale 2 --num_samples 4"),
+        bundle_run("reconstruct.yaml", args=SLICE),
+        bundle_run("reconstruct.yaml", args=f"{SLICE} --acceleration 8 --center_fraction 0.04 --mask_kind equispaced"),
+        bundle_run("reconstruct.yaml", args="""--inputs "['$DATA/slices/kspace.npy']" --mask $DATA/slices/mask.npy"""),
+        bundle_run("reconstruct.yaml", args=f"--task super_resolution {SLICE} --factor 4"),
+        bundle_run("reconstruct.yaml", args=f"--task super_resolution --inputs {SLICES} --factor 2"),
+    ]),
+    "test_image_training_starts_on_a_datalist": (IMAGE, [bundle_run("train.yaml", args=f"--datalist {SLICES}")]),
+    "test_image_tiny_preset_in_order": (IMAGE, [
+        bundle_run("train.yaml", *IMAGE_TINY),
+        bundle_run("inference.yaml", "presets/tiny_cpu.yaml", args="--num_samples 4"),
+        bundle_run("reconstruct.yaml", *IMAGE_TINY),
     ]),
 }
 
@@ -173,6 +190,13 @@ EXEMPT: dict[str, dict[str, str]] = {
         bundle_run("train_diffusion.yaml", "data/synthetic_healthy.yaml", "presets/demo.yaml",
                    "presets/demo_vq.yaml", "vq_models.yaml"): _BRAIN_DEMO,
     },
+    IMAGE: {
+        torchrun(bundle_run("train.yaml", "multi_gpu.yaml", args=f"--datalist {SLICES}")): _GPUS,
+        bundle_run("train.yaml", "data/synthetic_slices.yaml", "presets/demo.yaml"): (
+            "the demo recipe: 3000 steps of batch 16 at ~1.3 steps per second, ~40 min on the 2 cores after ~1 min "
+            "of data; the same config chain runs for one step on 6 small subjects in tests/test_bundle_conventions.py"
+            "::test_demo_preset_reproduces_the_shipped_image_diffusion_recipe"),
+    },
 }
 
 
@@ -220,7 +244,26 @@ def data(tmp_path_factory) -> Path:
     shutil.copy(root / "t1" / doc["validation"][0]["image"], root / "b.nii.gz")
     write_cohort("brats", root / "brats", n=1, val_fraction=0.0, test_fraction=0.0, **cohort)
     write_cohort("anomaly", root / "anomaly", n=1, val_fraction=0.0, test_fraction=1.0, **cohort)
+    write_slices(root / "t1" / "datalist.json", root / "slices")
     return root
+
+
+def write_slices(t1_datalist: Path, folder: Path) -> None:
+    """``$DATA/slices``: 64x64 axial slices of the T1 cohort (8 per subject) as a 2D datalist, one test slice as
+    ``slice.png``, and that slice's k-space (centred orthonormal FFT) with 3 of every 4 columns zeroed as
+    ``kspace.npy``, its columns as ``mask.npy`` (0/1)."""
+    from meddiff3d.data.images2d import read_image_2d
+    from meddiff3d.data.slices import slice_datalist
+    from meddiff3d.diffusion import cartesian_mask, fft2c
+
+    slice_datalist(t1_datalist, folder, (64, 64), 8, progress=False)  # 16 training slices: one batch
+    first = json.loads((folder / "datalist.json").read_text())["test"][0]["image"]
+    shutil.copy(folder / first, folder / "slice.png")
+    image = read_image_2d(folder / "slice.png")
+    mask = cartesian_mask(64, 4, 0.08, "equispaced").numpy().astype(np.uint8)
+    kspace = fft2c(torch.from_numpy(image.array / image.full_scale())).numpy() * mask
+    np.save(folder / "kspace.npy", kspace.astype(np.complex64))
+    np.save(folder / "mask.npy", mask)
 
 
 @pytest.fixture
@@ -555,3 +598,96 @@ def test_anomaly_tiny_preset_in_order(tmp_path, commands):
     run_ok(evaluate, root)
     metrics = json.loads((root / "outputs" / "evaluation" / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"diffusion", "autoencoder"} and metrics["volumes"] == len(test_items)
+
+
+# ------------------------------------------------------------------------------------------------ medical_2d_ddpm
+def check_images_2d(out_dir: Path, names: list[str], shape, spacing) -> list[Path]:
+    """``out_dir`` holds the 2D NIfTI files ``names``: float32 of ``shape`` (rows, columns; stored columns x rows)
+    with the affine diag(-column spacing, -row spacing, 1) (Slicer shows them as the PNGs)."""
+    paths = []
+    for name in names:
+        img = nib.load(str(out_dir / name))
+        assert img.shape == (shape[1], shape[0]) and img.get_data_dtype() == np.float32, (name, img.shape)
+        np.testing.assert_allclose(np.diag(img.affine)[:3], [-spacing[1], -spacing[0], 1.0], rtol=1e-5)
+        paths.append(out_dir / name)
+    return paths
+
+
+def recon_record(out_dir: Path, case: str) -> dict:
+    return json.loads((out_dir / f"{case}.json").read_text())
+
+
+@pytest.mark.slow
+def test_image_generate_and_reconstruct_on_the_demo_weights(tmp_path, data, commands):
+    """Generation, k-space reconstruction (simulated 4x random and 8x equispaced masks, a .npy with its mask) and
+    super-resolution (a simulated x4, a datalist section at x2) on the shipped demo weights (~1 min): files, sizes,
+    affines, sidecars; the estimate keeps the measured k-space lines and beats zero filling and bicubic."""
+    from meddiff3d.diffusion import fft2c
+
+    root = Bundle(IMAGE).copy_to(tmp_path / IMAGE, models=True)
+    meta = file_meta(root / "models" / "model.pt")
+    shape, spacing = meta["image"]["shape"], meta["image"]["spacing"]
+    default, guided, recon4, recon8, from_npy, sr4, sr_datalist = commands
+    gen = root / "outputs" / "generation"
+    run_ok(default, root)
+    check_images_2d(gen, [f"sample_seed{s}.nii.gz" for s in range(8)], shape, spacing)
+    side = sidecar(gen / "sample_seed0.nii.gz")
+    assert (side["sampler"], side["steps"]) == (meta["sampling"]["sampler"], meta["sampling"]["steps"])
+    assert side["class"] is None and (gen / "samples.png").is_file()
+    run_ok(guided, root)
+    side = sidecar(gen / "sample_seed3.nii.gz")
+    assert side["class"] == "superior" and side["guidance_scale"] == 2
+
+    out = root / "outputs" / "reconstruction"
+    for command, kind in ((recon4, "random"), (recon8, "equispaced")):
+        run_ok(command, root)
+        check_images_2d(out, ["slice_recon.nii.gz", "slice_std.nii.gz", "slice_baseline.nii.gz"], shape, [1, 1])
+        record = recon_record(out, "slice")
+        assert record["simulated_mask"]["kind"] == kind and record["num_samples"] == 4
+        assert record["recon"]["psnr"] > record["baseline"]["psnr"] + 2, record  # zero-filled
+    run_ok(from_npy, root)
+    record = recon_record(out, "kspace")
+    assert "recon" not in record and record["mask"] == np.load(data / "slices" / "mask.npy").tolist()
+    estimate = np.asarray(nib.load(str(out / "kspace_recon.nii.gz")).dataobj).T  # stored columns x rows
+    measured = np.load(data / "slices" / "kspace.npy")
+    kept = fft2c(torch.from_numpy(estimate.astype(np.float32))).numpy() * np.load(data / "slices" / "mask.npy")
+    np.testing.assert_allclose(kept, measured, atol=2e-3 * np.abs(measured).max())  # the measured lines are kept
+
+    run_ok(sr4, root)
+    record = recon_record(out, "slice")
+    assert record["factor"] == 4 and record["simulated_low_resolution"]
+    assert record["recon"]["psnr"] > record["baseline"]["psnr"], record  # bicubic
+    run_ok(sr_datalist, root)
+    test_ids = [i["id"] for i in json.loads((data / "slices" / "datalist.json").read_text())["test"]]
+    for case in test_ids:
+        assert recon_record(out, case)["factor"] == 2
+
+
+@pytest.mark.slow
+def test_image_training_starts_on_a_datalist(tmp_path, data, commands):
+    """The default recipe (the demo U-Net, batch 16) on a user's 2D datalist: started as printed, stopped after its
+    first step (~30 s)."""
+    root = Bundle(IMAGE).copy_to(tmp_path / IMAGE, models=True)
+    shipped = shipped_hashes(root / "models")
+    start_and_stop(commands[0], root, DATA=data)
+    meta = assert_stopped_run(root / "outputs" / "runs" / IMAGE, shipped, root / "models")["meta"]
+    assert meta["classes"] == ["inferior", "middle", "superior"]  # the datalist's own classes
+    assert meta["network"]["args"]["channels"] == [32, 64, 128, 128] and meta["image"]["shape"] == [64, 64]
+
+
+@pytest.mark.slow
+def test_image_tiny_preset_in_order(tmp_path, commands):
+    """Train, generate, reconstruct the synthetic test slices: the tiny preset as printed (~1 min)."""
+    root = Bundle(IMAGE).copy_to(tmp_path / IMAGE)
+    train, infer, recon = commands
+    run_ok(train, root)
+    meta = file_meta(root / "models" / "model.pt")
+    assert meta["network"]["args"]["channels"] == [16, 32, 32] and meta["image"]["shape"] == [32, 32]
+    slices = json.loads((root / "outputs" / "data" / "synthetic_slices" / "datalist.json").read_text())
+    assert slices["spatial_dims"] == 2 and len(slices["training"]) == 6 * 4  # 6 training subjects, 4 slices each
+    run_ok(infer, root)
+    check_images_2d(root / "outputs" / "generation", [f"sample_seed{s}.nii.gz" for s in range(4)], [32, 32],
+                    meta["image"]["spacing"])
+    run_ok(recon, root)
+    for item in slices["test"]:
+        assert recon_record(root / "outputs" / "reconstruction", item["id"])["recon"]["nmse"] >= 0

@@ -1,10 +1,11 @@
-"""Volume-to-volume similarity: MS-SSIM (diversity) and nearest-neighbour correlation (memorisation).
+"""Volume-to-volume (and image-to-image) similarity: MS-SSIM (diversity) and nearest-neighbour correlation
+(memorisation).
 
 MS-SSIM is MONAI's :class:`~monai.metrics.MultiScaleSSIMMetric` in 3D on volumes clipped to the model's intensity
 range [0, 1] (``data_range=1``). MONAI refuses volumes whose every side is not larger than
 ``(kernel_size - 1) * (len(weights) - 1) ** 2``: with its defaults (5 scales, 11^3 kernel) that is 160 voxels, too
 much for 160 x 224 x 160. :func:`ms_ssim_config` therefore picks, for a shape, the first setting that fits from
-:data:`MS_SSIM_SETTINGS` (5 scales with kernel 11, 9, 7, 5; then 4 and 3 scales with the standard weights truncated
+:data:`MS_SSIM_SETTINGS` (5 scales with kernel 11, 9, 7, 5; then 4, 3 and 2 scales with the standard weights truncated
 and renormalised); below the smallest it downsamples the volumes by 2 (average pooling) until one fits (or more,
 if asked: ``min_downsample``). For 160 x 224 x 160 this is 5 scales with a 9^3 kernel at full resolution, for the
 32 x 48 x 32 test volumes 3 scales with a 7^3 kernel; the setting used is reported.
@@ -25,7 +26,7 @@ __all__ = ["ms_ssim", "ms_ssim_config", "pairwise_ms_ssim", "pair_indices", "nn_
            "MS_SSIM_WEIGHTS", "NN_MAX_SIDE"]
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-MS_SSIM_SETTINGS = [(5, k) for k in (11, 9, 7, 5)] + [(4, 7), (4, 5), (3, 7), (3, 5)]
+MS_SSIM_SETTINGS = [(5, k) for k in (11, 9, 7, 5)] + [(4, 7), (4, 5), (3, 7), (3, 5), (2, 5), (2, 3)]
 NN_MAX_SIDE = 48
 
 
@@ -50,21 +51,24 @@ def ms_ssim_config(shape: Sequence[int], min_downsample: int = 1) -> dict:
     raise ValueError(f"volume shape {tuple(shape)} is too small for MS-SSIM")
 
 
-def _prepare(volume, factor: int) -> torch.Tensor:
+def _prepare(volume, factor: int, dims: int = 3) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(volume, dtype=np.float32)).clamp(0.0, 1.0)
-    t = t.reshape(1, 1, *t.shape[-3:])
-    return F.avg_pool3d(t, factor) if factor > 1 else t
+    t = t.reshape(1, 1, *t.shape[-dims:])
+    pool = F.avg_pool3d if dims == 3 else F.avg_pool2d
+    return pool(t, factor) if factor > 1 else t
 
 
 def ms_ssim(a, b, config: dict | None = None) -> float:
-    """MS-SSIM of two 3D volumes (model intensity scale, clipped to [0, 1]); 1 for identical volumes."""
+    """MS-SSIM of two 3D volumes or 2D images (model intensity scale, clipped to [0, 1]; the dimension is that of
+    ``config["shape"]``, default 3D); 1 for identical inputs."""
     from monai.metrics import MultiScaleSSIMMetric
 
     config = config or ms_ssim_config(np.shape(a)[-3:])
-    metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=config["kernel_size"],
+    dims = len(config["shape"])
+    metric = MultiScaleSSIMMetric(spatial_dims=dims, data_range=1.0, kernel_size=config["kernel_size"],
                                   weights=config["weights"])
     with torch.no_grad():
-        value = metric(_prepare(a, config["downsample"]), _prepare(b, config["downsample"]))
+        value = metric(_prepare(a, config["downsample"], dims), _prepare(b, config["downsample"], dims))
     return float(value.reshape(-1)[0])
 
 
@@ -79,7 +83,8 @@ def pair_indices(groups: Sequence[int], max_pairs: int, within: bool | None = No
     return pairs
 
 
-def pairwise_ms_ssim(volumes: Sequence[np.ndarray], pairs: Sequence[tuple], config: dict | None = None) -> list[float]:
+def pairwise_ms_ssim(volumes: Sequence[np.ndarray], pairs: Sequence[tuple],
+                     config: dict | None = None) -> list[float]:
     """MS-SSIM of each pair ``(i, j)`` of ``volumes``."""
     if not pairs:
         return []
@@ -87,14 +92,14 @@ def pairwise_ms_ssim(volumes: Sequence[np.ndarray], pairs: Sequence[tuple], conf
     return [ms_ssim(volumes[i], volumes[j], config) for i, j in pairs]
 
 
-def nn_vector(volume) -> np.ndarray:
-    """The volume average-pooled to at most :data:`NN_MAX_SIDE` voxels per side, flattened and z-scored (float32):
-    the dot product of two such vectors divided by their length is their Pearson correlation."""
+def nn_vector(volume, dims: int = 3, max_side: int = NN_MAX_SIDE) -> np.ndarray:
+    """The volume (``dims=2``: image) average-pooled to at most ``max_side`` voxels per side, flattened and z-scored
+    (float32): the dot product of two such vectors divided by their length is their Pearson correlation."""
     t = torch.as_tensor(np.asarray(volume, dtype=np.float32))
-    t = t.reshape(1, 1, *t.shape[-3:])
-    factor = max(1, int(np.ceil(max(t.shape[2:]) / NN_MAX_SIDE)))
+    t = t.reshape(1, 1, *t.shape[-dims:])
+    factor = max(1, int(np.ceil(max(t.shape[2:]) / max_side)))
     if factor > 1:
-        t = F.avg_pool3d(t, factor, ceil_mode=True)
+        t = (F.avg_pool3d if dims == 3 else F.avg_pool2d)(t, factor, ceil_mode=True)
     v = t.reshape(-1).numpy().astype(np.float64)
     v = (v - v.mean()) / max(v.std(), 1e-12)
     return v.astype(np.float32)

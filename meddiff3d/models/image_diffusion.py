@@ -28,15 +28,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai.transforms import Compose, MapTransform
+
+from meddiff3d.checks import check_sizes
+from meddiff3d.data.datalist import read_datalist
+from meddiff3d.data.images2d import read_image_2d, resample
 from meddiff3d.diffusion import ClassifierFreeGuidance, make_denoiser, schedule_from_dict
 from meddiff3d.engine.checkpoint import kind_tag
 from meddiff3d.engine.precision import Autocast
 from meddiff3d.errors import InputError
 from meddiff3d.models.ldm import sampling_meta
 
-__all__ = ["IMAGE_UNET_PRESETS", "MODEL_RANGE", "WINDOW_PERCENTILES", "image_unet_spec", "image_diffusion_meta",
-           "class_labels", "window", "to_model_range", "from_model_range", "build_image_denoiser"]
+__all__ = ["IMAGE_UNET_PRESETS", "IMAGE_SCHEDULE", "MODEL_RANGE", "WINDOW_PERCENTILES", "image_unet_spec",
+           "image_diffusion_meta", "datalist_classes", "class_labels", "window", "to_model_range", "from_model_range",
+           "build_image_denoiser", "model_input", "ModelInputd", "image_diffusion_transforms"]
 
+#: the default noise schedule: cosine VP (Nichol & Dhariwal 2021), T = 1000
+IMAGE_SCHEDULE = {"schedule": "cosine", "num_train_timesteps": 1000}
 #: the intensity range the network sees
 MODEL_RANGE = (-1.0, 1.0)
 #: the window of each image's own values mapped to [0, 1] before training and before data consistency
@@ -88,6 +96,15 @@ def image_diffusion_meta(*, network: Mapping[str, Any], schedule: Mapping[str, A
     }
 
 
+def datalist_classes(datalist: Any, classes: Sequence[str] | None = None) -> list[str]:
+    """``classes`` as names; ``None``: the 2D datalist's own top-level ``classes`` (none: an unconditional model)."""
+    if classes is None:
+        classes = read_datalist(datalist).get("classes") or []
+        if not isinstance(classes, list):
+            raise InputError(f"datalist {datalist}: 'classes' must be a list of names, got {classes!r}")
+    return [str(c) for c in classes]
+
+
 def class_labels(names: Sequence[str | None], classes: Sequence[str]) -> torch.Tensor:
     """Class names (``None``: unconditional) -> the long labels the network takes (the null class ``len(classes)``)."""
     labels = []
@@ -117,6 +134,44 @@ def to_model_range(image: torch.Tensor, low: float, high: float) -> torch.Tensor
 def from_model_range(x: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
     """The inverse of :func:`to_model_range` (default: to [0, 1])."""
     return (x - MODEL_RANGE[0]) / (MODEL_RANGE[1] - MODEL_RANGE[0]) * (high - low) + low
+
+
+#: formats that store no pixel spacing: a datalist's ``pixel_spacing_mm`` gives theirs
+SPACING_FREE_FORMATS = ("png", "jpeg")
+
+
+def model_input(path: Any, shape: Sequence[int], stated_spacing: Sequence[float] | None = None
+                ) -> tuple[torch.Tensor, list[float]]:
+    """The image in ``path`` as the network is trained on it: ``(1, H, W)`` float32, its own :func:`window` mapped to
+    [0, 1] then to :data:`MODEL_RANGE` (:func:`to_model_range`), resampled to ``shape`` (bilinear, antialiased); and
+    its pixel spacing at that size (a PNG's or JPEG's from ``stated_spacing``, the datalist's, else 1 mm)."""
+    image = read_image_2d(path)
+    low, high = window(image.array)
+    tensor = to_model_range(torch.from_numpy(image.array)[None, None], low, high)
+    native = image.spacing
+    if stated_spacing is not None and image.format in SPACING_FREE_FORMATS:
+        native = [float(s) for s in stated_spacing]
+    spacing = [s * n / m for s, n, m in zip(native, image.shape, shape)]
+    return resample(tensor, shape)[0].float(), spacing
+
+
+class ModelInputd(MapTransform):
+    """``data[key]``: a 2D image file -> the network's input of :func:`model_input` (``(1, H, W)``)."""
+
+    def __init__(self, keys: Any = "image", shape: Sequence[int] = (64, 64)) -> None:
+        super().__init__(keys)
+        self.shape = check_sizes("image shape", list(shape), ndim=2)
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            out[key] = model_input(out[key], self.shape)[0]
+        return out
+
+
+def image_diffusion_transforms(shape: Sequence[int] = (64, 64)) -> Compose:
+    """A bundle's ``train#preprocessing``: what the training reads of each item (:class:`ModelInputd`)."""
+    return Compose([ModelInputd("image", shape)])
 
 
 def build_image_denoiser(network: Callable[..., torch.Tensor], meta: Mapping[str, Any], *,

@@ -31,8 +31,9 @@ from typing import Any, Callable
 from meddiff3d.errors import InputError, find_input_error
 
 __all__ = ["report_user_errors", "check_command_line", "user_command", "generate", "train_latent_diffusion",
-           "distil_latent_diffusion", "train_autoencoder", "synthetic_datalist", "calibrate_anomaly", "detect_anomalies", "evaluate_anomaly", "train_segmentation_diffusion", "segment",
-           "evaluate_segmentation"]
+           "distil_latent_diffusion", "train_autoencoder", "synthetic_datalist", "calibrate_anomaly",
+           "detect_anomalies", "evaluate_anomaly", "train_segmentation_diffusion", "segment", "evaluate_segmentation",
+           "train_image_diffusion", "synthetic_slice_datalist"]
 
 
 def _exit_for_user_error(err: BaseException) -> None:
@@ -170,3 +171,5 @@ evaluate_anomaly = user_command(_lazy("meddiff3d.evaluation.anomaly", "evaluate_
 train_segmentation_diffusion = user_command(_lazy("meddiff3d.pipelines.seg_training", "train_segmentation_diffusion"))
 segment = user_command(_lazy("meddiff3d.pipelines.segmentation", "segment"))
 evaluate_segmentation = user_command(_lazy("meddiff3d.evaluation.segmentation", "evaluate_segmentation_dir"))
+train_image_diffusion = user_command(_lazy("meddiff3d.pipelines.image_training", "train_image_diffusion"))
+synthetic_slice_datalist = user_command(_lazy("meddiff3d.pipelines.data", "synthetic_slice_datalist"))

@@ -8,8 +8,8 @@ config id          built by
 ``network_def``    ``@<model>_file.network``: the MONAI network (e.g. ``DiffusionModelUNet``), EMA weights loaded
 ``network``        :func:`inference_network`: ``network_def`` on the device, readied for autocast (``amp``)
 ``inferer``        :mod:`meddiff3d.pipelines.inferers` (sampler, steps, guidance, decode strategy / ensemble)
-``dataset``        :class:`DatalistDataset` (a datalist section or image files, read lazily) or
-                   :class:`GenerationRequests` (seeds x covariates)
+``dataset``        :class:`DatalistDataset` (a datalist section or image files, read lazily),
+                   :class:`GenerationRequests` (seeds x covariates) or :class:`ImageRequests` (seeds x class)
 ``preprocessing``  the task's factory of :mod:`meddiff3d.data.transforms` (a MONAI ``Compose``)
 ``postprocessing`` :func:`segmentation_postprocessing` (ensemble statistics back onto the input grid)
 ``evaluator``      the task's evaluator (``GenerationEvaluator``, ``SegmentationEvaluator``, ``AnomalyEvaluator``)
@@ -40,7 +40,8 @@ from meddiff3d.models.segdiff import ensemble_statistics
 
 logger = logging.getLogger("meddiff3d.pipelines")
 
-__all__ = ["model_file", "inference_network", "anomaly_models", "resolve_inputs", "DatalistDataset", "GenerationRequests",
+__all__ = ["model_file", "inference_network", "anomaly_models", "resolve_inputs", "DatalistDataset",
+           "GenerationRequests", "ImageRequests",
            "EnsembleStatisticsd", "SelectChannelsd", "ToInputGridd", "segmentation_postprocessing",
            "export_decoder", "export_segmentation_denoiser"]
 
@@ -186,6 +187,26 @@ class GenerationRequests(torch.utils.data.Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
         return {"seed": self.seed + index, "covariates": self.covariates}
+
+
+class ImageRequests(torch.utils.data.Dataset):
+    """What 2D image generation is asked for: ``num_samples`` items ``{"seed": seed + i, "class": class_name}``
+    (``class_name`` ``None``: unconditional; checked against the model by the evaluator)."""
+
+    def __init__(self, class_name: str | None = None, num_samples: int = 1, seed: int = 0) -> None:
+        if class_name is not None and not isinstance(class_name, str):
+            raise InputError(f"class_name must be a class name or null, got {class_name!r}")
+        self.class_name = class_name
+        self.num_samples = check_int("num_samples", num_samples, 1, 100_000)
+        self.seed = check_int("seed", seed, 0)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        return {"seed": self.seed + index, "class": self.class_name}
 
 
 # ------------------------------------------------------------------------------------------------ postprocessing

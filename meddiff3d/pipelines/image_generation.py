@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,85 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from meddiff3d.checks import check_int, check_number, check_output_dir
-from meddiff3d.diffusion import initial_noise, sample
+from meddiff3d.checks import check_int, check_memory, check_output_dir
 from meddiff3d.engine.precision import resolve_device, resolve_precision
 from meddiff3d.errors import InputError
-from meddiff3d.models.image_diffusion import build_image_denoiser, class_labels, from_model_range
+from meddiff3d.models.image_diffusion import class_labels, from_model_range
 from meddiff3d.models.loading import LoadedModel, load_model
-from meddiff3d.pipelines.inferers import SamplingSettings
+from meddiff3d.pipelines.components import ImageRequests
+from meddiff3d.pipelines.inferers import ImageDiffusionInferer, autocast_dtype
 from meddiff3d.utils.io import save_image_nifti, save_image_png, save_json
 
-__all__ = ["generate_images"]
+__all__ = ["ImageGenerationEvaluator", "generate_images"]
+
+
+class ImageGenerationEvaluator:
+    """A bundle's 2D generation ``evaluator``: ``run()`` samples every request of ``dataset`` (``{"seed", "class"}``
+    items, :class:`~meddiff3d.pipelines.components.ImageRequests`) with ``inferer`` over ``network``, ``batch_size``
+    at a time, and writes each image (module docstring); returns the NIfTI paths.
+
+    Args:
+        network: the image diffusion U-Net, on its device (readied for autocast or float32).
+        inferer: an :class:`~meddiff3d.pipelines.inferers.ImageDiffusionInferer` (sampler, steps, guidance).
+        model: the loaded model file, for the sidecars' provenance; optional.
+    """
+
+    def __init__(self, network: torch.nn.Module, inferer: ImageDiffusionInferer, dataset: Sequence[Mapping[str, Any]],
+                 output_dir: Any, *, model: LoadedModel | None = None, batch_size: int = 8,
+                 progress: bool = True) -> None:
+        self.network, self.inferer, self.dataset, self.model = network, inferer, dataset, model
+        self.output_dir = output_dir
+        self.batch_size = check_int("batch_size", batch_size, 1, 1024)
+        self.progress = progress
+
+    def _batches(self, requests: list[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+        """Consecutive requests of one class, at most ``batch_size`` at a time."""
+        batches: list[list[Mapping[str, Any]]] = []
+        for request in requests:
+            if batches and len(batches[-1]) < self.batch_size and batches[-1][0]["class"] == request["class"]:
+                batches[-1].append(request)
+            else:
+                batches.append([request])
+        return batches
+
+    def run(self) -> list[Path]:
+        meta = self.inferer.meta
+        requests = [self.dataset[i] for i in range(len(self.dataset))]
+        classes = meta.get("classes") or []
+        for request in requests:  # every request checked before anything is written
+            class_labels([request["class"]], classes)
+            if request["class"] is None and self.inferer.guidance_scale != 1.0:
+                raise InputError("guidance_scale needs a class (class_name) to guide towards")
+        check_memory(f"{len(requests)} images", len(requests) * 2 * 4 * int(np.prod(meta["image"]["shape"])))
+        out = check_output_dir(self.output_dir)
+        device = next(self.network.parameters()).device
+        shape, spacing = meta["image"]["shape"], meta["image"]["spacing"]
+        provenance = self.model.provenance() if self.model is not None else None
+        dtype = autocast_dtype(self.network)
+        images, paths = [], []
+        with tqdm(total=len(requests) * self.inferer.steps, unit="step", disable=not self.progress,
+                  desc=f"generating {len(requests)} image(s) ({self.inferer.sampler}, {self.inferer.steps} steps)"
+                  ) as bar:
+            for batch in self._batches(requests):
+                seeds, name = [int(r["seed"]) for r in batch], batch[0]["class"]
+                start = time.perf_counter()
+                labels = class_labels([name] * len(seeds), classes) if classes else None
+                x = self.inferer(self.inferer.initial_noise(seeds, device), self.network, labels,
+                                 generator=seeds[0], callback=lambda *_, n=len(seeds): bar.update(n))
+                seconds = (time.perf_counter() - start) / len(seeds)
+                for s, image in zip(seeds, from_model_range(x[:, 0].float()).clamp(0, 1).cpu().numpy()):
+                    stem = out / f"sample_seed{s}"
+                    paths.append(save_image_nifti(image, spacing, stem.with_suffix(".nii.gz")))
+                    save_image_png(image, stem.with_suffix(".png"))
+                    save_json({"file": paths[-1].name, "seed": s, "class": name, **self.inferer.settings,
+                               "model": provenance,
+                               "image": {"shape": list(shape), "spacing": list(spacing), "range": [0, 1]},
+                               "seconds_per_image": round(seconds, 3), "device": str(device),
+                               "amp": str(dtype).replace("torch.", "") if dtype else "float32"},
+                              stem.with_suffix(".json"))
+                    images.append(image)
+        save_image_png(np.stack(images), out / "samples.png")
+        return paths
 
 
 def generate_images(model: Any, output_dir: Any, *, num_samples: int = 4, class_name: str | None = None,
@@ -34,44 +104,15 @@ def generate_images(model: Any, output_dir: Any, *, num_samples: int = 4, class_
     """Sample ``num_samples`` images (see the module docstring); returns the NIfTI paths.
 
     ``class_name`` picks a class of a class-conditional model (``None``: unconditional, the null class);
-    ``guidance_scale`` is classifier-free guidance towards it. Every setting and the model are checked, and the
-    output folder made, before anything is computed.
+    ``guidance_scale`` is classifier-free guidance towards it. Built from the bundle's components
+    (:class:`~meddiff3d.pipelines.components.ImageRequests`,
+    :class:`~meddiff3d.pipelines.inferers.ImageDiffusionInferer`, :class:`ImageGenerationEvaluator`); every
+    setting and the model are checked, and the output folder made, before anything is computed.
     """
-    num_samples = check_int("num_samples", num_samples, 1, 10_000)
-    batch_size = check_int("batch_size", batch_size, 1, 1024)
-    seed = check_int("seed", seed, 0)
-    guidance_scale = check_number("guidance_scale", guidance_scale, 0, 100)
+    requests = ImageRequests(class_name, num_samples, seed)
     dev = resolve_device(device)
     dtype = resolve_precision(amp, dev, "inference").dtype
     loaded = model if isinstance(model, LoadedModel) else load_model(model, "image_diffusion", device=dev, dtype=dtype)
-    meta = loaded.meta
-    sampling = SamplingSettings(meta, sampler, steps, None)  # None: the model's own (meta["sampling"])
-    if class_name is None and guidance_scale != 1.0:
-        raise InputError("guidance_scale needs a class (class_name) to guide towards")
-    labels = class_labels([class_name], meta.get("classes") or [])
-    out = check_output_dir(output_dir)
-    denoiser = build_image_denoiser(loaded.network, meta, guidance_scale=guidance_scale, amp_dtype=dtype)
-    shape, spacing = meta["image"]["shape"], meta["image"]["spacing"]
-    seeds = list(range(seed, seed + num_samples))
-    images, paths = [], []
-    for first in tqdm(range(0, num_samples, batch_size), desc=f"generating {num_samples} image(s)",
-                      disable=not progress):
-        batch = seeds[first:first + batch_size]
-        start = time.perf_counter()
-        noise = initial_noise(batch, [1, *shape], dev)
-        cond = {"class_labels": labels.expand(len(batch)).to(dev)} if meta.get("classes") else None
-        with torch.no_grad():  # the generator: stochastic samplers draw reproducibly per batch
-            x = sample(denoiser, noise, sampling.schedule, sampler=sampling.sampler, steps=sampling.steps,
-                       spacing=sampling.spacing, cond=cond, generator=batch[0])
-        seconds = (time.perf_counter() - start) / len(batch)
-        for s, image in zip(batch, from_model_range(x[:, 0].float()).clamp(0, 1).cpu().numpy()):
-            stem = out / f"sample_seed{s}"
-            paths.append(save_image_nifti(image, spacing, stem.with_suffix(".nii.gz")))
-            save_image_png(image, stem.with_suffix(".png"))
-            save_json({"file": paths[-1].name, "seed": s, "class": class_name, "guidance_scale": guidance_scale,
-                       **sampling.settings, "model": loaded.provenance(),
-                       "image": {"shape": list(shape), "spacing": list(spacing), "range": [0, 1]},
-                       "seconds_per_image": round(seconds, 3), "device": str(dev)}, stem.with_suffix(".json"))
-            images.append(image)
-    save_image_png(np.stack(images), out / "samples.png")
-    return paths
+    inferer = ImageDiffusionInferer(loaded.meta, sampler, steps, guidance_scale)
+    return ImageGenerationEvaluator(loaded.network, inferer, requests, output_dir, model=loaded,
+                                    batch_size=batch_size, progress=progress).run()

@@ -19,20 +19,18 @@ import torch
 
 from meddiff3d.checks import check_memory, check_output_dir, check_sizes
 from meddiff3d.data.datalist import load_datalist, read_datalist
-from meddiff3d.data.images2d import read_image_2d, resample
-from meddiff3d.diffusion import DiffusionObjective, initial_noise, sample, schedule_from_dict
+from meddiff3d.diffusion import initial_noise, sample, schedule_from_dict
 from meddiff3d.engine import build_network, seed_everything, train
 from meddiff3d.engine.recipes import publish_inference, trainer_settings, training_summary
 from meddiff3d.errors import InputError
-from meddiff3d.models.image_diffusion import (build_image_denoiser, class_labels, from_model_range,
-                                              image_diffusion_meta, image_unet_spec, to_model_range, window)
+from meddiff3d.models.image_diffusion import (build_image_denoiser, class_labels, datalist_classes,
+                                              from_model_range, image_diffusion_meta, image_unet_spec, model_input)
 from meddiff3d.models.ldm import sampling_meta
 from meddiff3d.pipelines.preflight import output_file
+from meddiff3d.pipelines.training_components import image_diffusion_objective
 
-__all__ = ["ImageSet", "load_image_set", "train_image_diffusion", "IMAGE_SCHEDULE", "TRAINER_DEFAULTS"]
+__all__ = ["ImageSet", "load_image_set", "train_image_diffusion", "TRAINER_DEFAULTS"]
 
-#: the default schedule of image diffusion: cosine VP (Nichol & Dhariwal 2021), T = 1000
-IMAGE_SCHEDULE = {"schedule": "cosine", "num_train_timesteps": 1000}
 TRAINER_DEFAULTS = {"batch_size": 16, "max_iterations": 20_000, "lr": 2e-4, "ema_decay": 0.999, "amp": "auto",
                     "grad_clip": 1.0, "device": "auto", "seed": 0, "checkpoint_every": 500, "log_every": 10,
                     "progress": True}
@@ -66,11 +64,10 @@ def load_image_set(datalist: Any, shape: Sequence[int], *, section: str = "train
     check_memory(f"{len(items)} images of {shape[0]}x{shape[1]}", len(items) * (shape[0] * shape[1] * 4 + 64))
     images, names, spacing = [], [], None
     for item in items:
-        image = read_image_2d(item["image"])
-        low, high = window(image.array)
-        tensor = to_model_range(torch.from_numpy(image.array)[None, None], low, high)
-        images.append(resample(tensor, shape)[0])
-        spacing = spacing or [s * n / m for s, n, m in zip(image.spacing, image.shape, shape)]
+        stated = item.get("pixel_spacing_mm") or doc.get("pixel_spacing_mm")  # PNG / JPEG hold none
+        image, image_spacing = model_input(item["image"], shape, stated)
+        images.append(image)
+        spacing = spacing or image_spacing
         if classes:
             if item.get("class") is None:
                 raise InputError(f"datalist {datalist}: item {item.get('id')!r} has no 'class' (a class-conditional "
@@ -94,7 +91,7 @@ def preview_sampler(meta: Mapping[str, Any], steps: int = 20):
 
 
 def train_image_diffusion(datalist: Any, run_dir: Any, *, out: Any, shape: Sequence[int] = (64, 64),
-                          classes: Sequence[str] = (), network: str = "tiny_cpu",
+                          classes: Sequence[str] | None = None, network: str = "tiny_cpu",
                           network_overrides: Mapping[str, Any] | None = None,
                           schedule: Mapping[str, Any] | None = None, prediction: str = "v",
                           cond_dropout: float = 0.15, min_snr_gamma: float | None = None, section: str = "training",
@@ -106,7 +103,8 @@ def train_image_diffusion(datalist: Any, run_dir: Any, *, out: Any, shape: Seque
         run_dir: checkpoints, logs, TensorBoard, previews; a checkpoint there is resumed.
         out: where the trained model goes (EMA weights + meta).
         shape: the model's image size ``[H, W]``; images of another size are resampled to it.
-        classes: class names (each item's ``class``), in label order; empty: an unconditional model.
+        classes: class names (each item's ``class``), in label order; empty: an unconditional model; ``None``: the
+            datalist's top-level ``classes`` (:func:`datalist_classes`).
         network: a preset of :data:`~meddiff3d.models.image_diffusion.IMAGE_UNET_PRESETS`; ``network_overrides``
             replace its arguments.
         schedule: the noise schedule's ``to_dict()`` form (default :data:`IMAGE_SCHEDULE`, cosine VP).
@@ -118,12 +116,10 @@ def train_image_diffusion(datalist: Any, run_dir: Any, *, out: Any, shape: Seque
     start = time.perf_counter()
     settings = trainer_settings(TRAINER_DEFAULTS, trainer, "image diffusion training")
     run_dir, out = check_output_dir(run_dir, "run_dir"), output_file(out, "out")  # before any compute
-    schedule_obj = schedule_from_dict(dict(schedule or IMAGE_SCHEDULE))
-    classes = [str(c) for c in classes]
-    null = {"class_labels": class_labels([None], classes)} if classes else None
-    objective = DiffusionObjective(schedule_obj, prediction, min_snr_gamma=min_snr_gamma,
-                                   cond_dropout=cond_dropout if classes else 0.0, null_cond=null,
-                                   keyword_keys=("class_labels",))
+    classes = datalist_classes(datalist, classes)
+    objective = image_diffusion_objective(schedule=schedule, prediction=prediction, classes=classes,
+                                          cond_dropout=cond_dropout, min_snr_gamma=min_snr_gamma)
+    schedule_obj = objective.schedule
     spec = image_unet_spec(1, classes, network, **dict(network_overrides or {}))  # checked before reading
     sampling = sampling_meta(sampling) if sampling else None
     image_set = load_image_set(datalist, shape, section=section, classes=classes)

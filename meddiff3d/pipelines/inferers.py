@@ -9,6 +9,9 @@ type, conditioning) and its sampling settings, and called as ``inferer(inputs, n
         (noise, network, autoencoder_model, conditioning)  -> images   (the latent U-Net, then codec.decode)
     DiffusionSegmentationInferer(meta, num_samples, sampler, steps, seed, batch_size, roi_size, overlap, sw_batch_size)
         (image, network)                                  -> N sampled masks (the ensemble)
+    ImageDiffusionInferer(meta, sampler, steps, guidance_scale, spacing)
+        (noise, network, class_labels)                    -> images in the model range (pixel space, 2D)
+        .posterior(noise, network, operator, y, ...)      -> posterior samples given a measurement y = A x + noise
 
 Precision follows the network: a network readied for autocast
 (:func:`~meddiff3d.engine.precision.prepare_for_inference`, weights stored in bf16 / fp16) runs under autocast to that
@@ -25,14 +28,16 @@ import torch
 from monai.inferers import Inferer
 
 from meddiff3d.checks import check_choice, check_int, check_number, check_sizes
-from meddiff3d.diffusion import SAMPLERS, default_spacing, initial_noise, make_denoiser, sample, sampling_timesteps
+from meddiff3d.diffusion import (SAMPLERS, DataConsistency, default_spacing, initial_noise, make_denoiser, sample,
+                                 sampling_timesteps)
 from meddiff3d.diffusion import schedule_from_dict
 from meddiff3d.engine.precision import AUTOCAST_LOW_PRECISION_LAYERS, Autocast
+from meddiff3d.models.image_diffusion import build_image_denoiser
 from meddiff3d.models.ldm import build_denoiser, model_conditioning
 from meddiff3d.models.segdiff import check_volume_shape, conditioned_network
 
 __all__ = ["DEFAULT_SAMPLING", "model_sampling", "SamplingSettings", "autocast_dtype", "ClampedDenoiser",
-           "sample_masks", "LatentDiffusionInferer", "DiffusionSegmentationInferer"]
+           "sample_masks", "LatentDiffusionInferer", "DiffusionSegmentationInferer", "ImageDiffusionInferer"]
 
 
 def autocast_dtype(network: torch.nn.Module) -> torch.dtype | None:
@@ -221,3 +226,58 @@ class DiffusionSegmentationInferer(Inferer, SamplingSettings):
         return sample_masks(self.denoiser(network), inputs, self.meta, num_samples=self.num_samples,
                             sampler=self.sampler, steps=self.steps, spacing=self.spacing, seed=self.seed,
                             batch_size=self.batch_size, callback=callback)
+
+
+class ImageDiffusionInferer(Inferer, SamplingSettings):
+    """Images from noise with a pixel-space image diffusion network (:mod:`meddiff3d.models.image_diffusion`); with
+    a measurement, posterior samples (:meth:`posterior`).
+
+    Args:
+        meta: the image diffusion model file's meta (schedule, prediction, classes, image size).
+        sampler, steps, spacing: as :class:`LatentDiffusionInferer` (``None``: the model's own sampling).
+        guidance_scale: classifier-free guidance towards the requested class (1: the conditional model); needs a
+            class-conditional model.
+    """
+
+    def __init__(self, meta: Mapping[str, Any], sampler: str | None = None, steps: int | None = None,
+                 guidance_scale: float = 1.0, spacing: str | None = None) -> None:
+        Inferer.__init__(self)
+        SamplingSettings.__init__(self, meta, sampler, steps, spacing)
+        self.guidance_scale = check_number("guidance_scale", guidance_scale, 0.0, 100.0)
+        build_image_denoiser(torch.nn.Identity(), meta, guidance_scale=self.guidance_scale)  # checks guidance
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings, "guidance_scale": self.guidance_scale}
+
+    def denoiser(self, network: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        """The network as the samplers' denoiser (:func:`~meddiff3d.models.image_diffusion.build_image_denoiser`)."""
+        return build_image_denoiser(network, self.meta, guidance_scale=self.guidance_scale,
+                                    amp_dtype=autocast_dtype(network))
+
+    def initial_noise(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+        """One image-shaped standard-normal tensor per seed (:func:`meddiff3d.diffusion.initial_noise`)."""
+        return initial_noise(seeds, [1, *self.meta["image"]["shape"]], device)
+
+    def _sample(self, denoiser: Callable[..., torch.Tensor], noise: torch.Tensor,
+                class_labels: torch.Tensor | None, generator: int | None, callback: Callable | None) -> torch.Tensor:
+        cond = None if class_labels is None else {"class_labels": class_labels.to(noise.device)}
+        with torch.no_grad():
+            return sample(denoiser, noise, self.schedule, sampler=self.sampler, steps=self.steps,
+                          spacing=self.spacing, cond=cond, generator=generator, callback=callback)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable,  # type: ignore[override]
+                 class_labels: torch.Tensor | None = None, *, generator: int | None = None,
+                 callback: Callable | None = None, **kwargs: Any) -> torch.Tensor:
+        """``inputs``: initial noise ``(B, 1, H, W)``; ``class_labels`` ``(B,)`` (a class-conditional model); returns
+        images in the model range."""
+        return self._sample(self.denoiser(network), inputs, class_labels, generator, callback)
+
+    def posterior(self, inputs: torch.Tensor, network: Callable, operator: Any, y: torch.Tensor, *,
+                  noise_std: float = 0.0, prior_variance: float = 0.35, class_labels: torch.Tensor | None = None,
+                  generator: int | None = None, callback: Callable | None = None) -> torch.Tensor:
+        """Samples of ``x`` given ``y = operator(x) + N(0, noise_std^2)``, ``y`` in the model range
+        (:class:`~meddiff3d.diffusion.DataConsistency` around the denoiser); ``inputs``: initial noise."""
+        posterior = DataConsistency(self.denoiser(network), operator, y, self.schedule, noise_std=noise_std,
+                                    prior_variance=prior_variance)
+        return self._sample(posterior, inputs, class_labels, generator, callback)

@@ -1,7 +1,8 @@
 """Solving ``y = A(x) + noise`` for an image: with an image diffusion prior, and the classical baselines beside it.
 
-* :func:`diffusion_reconstruction` -- posterior sampling with a trained image diffusion model
-  (:class:`~meddiff3d.diffusion.DataConsistency` around its denoiser). The measurement is mapped into the model's
+* :func:`diffusion_reconstruction` -- posterior sampling with a trained image diffusion model (its network and
+  :class:`~meddiff3d.pipelines.inferers.ImageDiffusionInferer`: :class:`~meddiff3d.diffusion.DataConsistency` around
+  its denoiser). The measurement is mapped into the model's
   intensity range by an affine window ``(low, high)`` (``A`` is linear: ``A(s x + c) = s A(x) + c A(1)``), by default
   the percentile window of the pseudo-inverse image ``A^+ y``; ``num_samples > 1`` averages posterior samples (the
   posterior mean, the MMSE estimate) and returns their per-pixel standard deviation.
@@ -28,11 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from meddiff3d.checks import check_int, check_number
-from meddiff3d.diffusion import DataConsistency, KSpaceSampling, ifft2c, initial_noise, sample
+from meddiff3d.diffusion import KSpaceSampling, ifft2c
 from meddiff3d.errors import InputError
-from meddiff3d.models.image_diffusion import (MODEL_RANGE, build_image_denoiser, class_labels, from_model_range,
-                                              to_model_range, window)
-from meddiff3d.pipelines.inferers import SamplingSettings
+from meddiff3d.models.image_diffusion import MODEL_RANGE, class_labels, from_model_range, to_model_range, window
+from meddiff3d.pipelines.inferers import ImageDiffusionInferer
 
 __all__ = ["zero_filled", "tv_reconstruction", "interpolate", "diffusion_reconstruction", "nmse", "INTERPOLATIONS"]
 
@@ -114,26 +114,27 @@ def nmse(x_hat: torch.Tensor, x: torch.Tensor) -> float:
     return float((x_hat.double() - x.double()).square().sum() / x.double().square().sum())
 
 
-def diffusion_reconstruction(model: Any, operator: Any, y: torch.Tensor, *, window_: tuple[float, float] | None = None,
-                             noise_std: float = 0.0, num_samples: int = 1, sampler: str | None = None,
-                             steps: int | None = None, seed: int = 0, class_name: str | None = None,
-                             prior_variance: float = 0.35, amp_dtype: torch.dtype | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def diffusion_reconstruction(network: torch.nn.Module, inferer: ImageDiffusionInferer, operator: Any, y: torch.Tensor,
+                             *, window_: tuple[float, float] | None = None, noise_std: float = 0.0,
+                             num_samples: int = 1, seed: int = 0, class_name: str | None = None,
+                             prior_variance: float = 0.35) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(estimate, per-pixel standard deviation or None)`` of the image behind one measurement ``y`` (a batch of
     1), in ``y``'s intensity units (module docstring).
 
     Args:
-        model: a loaded image diffusion model (:func:`~meddiff3d.models.loading.load_model` ``"image_diffusion"``).
+        network: the image diffusion model's network (on its device; readied for autocast or float32).
+        inferer: its :class:`~meddiff3d.pipelines.inferers.ImageDiffusionInferer` (meta, sampler, steps, guidance).
         window_: the intensities mapped to the model's [-1, 1]; default: the
             :func:`~meddiff3d.models.image_diffusion.window` of ``A^+ y``.
         noise_std: the measurement noise, in ``y``'s units (0: data consistency is exact, and the estimate is
             projected onto ``A x = y`` once more at the end: UniPC's last corrector step moves off it).
-        sampler, steps: ``None``: the model's own (its meta's ``sampling``).
+        num_samples: posterior samples averaged (sample ``i`` from noise seeded ``seed + i``).
         prior_variance: the variance per pixel of the model's training images in its range (about 0.35 for
             windowed MRI slices: only the balance with measurement noise depends on it).
     """
     num_samples = check_int("num_samples", num_samples, 1, 1000)
-    meta = model.meta
+    noise_std = check_number("noise_std", noise_std, 0)
+    meta = inferer.meta
     y = y.to(torch.complex64 if y.is_complex() else torch.float32)
     pseudo = operator.back_project(y, 0.0, 1.0)  # A^+ y
     if list(pseudo.shape[2:]) != list(meta["image"]["shape"]):
@@ -142,20 +143,14 @@ def diffusion_reconstruction(model: Any, operator: Any, y: torch.Tensor, *, wind
     low, high = window_ or window(pseudo)
     if not (math.isfinite(low) and math.isfinite(high) and high > low):
         raise InputError(f"intensity window must be two finite numbers low < high, got {window_}")
-    sampling = SamplingSettings(meta, sampler, steps, None)
     scale = (MODEL_RANGE[1] - MODEL_RANGE[0]) / (high - low)
     offset = to_model_range(torch.zeros_like(pseudo), low, high)
     y_model = scale * y + operator.forward(offset)  # A(s x + c) = s A(x) + A(c)
-    denoiser = build_image_denoiser(model.network, meta, amp_dtype=amp_dtype)
-    posterior = DataConsistency(denoiser, operator, y_model, sampling.schedule, noise_std=noise_std * scale,
-                                prior_variance=prior_variance)
-    device = next(model.network.parameters()).device
-    noise = initial_noise(list(range(seed, seed + num_samples)), [1, *meta["image"]["shape"]], device)
-    cond = ({"class_labels": class_labels([class_name] * num_samples, meta["classes"]).to(device)}
-            if meta.get("classes") else None)
-    with torch.no_grad():
-        x = sample(posterior, noise, sampling.schedule, sampler=sampling.sampler, steps=sampling.steps,
-                   spacing=sampling.spacing, cond=cond, generator=seed)
+    device = next(network.parameters()).device
+    noise = inferer.initial_noise(list(range(seed, seed + num_samples)), device)
+    labels = class_labels([class_name] * num_samples, meta["classes"]) if meta.get("classes") else None
+    x = inferer.posterior(noise, network, operator, y_model, noise_std=noise_std * scale,
+                          prior_variance=prior_variance, class_labels=labels, generator=seed)
     x = from_model_range(x.float(), low, high).to(pseudo.device)
     if noise_std == 0:
         x = x + operator.back_project(y - operator.forward(x), 0.0, 1.0)

@@ -26,23 +26,27 @@ Inputs (``task``):
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from meddiff3d.checks import check_choice, check_int, check_output_dir, safe_name
+from meddiff3d.checks import check_choice, check_int, check_number, check_output_dir, safe_name
 from meddiff3d.data.images2d import read_image_2d
 from meddiff3d.diffusion import Downsample, KSpaceSampling, cartesian_mask
+from meddiff3d.engine.precision import resolve_device, resolve_precision
 from meddiff3d.engine.reconstruction_metrics import reconstruction_scores
 from meddiff3d.errors import InputError
+from meddiff3d.models.image_diffusion import class_labels
 from meddiff3d.models.loading import LoadedModel, load_model
+from meddiff3d.pipelines.inferers import ImageDiffusionInferer
 from meddiff3d.pipelines.inverse_problems import diffusion_reconstruction, interpolate, nmse, zero_filled
 from meddiff3d.utils.io import save_image_nifti, save_image_png, save_json
 
-__all__ = ["TASKS", "reconstruct", "read_measurement"]
+__all__ = ["TASKS", "reconstruct", "read_measurement", "ReconstructionInputs", "ReconstructionEvaluator"]
 
 TASKS = ("kspace", "super_resolution")
 
@@ -102,38 +106,99 @@ def read_measurement(path: Path, task: str, shape: Sequence[int], *, mask: Path 
                      f"divided by --factor {factor}")
 
 
-def reconstruct(model: Any, inputs: Sequence[Any], output_dir: Any, *, task: str = "kspace",
-                mask: Any = None, acceleration: float = 4, center_fraction: float = 0.08, mask_kind: str = "random",
-                factor: int = 2, num_samples: int = 4, sampler: str | None = None, steps: int | None = None,
-                seed: int = 0,
-                noise_std: float = 0.0, class_name: str | None = None) -> list[Path]:
-    """Reconstruct every input (module docstring); returns the ``_recon.nii.gz`` paths."""
-    task = check_choice("task", task, TASKS)
-    factor = check_int("factor", factor, 2, 16)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, "image_diffusion")
-    shape = loaded.meta["image"]["shape"]
-    paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
-    if not paths:
-        raise InputError("no inputs given")
-    ids = [safe_name("input name", p.name.split(".")[0]) for p in paths]
-    if len(set(ids)) != len(ids):
-        raise InputError(f"inputs share a name: {ids}")
-    measurements = [read_measurement(p, task, shape, mask=None if mask is None else Path(mask),
-                                     acceleration=acceleration, center_fraction=center_fraction, mask_kind=mask_kind,
-                                     factor=factor, seed=seed + i) for i, p in enumerate(paths)]
-    out = check_output_dir(output_dir)
-    written = []
-    for case, source, m in zip(ids, paths, measurements):
-        start = time.perf_counter()
-        estimate, spread = diffusion_reconstruction(loaded, m["operator"], m["y"], num_samples=num_samples,
-                                                    sampler=sampler, steps=steps, seed=seed, noise_std=noise_std,
-                                                    class_name=class_name)
-        seconds = time.perf_counter() - start
+class ReconstructionInputs(torch.utils.data.Dataset):
+    """A reconstruction's inputs: items ``{"id", "path"}`` from a 2D datalist's ``section`` (``None``: the test
+    section) or from files (k-space ``.npy`` or 2D images, the id from the file name), checked on first use."""
+
+    def __init__(self, inputs: Any, section: str | None = None) -> None:
+        self.inputs, self.section = inputs, section
+        self._items: list[dict[str, Any]] | None = None
+
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        if self._items is None:
+            self._items = self._read()
+        return self._items
+
+    def _read(self) -> list[dict[str, Any]]:
+        inputs = self.inputs
+        if isinstance(inputs, (str, Path)) and str(inputs).lower().endswith(".json"):
+            from meddiff3d.data.datalist import load_datalist
+
+            items = load_datalist(inputs, self.section or "test", modalities=1, check_images="header")
+            found = [{"id": safe_name("datalist id", str(it.get("id") or Path(it["image"]).name.split(".")[0])),
+                      "path": Path(it["image"])} for it in items]
+        else:
+            if self.section is not None:
+                raise InputError(f"section {self.section!r} goes with a datalist input; the inputs are files")
+            paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else list(inputs or []))]
+            found = [{"id": safe_name("input name", p.name.split(".")[0]), "path": p} for p in paths]
+        if not found:
+            raise InputError("no inputs given (a 2D datalist JSON, or k-space .npy / 2D image files)")
+        ids = [f["id"] for f in found]
+        if len(set(ids)) != len(ids):
+            raise InputError(f"inputs share a name: {sorted({i for i in ids if ids.count(i) > 1})}")
+        for item in found:
+            if not item["path"].is_file():
+                raise InputError(f"{item['path']}: no such input file")
+        return found
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+class ReconstructionEvaluator:
+    """A bundle's reconstruction ``evaluator``: ``run()`` reads every input of ``dataset``
+    (:class:`ReconstructionInputs`) as a measurement of ``task`` (:func:`read_measurement`), then solves each with
+    :func:`~meddiff3d.pipelines.inverse_problems.diffusion_reconstruction` (``network`` and its
+    :class:`~meddiff3d.pipelines.inferers.ImageDiffusionInferer`) and writes the files of the module docstring;
+    returns the ``_recon.nii.gz`` paths. Input ``i``'s simulated mask and its posterior samples are seeded with
+    ``seed + i`` and ``seed``."""
+
+    def __init__(self, network: torch.nn.Module, inferer: ImageDiffusionInferer, dataset: Sequence[Mapping[str, Any]],
+                 output_dir: Any, *, task: str = "kspace", mask: Any = None, acceleration: float = 4,
+                 center_fraction: float = 0.08, mask_kind: str = "random", factor: int = 2, num_samples: int = 4,
+                 noise_std: float = 0.0, class_name: str | None = None, seed: int = 0,
+                 model: LoadedModel | None = None) -> None:
+        self.network, self.inferer, self.dataset, self.output_dir, self.model = (network, inferer, dataset,
+                                                                                 output_dir, model)
+        self.task = check_choice("task", task, TASKS)
+        self.factor = check_int("factor", factor, 2, 16)
+        self.num_samples = check_int("num_samples", num_samples, 1, 1000)
+        self.noise_std = check_number("noise_std", noise_std, 0)
+        self.seed = check_int("seed", seed, 0)
+        self.mask = None if mask is None else Path(mask)
+        self.simulation = {"acceleration": acceleration, "center_fraction": center_fraction, "mask_kind": mask_kind}
+        self.class_name = class_name
+
+    def run(self) -> list[Path]:
+        meta = self.inferer.meta
+        class_labels([self.class_name], meta.get("classes") or [])  # a known class (or none)
+        items = [self.dataset[i] for i in range(len(self.dataset))]
+        measurements = [read_measurement(Path(it["path"]), self.task, meta["image"]["shape"], mask=self.mask,
+                                         factor=self.factor, seed=self.seed + i, **self.simulation)
+                        for i, it in enumerate(items)]
+        out = check_output_dir(self.output_dir)
+        written = []
+        for item, m in zip(tqdm(items, desc=f"reconstructing {len(items)} input(s)", unit="input"), measurements):
+            start = time.perf_counter()
+            estimate, spread = diffusion_reconstruction(self.network, self.inferer, m["operator"], m["y"],
+                                                        num_samples=self.num_samples, seed=self.seed,
+                                                        noise_std=self.noise_std, class_name=self.class_name)
+            seconds = time.perf_counter() - start
+            written.append(self._write(out, item, m, estimate.cpu(), spread, seconds))
+        return written
+
+    def _write(self, out: Path, item: Mapping[str, Any], m: Mapping[str, Any], estimate: torch.Tensor,
+               spread: torch.Tensor | None, seconds: float) -> Path:
+        case, task, factor = item["id"], self.task, self.factor
         baseline = (zero_filled(m["operator"], m["y"]) if task == "kspace" else
-                    interpolate(m["y"], (factor, factor), "bicubic"))
+                    interpolate(m["y"], (factor, factor), "bicubic")).cpu()
         spacing = m["spacing"]
-        estimate, baseline = estimate.cpu(), baseline.cpu()
-        written.append(save_image_nifti(estimate[0, 0].numpy(), spacing, out / f"{case}_recon.nii.gz"))
+        path = save_image_nifti(estimate[0, 0].numpy(), spacing, out / f"{case}_recon.nii.gz")
         save_image_nifti(baseline[0, 0].numpy(), spacing, out / f"{case}_baseline.nii.gz")
         if spread is not None:
             save_image_nifti(spread[0, 0].cpu().numpy(), spacing, out / f"{case}_std.nii.gz")
@@ -143,8 +208,9 @@ def reconstruct(model: Any, inputs: Sequence[Any], output_dir: Any, *, task: str
             torch.tensor([0.005, 0.995])))
         save_image_png(np.stack([((v[0, 0] - low) / max(high - low, 1e-8)).numpy() for v in views]),
                        out / f"{case}_recon.png", columns=len(views))
-        record = {"input": str(source), "task": task, "num_samples": num_samples, "sampler": sampler, "steps": steps,
-                  "seed": seed, "noise_std": noise_std, "class": class_name, "model": loaded.provenance(),
+        record = {"input": str(item["path"]), "task": task, "num_samples": self.num_samples, **self.inferer.settings,
+                  "seed": self.seed, "noise_std": self.noise_std, "class": self.class_name,
+                  "model": self.model.provenance() if self.model is not None else None,
                   "seconds": round(seconds, 3), "baseline_method": "zero_filled" if task == "kspace" else "bicubic"}
         record.update({"mask": m["mask"], "simulated_mask": m.get("simulated")} if task == "kspace" else
                       {"factor": factor, "simulated_low_resolution": reference is not None})
@@ -154,4 +220,24 @@ def reconstruct(model: Any, inputs: Sequence[Any], output_dir: Any, *, task: str
                 scores = reconstruction_scores(((value - low) / span).clamp(0, 1), (reference - low) / span)
                 record[name] = {"psnr": scores["psnr"], "ssim": scores["ssim"], "nmse": nmse(value, reference)}
         save_json(record, out / f"{case}.json")
-    return written
+        return path
+
+
+def reconstruct(model: Any, inputs: Any, output_dir: Any, *, task: str = "kspace", section: str | None = None,
+                mask: Any = None, acceleration: float = 4, center_fraction: float = 0.08, mask_kind: str = "random",
+                factor: int = 2, num_samples: int = 4, sampler: str | None = None, steps: int | None = None,
+                seed: int = 0, noise_std: float = 0.0, class_name: str | None = None, device: str = "auto",
+                amp: str = "auto") -> list[Path]:
+    """Reconstruct every input (module docstring; ``inputs``: files, or a 2D datalist and its ``section``); returns
+    the ``_recon.nii.gz`` paths. Built from the bundle's components (:class:`ReconstructionInputs`,
+    :class:`~meddiff3d.pipelines.inferers.ImageDiffusionInferer`, :class:`ReconstructionEvaluator`)."""
+    dev = resolve_device(device)
+    dtype = resolve_precision(amp, dev, "inference").dtype
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, "image_diffusion", device=dev, dtype=dtype)
+    inferer = ImageDiffusionInferer(loaded.meta, sampler, steps)
+    evaluator = ReconstructionEvaluator(loaded.network, inferer, ReconstructionInputs(inputs, section), output_dir,
+                                        task=task, mask=mask, acceleration=acceleration,
+                                        center_fraction=center_fraction, mask_kind=mask_kind, factor=factor,
+                                        num_samples=num_samples, noise_std=noise_std, class_name=class_name,
+                                        seed=seed, model=loaded)
+    return evaluator.run()

@@ -12,11 +12,13 @@ that recipe trains on and with, built from the same config keys:
                            (read on first use, not when the config is parsed)
 ``train#inferer``          the recipe's training objective: :func:`latent_diffusion_objective`,
                            :func:`latent_distillation_objective`, :func:`segmentation_objective`,
+                           :func:`image_diffusion_objective`,
                            ``meddiff3d.models.autoencoder.AutoencoderObjective``
 ``train#trainer``          :class:`RecipeTrainer`: the recipe's step budget; ``max_epochs`` (MONAI's unit) becomes the
                            ``max_iterations`` that ``run`` reads (``$@train#trainer.max_iterations``)
 ``network_def``            the untrained network the recipe builds from the same settings (:func:`autoencoder_network`,
-                           :func:`latent_diffusion_network`, :func:`segmentation_network`); parsed only when asked for
+                           :func:`latent_diffusion_network`, :func:`segmentation_network`,
+                           :func:`image_diffusion_network`); parsed only when asked for
 =========================  ==========================================================================================
 """
 
@@ -32,11 +34,13 @@ from meddiff3d.diffusion import CoordinateChannels, DiffusionObjective, schedule
 from meddiff3d.engine.checkpoint import build_network
 from meddiff3d.errors import InputError
 from meddiff3d.models.autoencoder import autoencoder_spec
+from meddiff3d.models.image_diffusion import IMAGE_SCHEDULE, class_labels, datalist_classes, image_unet_spec
 from meddiff3d.models.ldm import ANCHOR_SCHEDULE, coordinate_wrapper, null_condition
 from meddiff3d.models.segdiff import SEGDIFF_SCHEDULE, segdiff_unet_spec
 
 __all__ = ["RecipeTrainer", "latent_diffusion_objective", "latent_distillation_objective", "segmentation_objective",
-           "autoencoder_network", "latent_diffusion_network", "segmentation_network"]
+           "autoencoder_network", "latent_diffusion_network", "segmentation_network",
+           "NullClass", "image_diffusion_objective", "image_diffusion_network"]
 
 
 class RecipeTrainer:
@@ -112,6 +116,40 @@ def segmentation_objective(*, shape: Sequence[int], schedule: Mapping[str, Any] 
     return SegmentationObjective(meta)
 
 
+class NullClass(Mapping):
+    """``{"class_labels": the null label}`` of ``classes`` (``None``: the ``datalist`` 's own), read on first use
+    (so a config can build the objective before its data exist)."""
+
+    def __init__(self, classes: Sequence[str] | None = None, datalist: Any = None) -> None:
+        self.classes, self.datalist = classes, datalist
+
+    def _value(self) -> dict[str, torch.Tensor]:
+        names = datalist_classes(self.datalist, self.classes) if self.classes is None else self.classes
+        return {"class_labels": class_labels([None], [str(c) for c in names])}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._value()[key]
+
+    def __iter__(self):
+        return iter(("class_labels",))
+
+    def __len__(self) -> int:
+        return 1
+
+
+def image_diffusion_objective(*, schedule: Mapping[str, Any] | None = None, prediction: str = "v",
+                              classes: Sequence[str] | None = None, cond_dropout: float = 0.15,
+                              min_snr_gamma: float | None = None, datalist: Any = None) -> DiffusionObjective:
+    """The objective of :func:`meddiff3d.pipelines.image_training.train_image_diffusion`: the noise ``schedule``
+    (default: cosine VP), ``prediction``, Min-SNR weighting and conditioning dropout to the null class of
+    ``classes`` (:class:`NullClass`; the class label reaches the network as its ``class_labels`` keyword; batches
+    without labels, an unconditional model's, drop nothing). ``classes=[]``: no dropout."""
+    unconditional = classes is not None and not list(classes)
+    return DiffusionObjective(schedule_from_dict(dict(schedule or IMAGE_SCHEDULE)), prediction,
+                              min_snr_gamma=min_snr_gamma, cond_dropout=0.0 if unconditional else cond_dropout,
+                              null_cond=NullClass(classes, datalist), keyword_keys=("class_labels",))
+
+
 # ------------------------------------------------------------------------------------------------ network_def
 def autoencoder_network(*, kind: str = "kl", preset: str = "tiny",
                         network: Mapping[str, Any] | None = None) -> torch.nn.Module:
@@ -141,3 +179,11 @@ def segmentation_network(*, shape: Sequence[int], network: str = "tiny_cpu",
     """The U-Net :func:`~meddiff3d.pipelines.seg_training.train_segmentation_diffusion` trains (coordinates span
     ``shape``)."""
     return build_network(segdiff_unet_spec(network, coordinates=CoordinateChannels(shape), **dict(overrides or {})))
+
+
+def image_diffusion_network(*, datalist: Any = None, classes: Sequence[str] | None = None, network: str = "tiny_cpu",
+                            overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """The U-Net :func:`~meddiff3d.pipelines.image_training.train_image_diffusion` trains (one channel; a class
+    embedding with ``classes``, by default the ``datalist`` 's own)."""
+    names = datalist_classes(datalist, classes) if datalist is not None else [str(c) for c in classes or ()]
+    return build_network(image_unet_spec(1, names, network, **dict(overrides or {})))
