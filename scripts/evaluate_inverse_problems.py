@@ -44,7 +44,7 @@ from meddiff3d.pipelines.inverse_problems import (diffusion_reconstruction, inte
 from meddiff3d.utils.io import save_image_png, save_json
 
 CENTRE_FRACTION = {4: 0.08, 8: 0.04}
-TV_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+TV_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 BRAIN = 0.02
 
 
@@ -86,7 +86,8 @@ def methods(name: str, value: int, op, norm: float, y: torch.Tensor, lam: float,
             out[method] = timed(lambda m=method: interpolate(y, (value, value), m))
     out["tv"] = timed(lambda: tv_reconstruction(op, y, lam, iterations=args.tv_iterations, operator_norm=norm))
     out["diffusion"] = timed(lambda: diffusion_reconstruction(model.network, inferer, op, y,
-                                                              num_samples=args.samples, seed=args.seed)[0])
+                                                              num_samples=args.samples, seed=args.seed,
+                                                              nonnegative=name.startswith("kspace"))[0])
     return out
 
 

@@ -1,4 +1,4 @@
-"""The MONAI standard components of the three bundles' inference configs: ConfigWorkflow's infer properties,
+"""The MONAI standard components of the four bundles' inference configs: ConfigWorkflow's infer properties,
 ``network_def`` with the shipped weights, each ``configs/inference.yaml`` run alone, the components equal to the
 pipeline, and the sub-networks TorchScript can hold (decoder, segmentation denoiser)."""
 

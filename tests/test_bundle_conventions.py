@@ -1,4 +1,4 @@
-"""The three bundles as MONAI's tooling sees them: model-zoo's verify_bundle checks (min, and full with the exemptions
+"""The four bundles as MONAI's tooling sees them: model-zoo's verify_bundle checks (min, and full with the exemptions
 model-zoo grants generative bundles), training configs as MONAI training workflows, self-contained folders whose
 shared fragments equal their source in configs/, and demo presets that reproduce the shipped weights' recipe.
 
@@ -137,6 +137,31 @@ def test_eval_metrics_are_the_recorded_figures():
         statistics = json.loads(sweep.read_text())["statistics"]
         assert metrics[f"sweep_{short}_slope"] == round(statistics["slope"], 3)
         assert metrics[f"sweep_{short}_r"] == round(statistics["r"], 3)
+
+
+def test_image_bundle_eval_metrics_are_its_recorded_figures():
+    """medical_2d_ddpm's eval_metrics quote its evaluation records (the model card's tables), made with the shipped
+    weights and their own sampling, not retyped numbers."""
+    import hashlib
+
+    metrics = metadata("medical_2d_ddpm")["eval_metrics"]
+    models = ROOT / "bundles/medical_2d_ddpm/models"
+    record = json.loads((models / "evaluation" / "inverse_problems.json").read_text())
+    quoted = {k: re.fullmatch(r"(kspace_\dx|sr_\dx)_(\w+?)_(psnr_db|ssim)", k) for k in metrics}
+    quoted = {k: m for k, m in quoted.items() if m}
+    assert len(quoted) == 20
+    for key, match in quoted.items():
+        setting, method, metric = match.groups()
+        value = record["table"][setting]["methods"][method][metric.removesuffix("_db")]
+        assert metrics[key] == round(value, 2 if metric == "psnr_db" else 3), key
+    generation = json.loads((models / "evaluation" / "generation.json").read_text())
+    assert metrics["class_fidelity_generated"] == generation["class_fidelity"]["generated_accuracy_mean"]
+    assert metrics["ms_ssim_within_class_generated"] == generation["diversity_ms_ssim_within_class"]["generated"]
+    assert metrics["seconds_per_image"] == generation["time"]["seconds_per_image"]
+    assert generation["model"]["sha256"] == hashlib.sha256((models / "model.pt").read_bytes()).hexdigest()
+    own = torch.load(models / "model.pt", map_location="cpu", weights_only=True)["meta"]["sampling"]
+    assert (own["sampler"], own["steps"]) == (generation["sampler"], generation["steps"]) == \
+        (record["sampler"], record["steps"])
 
 
 # ------------------------------------------------------------------------------------------------ model-zoo, full
@@ -375,8 +400,9 @@ def assert_objective_is_the_trained_one(objective, meta: dict) -> None:
 # a small cohort on which the demo recipes' patches fit (64^3 for the autoencoder, 48^3 for the segmentation model)
 BRAIN_SMALL = ("--image_shape", "[64,96,64]", "--spacing", "[2.5,2.5,2.5]", "--synthetic_n", "6")
 BRATS_SMALL = ("--image_shape", "[48,64,48]", "--spacing", "[3.5,3.5,3.5]", "--synthetic_n", "6")
-# 6 small subjects (4 mm voxels), 2 slices each; the slices keep the demo's 64x64 (the image size is in IMAGE_KEYS)
-SLICES_SMALL = ("--synthetic_n", "6", "--synthetic_volume_shape", "[40,56,40]", "--slices_per_volume", "2")
+# 6 small subjects (4 mm voxels), 4 slices each (20 training slices: one batch of 16), at the demo's 64x64 (the
+# image size is in IMAGE_KEYS)
+SLICES_SMALL = ("--synthetic_n", "6", "--synthetic_volume_shape", "[40,56,40]", "--slices_per_volume", "4")
 
 
 #: (bundle, README section of the retraining commands, folder of the pair under models/)

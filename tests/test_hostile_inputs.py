@@ -29,7 +29,8 @@ import torch
 from bundle_testing import ROOT
 
 BUNDLES = ROOT / "bundles"
-LDM, SEG, ANOMALY = (BUNDLES / n for n in ("brain_mri_ldm", "brats_mri_segdiff", "brain_mri_anomaly_ldm"))
+LDM, SEG, ANOMALY, IMAGE = (BUNDLES / n for n in ("brain_mri_ldm", "brats_mri_segdiff", "brain_mri_anomaly_ldm",
+                                                   "medical_2d_ddpm"))
 AFFINE_1MM = np.diag([1.0, 1.0, 1.0, 1.0])
 
 
@@ -136,6 +137,28 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (d / "dl_not_json.json").write_text("[1, 2")
     f["dl_not_json"] = d / "dl_not_json.json"
     datalist("dl_t1_escape", [{"id": "../../escaped", "image": str(f["t1"])}], modalities=None)
+    # 2D images and k-space for medical_2d_ddpm (64x64 model)
+    from PIL import Image
+
+    slice_ = (_brain((64, 64, 3))[:, :, 1] * 60000).astype(np.uint16)
+    Image.fromarray(slice_).save(d / "slice.png")
+    f["png"] = d / "slice.png"
+    Image.fromarray(np.stack([slice_ >> 8, np.zeros_like(slice_ >> 8), slice_ >> 9], -1).astype(np.uint8)).save(
+        d / "rgb.png")
+    f["rgb_png"] = d / "rgb.png"
+    Image.fromarray(slice_[:30, :30]).save(d / "small.png")
+    f["small_png"] = d / "small.png"
+    kspace = np.fft.fftshift(np.fft.fft2(slice_ / 60000.0)).astype(np.complex64)
+    for name, array in (("k_real", kspace.real.copy()), ("k_small", kspace[:32, :32].copy()),
+                        ("k_nan", np.where(np.abs(kspace) > 1, np.nan, kspace).astype(np.complex64)),
+                        ("mask_values", np.full(64, 2, np.uint8)), ("k_good", kspace)):
+        np.save(d / f"{name}.npy", array)
+        f[name] = d / f"{name}.npy"
+    np.save(d / "k_pickle.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    f["k_pickle"] = d / "k_pickle.npy"
+    (d / "dl2d_escape.json").write_text(json.dumps({"spatial_dims": 2, "modalities": ["t1"], "test": [
+        {"id": "../escaped", "image": str(f["png"])}]}))
+    f["dl2d_escape"] = d / "dl2d_escape.json"
     f["dir"] = d
     return f
 
@@ -190,6 +213,8 @@ def assert_refused(code: int, stderr: str, expected: str) -> None:
 G = (LDM, ["inference.yaml"])
 S = (SEG, ["inference.yaml"])
 A = (ANOMALY, ["inference.yaml"])
+I = (IMAGE, ["inference.yaml"])
+R = (IMAGE, ["common.yaml", "reconstruct.yaml"])
 #: (case id, (bundle, configs), args(files) -> list, expected text of the error line)
 CASES = [
     # --- generation: settings
@@ -282,6 +307,35 @@ CASES = [
     ("ano-output-is-file", A, lambda f: ["--inputs", repr([str(f["t1"])]), "--output_dir", str(f["a_file"])],
      "a_file"),
     ("ano-unknown-key", A, lambda f: ["--input", repr([str(f["t1"])])], "did you mean"),
+    # --- 2D generation
+    ("img-class-unknown", I, lambda f: ["--class_name", "lateral"], "unknown class 'lateral'"),
+    ("img-guidance-unconditional", I, lambda f: ["--guidance_scale", "2"], "guidance_scale needs a class"),
+    ("img-num-samples-0", I, lambda f: ["--num_samples", "0"],
+     "num_samples must be an integer >= 1 and <= 100000, got 0"),
+    ("img-steps-0", I, lambda f: ["--steps", "0"], "steps must be an integer >= 1, got 0"),
+    ("img-model-is-ldm", I, lambda f: ["--model_path", str(LDM / "models" / "model.pt")], "model.pt"),
+    ("img-model-bomb", I, lambda f: ["--model_path", str(f["bomb"])], "bomb.pt"),
+    ("img-unknown-key", I, lambda f: ["--class", "middle"], "unknown config key --class"),
+    # --- 2D reconstruction (k-space, super-resolution)
+    ("rec-input-missing", R, lambda f: ["--inputs", repr([str(f["dir"] / "none.png")])], "none.png"),
+    ("rec-kspace-real", R, lambda f: ["--inputs", repr([str(f["k_real"])])], "must be a complex"),
+    ("rec-kspace-size", R, lambda f: ["--inputs", repr([str(f["k_small"])])], "k_small.npy"),
+    ("rec-kspace-nan", R, lambda f: ["--inputs", repr([str(f["k_nan"])])], "non-finite"),
+    ("rec-kspace-pickle", R, lambda f: ["--inputs", repr([str(f["k_pickle"])])], "k_pickle.npy: unreadable"),
+    ("rec-mask-values", R, lambda f: ["--inputs", repr([str(f["k_good"])]), "--mask", str(f["mask_values"])],
+     "the mask must be 0/1"),
+    ("rec-mask-with-image", R, lambda f: ["--inputs", repr([str(f["png"])]), "--mask", str(f["mask_values"])],
+     "--mask goes with a k-space"),
+    ("rec-image-rgb", R, lambda f: ["--inputs", repr([str(f["rgb_png"])])], "rgb.png"),
+    ("rec-image-size", R, lambda f: ["--inputs", repr([str(f["small_png"])])], "small.png"),
+    ("rec-good-then-bad", R, lambda f: ["--inputs", repr([str(f["png"]), str(f["k_nan"])])], "k_nan.npy"),
+    ("rec-acceleration", R, lambda f: ["--inputs", repr([str(f["png"])]), "--acceleration", "0.5"], "acceleration"),
+    ("rec-task-unknown", R, lambda f: ["--inputs", repr([str(f["png"])]), "--task", "denoise"], "task"),
+    ("rec-factor", R, lambda f: ["--inputs", repr([str(f["png"])]), "--task", "super_resolution", "--factor", "3"],
+     "--factor 3"),
+    ("rec-id-escapes", R, lambda f: ["--inputs", str(f["dl2d_escape"])], "is not a safe file name"),
+    ("rec-output-is-file", R, lambda f: ["--inputs", repr([str(f["png"])]), "--output_dir", str(f["a_file"])],
+     "a_file"),
 ]
 
 

@@ -58,9 +58,9 @@ MODEL_KINDS = ("codec", "latent_diffusion", "segmentation_diffusion", "seg_basel
 LEGACY_KIND_TAGS = {"latent_diffusion": "latent_diffusion", "segmentation_diffusion": "segmentation_diffusion",
                     "meddiff3d.brats_seg_baseline/1": "seg_baseline"}
 #: how each model kind is named in messages
-KIND_NOUNS = {"codec": "codec", "latent_diffusion": "latent diffusion model",
-              "segmentation_diffusion": "segmentation diffusion model", "seg_baseline": "segmentation baseline model",
-              "image_diffusion": "image diffusion model"}
+KIND_NOUNS = {"codec": "a codec", "latent_diffusion": "a latent diffusion model",
+              "segmentation_diffusion": "a segmentation diffusion model",
+              "seg_baseline": "a segmentation baseline model", "image_diffusion": "an image diffusion model"}
 _LIST_LIMIT = 8
 #: the temporary name :func:`meddiff3d.utils.io.atomic_path` writes to (tempfile.mkstemp's 8 random characters)
 _PARTIAL_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>(\.[^.]+)*)")
@@ -154,7 +154,7 @@ def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu",
     except Exception as err:  # noqa: BLE001 - unpickling and archive errors come in many types
         raise InputError(f"{what} {path} {_unreadable(path, err)}") from None
     if formats is not None and not (isinstance(data, dict) and data.get("format") in formats):
-        expected = f"a {KIND_NOUNS[kind]}" if kind else f"one of {', '.join(formats)}"
+        expected = KIND_NOUNS[kind] if kind else f"one of {', '.join(formats)}"
         if not isinstance(data, dict):
             found = f"it holds a {type(data).__name__}"
         elif "format" not in data:
@@ -165,7 +165,7 @@ def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu",
     if formats is not None and not isinstance(data.get("meta", {}), Mapping):
         raise InputError(f"{what} {path} is damaged: its meta is a {type(data['meta']).__name__}, not a mapping")
     if kind is not None and kind_of(data) != kind:
-        raise InputError(f"{what} {path} is {_holding(data)}, not a {KIND_NOUNS[kind]}")
+        raise InputError(f"{what} {path} is {_holding(data)}, not {KIND_NOUNS[kind]}")
     return data
 
 
@@ -213,7 +213,7 @@ def _holding(data: Any) -> str:
     """What a file holds, for "X is <this>, not a codec"."""
     found = kind_of(data)
     if found is not None:
-        return f"a {KIND_NOUNS[found]} file"
+        return f"{KIND_NOUNS[found]} file"
     if not isinstance(data, Mapping):
         return f"a {type(data).__name__}, not a model file"
     meta = data.get("meta")

@@ -189,24 +189,19 @@ class GenerationRequests(torch.utils.data.Dataset):
         return {"seed": self.seed + index, "covariates": self.covariates}
 
 
-class ImageRequests(torch.utils.data.Dataset):
+class ImageRequests(GenerationRequests):
     """What 2D image generation is asked for: ``num_samples`` items ``{"seed": seed + i, "class": class_name}``
     (``class_name`` ``None``: unconditional; checked against the model by the evaluator)."""
 
     def __init__(self, class_name: str | None = None, num_samples: int = 1, seed: int = 0) -> None:
         if class_name is not None and not isinstance(class_name, str):
             raise InputError(f"class_name must be a class name or null, got {class_name!r}")
+        super().__init__(None, check_int("num_samples", num_samples, 1, 100_000), seed)
         self.class_name = class_name
-        self.num_samples = check_int("num_samples", num_samples, 1, 100_000)
-        self.seed = check_int("seed", seed, 0)
-
-    def __len__(self) -> int:
-        return self.num_samples
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(index)
-        return {"seed": self.seed + index, "class": self.class_name}
+        request = super().__getitem__(index)
+        return {"seed": request["seed"], "class": self.class_name}
 
 
 # ------------------------------------------------------------------------------------------------ postprocessing

@@ -187,7 +187,8 @@ class ReconstructionEvaluator:
             start = time.perf_counter()
             estimate, spread = diffusion_reconstruction(self.network, self.inferer, m["operator"], m["y"],
                                                         num_samples=self.num_samples, seed=self.seed,
-                                                        noise_std=self.noise_std, class_name=self.class_name)
+                                                        noise_std=self.noise_std, class_name=self.class_name,
+                                                        nonnegative=self.task == "kspace")
             seconds = time.perf_counter() - start
             written.append(self._write(out, item, m, estimate.cpu(), spread, seconds))
         return written
